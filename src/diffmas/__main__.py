@@ -1,0 +1,3 @@
+from diffmas.cli import main
+
+main()

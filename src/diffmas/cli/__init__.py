@@ -1,0 +1,27 @@
+"""Command line: a thin layer over the Python API. `main()` only dispatches; each subcommand
+lives in its own module. User-facing errors (DiffmasError) print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Multi-agent LLMs that communicate through a (learned) latent channel.",
+)
+
+from diffmas.cli import demo, env, run  # noqa: E402,F401  (registers the subcommands)
+
+
+def main() -> None:
+    from diffmas.errors import DiffmasError
+
+    try:
+        app()
+    except DiffmasError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,29 @@
+"""`diffmas env`: versions, device, dtype and cache locations, to paste into a bug report."""
+
+from __future__ import annotations
+
+from diffmas.cli import app
+
+
+@app.command()
+def env() -> None:
+    """Print versions, device, dtype and cache locations for bug reports."""
+    import torch
+
+    from diffmas.backbone import EMBEDDED_MODELS, diffmas_home, resolve_device, resolve_dtype
+    from diffmas.provenance import device_description, git_commit, package_versions
+
+    device = resolve_device("auto")
+    lines = ["- diffmas environment"]
+    lines += [f"- {name}: {version or 'not installed'}" for name, version in package_versions().items()]
+    lines += [
+        f"- git commit: {git_commit() or 'not a git checkout'}",
+        f"- device: {device_description()}",
+        f"- default dtype: {str(resolve_dtype('auto', device)).replace('torch.', '')}",
+        f"- torch threads: {torch.get_num_threads()}",
+        f"- DIFFMAS_HOME: {diffmas_home()}",
+    ]
+    for name in EMBEDDED_MODELS:
+        cached = (diffmas_home() / "models" / name / "config.json").is_file()
+        lines.append(f"- embedded model {name}: {'cached' if cached else 'not yet converted'}")
+    print("\n".join(lines))

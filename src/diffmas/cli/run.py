@@ -1,0 +1,49 @@
+"""`diffmas run QUESTION`: answer one question with one method and show what it cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from diffmas.cli import app
+from diffmas.cli import common as c
+
+
+@app.command()
+def run(
+    question: str = typer.Argument(..., help="The question to answer."),
+    method: str = typer.Option("latent_mas", help="single, text_mas, latent_mas or diffmas."),
+    latent_steps: int = c.LatentStepsOpt,
+    model: str = c.ModelOpt,
+    topology: str = c.TopologyOpt,
+    agents: Optional[int] = c.AgentsOpt,
+    roles: Optional[Path] = c.RolesOpt,
+    format: str = typer.Option("", "--format", help="Answer-format instruction for the final agent."),
+    max_new_tokens: int = c.MaxNewOpt,
+    upstream_max_new_tokens: int = c.UpstreamNewOpt,
+    temperature: float = c.TemperatureOpt,
+    top_p: float = c.TopPOpt,
+    seed: int = c.SeedOpt,
+    dtype: str = c.DtypeOpt,
+    device: str = c.DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the full result record as JSON."),
+) -> None:
+    """Answer one question with one method; print the answer and its cost."""
+    from diffmas.backbone import load_backbone
+    from diffmas.methods import get_method
+
+    c.check_methods([method])
+    topo = c.build_topology(topology, agents, roles)
+    config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed)
+    backbone = load_backbone(model, dtype=dtype, device=device)
+    result = get_method(method, backbone, topo, config).run_batch([question], format=format)[0]
+    if as_json:
+        record = {"question": question, "model": model, "topology": topo.to_dict(),
+                  "config": config.to_dict(), **result.to_dict()}
+        print(json.dumps(record, indent=2))
+        return
+    c.console.print(f"[b]answer[/b] ({method}):\n{result.text.strip()}\n")
+    c.console.print(c.cost_table(result))

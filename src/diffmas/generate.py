@@ -1,0 +1,123 @@
+"""The one decode loop: batched, on top of a LatentTrace, greedy or sampled.
+
+Every method decodes through `decode` (single agent, text_mas agents, latent_mas final agent), so
+batching, stopping, sampling and per-token statistics behave the same everywhere.
+
+Sampling uses one torch.Generator per row, seeded by the caller: a question's sample depends on its
+own seed only, not on which other questions share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from diffmas.errors import DiffmasError
+from diffmas.trace import LatentTrace
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 256  # per agent that decodes
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus sampling mass (sampling only)
+    seed: int = 0  # base seed; row seeds are derived from it by the caller
+    entropy_top_k: int = 25  # decoding-stability statistic: entropy over the top-k tokens
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise DiffmasError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise DiffmasError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DiffmasError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Decoded:
+    token_ids: list[list[int]]  # per row, generated ids (a final EOS included)
+    texts: list[str]  # per row, decoded without special tokens
+    logprobs: list[list[float]]  # per row, log p(token) under the untempered model distribution
+    entropies: list[list[float]]  # per row, entropy of the renormalised top-k distribution
+    truncated: list[bool]  # per row, stopped by max_new_tokens or the context limit, not EOS
+
+
+def decode(
+    trace: LatentTrace,
+    agent: str,
+    last_hidden: torch.Tensor,
+    config: DecodeConfig,
+    seeds: Sequence[int],
+) -> Decoded:
+    """Decode from the trace; generated tokens are appended to it as `agent`'s segment.
+
+    last_hidden: (B, d) hidden state at each row's last trace position (the end of the prompt).
+    seeds: one per row (sampling only).
+    """
+    bb = trace.backbone
+    batch = last_hidden.shape[0]
+    eos = torch.tensor(bb.eos_token_ids, device=last_hidden.device)
+    pad_id = bb.tokenizer.pad_token_id
+    pick = _sampler(config, seeds, last_hidden.device)
+
+    out_ids: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] = [[] for _ in range(batch)]
+    entropies: list[list[float]] = [[] for _ in range(batch)]
+    unfinished = torch.ones(batch, dtype=torch.bool, device=last_hidden.device)
+    logits = bb.logits(last_hidden)  # (B, V)
+    for step in range(config.max_new_tokens):
+        next_ids = pick(logits)  # (B,)
+        _record(logits, next_ids, unfinished, out_ids, logprobs, entropies, config.entropy_top_k)
+        unfinished = unfinished & ~torch.isin(next_ids, eos)
+        if not unfinished.any() or step == config.max_new_tokens - 1:
+            break
+        if int(trace.next_position.max()) + 1 > bb.max_length:
+            break  # context full: stop here, rows are marked truncated below
+        next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
+        hidden = trace.append(bb.embed(next_ids[:, None]), unfinished[:, None].long(), agent, "generated")
+        logits = bb.logits(hidden[:, -1])
+
+    eos_set = set(bb.eos_token_ids)
+    texts = bb.tokenizer.batch_decode(out_ids, skip_special_tokens=True)
+    truncated = [not ids or ids[-1] not in eos_set for ids in out_ids]
+    return Decoded(out_ids, texts, logprobs, entropies, truncated)
+
+
+def _sampler(config: DecodeConfig, seeds: Sequence[int], device: torch.device):
+    if config.greedy:
+        return lambda logits: logits.argmax(dim=-1)
+    warpers = [TemperatureLogitsWarper(config.temperature)]
+    if config.top_p < 1:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits
+        for warp in warpers:
+            scores = warp(None, scores)
+        probs = scores.softmax(dim=-1)
+        rows = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]
+        return torch.cat(rows)
+
+    return pick
+
+
+@torch.no_grad()
+def _record(logits, next_ids, active, out_ids, logprobs, entropies, top_k) -> None:
+    """Append each active row's token and its stability statistics."""
+    logp = logits.float().log_softmax(dim=-1)  # (B, V)
+    chosen = logp.gather(1, next_ids[:, None]).squeeze(1)  # (B,)
+    top = logp.topk(min(top_k, logp.shape[-1]), dim=-1).values  # (B, k)
+    top_p = top.softmax(dim=-1)
+    entropy = -(top_p * top_p.clamp_min(1e-30).log()).sum(dim=-1)  # (B,)
+    for b in active.nonzero().flatten().tolist():
+        out_ids[b].append(int(next_ids[b]))
+        logprobs[b].append(float(chosen[b]))
+        entropies[b].append(float(entropy[b]))

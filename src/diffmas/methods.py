@@ -1,0 +1,292 @@
+"""Methods: single agent, text multi-agent and latent multi-agent, as small compositions of the
+trace, the channels and the one decode loop.
+
+Every method has the same entry point, `run_batch(questions, format, seeds)`, and returns one
+`RunResult` per question with the answer text and its cost (tokens per agent, wall time, trace
+size, peak memory). `diffmas` is `latent_mas` run under trained LoRA adapters.
+
+Per-agent adapters: `adapters` maps a role name to a peft adapter name. Each agent's prompt,
+latent steps and generated tokens are computed under its own adapter; later agents read those
+trace entries as written.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+
+from diffmas.accounting import MemoryMeter, Stopwatch
+from diffmas.backbone import Backbone
+from diffmas.channel import latent_steps, prefill, text_context
+from diffmas.errors import DiffmasError
+from diffmas.generate import DecodeConfig, Decoded, decode
+from diffmas.roles import Role, Topology, default_topology, render_prompt
+from diffmas.trace import LatentTrace
+
+
+class MethodError(DiffmasError):
+    """Unknown method or invalid method settings."""
+
+
+@dataclass
+class MethodConfig:
+    latent_steps: int = 10  # m: latent steps per upstream agent (latent_mas, diffmas)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # the final agent's decoding
+    upstream_max_new_tokens: int = 256  # text_mas: decode budget of each upstream agent
+    chat_kwargs: dict = field(default_factory=dict)  # extra chat-template args, e.g. enable_thinking
+
+    def __post_init__(self):
+        if isinstance(self.decode, dict):
+            self.decode = DecodeConfig(**self.decode)
+        if self.latent_steps < 0:
+            raise MethodError(f"latent_steps must be >= 0, got {self.latent_steps}")
+        if self.upstream_max_new_tokens < 1:
+            raise MethodError(f"upstream_max_new_tokens must be >= 1, got {self.upstream_max_new_tokens}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AgentRecord:
+    role: str
+    n_prompt_tokens: int
+    n_latent_steps: int
+    n_generated_tokens: int
+    wall_s: float  # time of this agent's phase for the whole batch
+    text: str | None = None  # decoded output, for agents that decode
+
+
+@dataclass
+class RunResult:
+    method: str
+    text: str  # the final agent's answer
+    agents: list[AgentRecord]
+    trace_len: int  # real positions of the largest trace built for this question
+    trace_bytes: int  # its KV bytes: trace_len x layers x 2 x kv_heads x head_dim x dtype size
+    wall_s: float  # whole batch, all agents
+    peak_memory_bytes: int  # whole batch; CUDA max allocated or CPU peak RSS
+    batch_size: int
+    truncated: bool  # the final agent hit max_new_tokens or the context limit
+    token_logprobs: list[float] = field(default_factory=list)  # final agent, per generated token
+    token_entropies: list[float] = field(default_factory=list)  # final agent, top-k entropy per token
+
+    @property
+    def n_tokens(self) -> dict[str, int]:
+        """Totals over agents."""
+        return {
+            "prompt": sum(a.n_prompt_tokens for a in self.agents),
+            "latent": sum(a.n_latent_steps for a in self.agents),
+            "generated": sum(a.n_generated_tokens for a in self.agents),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- registry
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(name: str):
+    def wrap(cls):
+        if name in METHODS:
+            raise MethodError(f"method {name!r} is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str, backbone: Backbone, topology: Topology | None = None,
+               config: MethodConfig | None = None, adapters: Mapping[str, str] | None = None) -> "Method":
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MethodError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](backbone, topology, config, adapters)
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+# ----------------------------------------------------------------------------- base
+
+
+class Method:
+    name: ClassVar[str]
+
+    def __init__(self, backbone: Backbone, topology: Topology | None = None,
+                 config: MethodConfig | None = None, adapters: Mapping[str, str] | None = None):
+        self.backbone = backbone
+        self.topology = topology or default_topology()
+        self.config = config or MethodConfig()
+        self.adapters = dict(adapters or {})
+
+    # -- one call per batch of questions
+    def run_batch(self, questions: Sequence[str], format: str = "",
+                  seeds: Sequence[int] | None = None) -> list[RunResult]:
+        """questions: task-formatted question texts; format: the task's answer instruction;
+        seeds: one per question (sampling), default all `config.decode.seed`."""
+        if not questions:
+            return []
+        seeds = list(seeds) if seeds is not None else [self.config.decode.seed] * len(questions)
+        if len(seeds) != len(questions):
+            raise MethodError(f"got {len(seeds)} seeds for {len(questions)} questions")
+        device = self.backbone.device
+        with torch.no_grad(), MemoryMeter(device) as memory:
+            clock = Stopwatch(device).start()
+            agents, final, traces = self._run(list(questions), format, seeds)
+            wall = clock.elapsed()
+        return self._results(agents, final, traces, wall, memory.peak_bytes)
+
+    def _run(self, questions, format, seeds) -> tuple[list[list[AgentRecord]], Decoded, list[LatentTrace]]:
+        """Returns per-agent records (agents x rows), the final decode and every trace built."""
+        raise NotImplementedError
+
+    # -- shared pieces
+    def _prompts(self, role: Role, questions, format: str, contexts=None) -> list[str]:
+        contexts = contexts or [""] * len(questions)
+        return [render_prompt(self.backbone.tokenizer, role, q, c, format, self.config.chat_kwargs)
+                for q, c in zip(questions, contexts)]
+
+    def _adapter(self, role: Role):
+        return self.backbone.use_adapter(self.adapters.get(role.name))
+
+    def _decode_agent(self, role: Role, prompts: list[str], config: DecodeConfig,
+                      seeds: Sequence[int]) -> tuple[list[AgentRecord], Decoded, LatentTrace]:
+        """A text agent: a fresh trace, its prompt, decoding. (single, and every text_mas agent)"""
+        clock = Stopwatch(self.backbone.device).start()
+        trace = LatentTrace(self.backbone, len(prompts))
+        with self._adapter(role):
+            hidden = prefill(trace, role.name, prompts)
+            out = decode(trace, role.name, hidden, config, seeds)
+        return _records(trace, role.name, clock.elapsed(), out), out, trace
+
+    def _results(self, agents, final: Decoded, traces: list[LatentTrace], wall: float,
+                 peak: int) -> list[RunResult]:
+        rows = len(final.texts)
+        lengths = [max(t.n_real()[b] for t in traces) for b in range(rows)]
+        per_entry = traces[0].bytes_per_entry()
+        return [
+            RunResult(
+                method=self.name,
+                text=final.texts[b],
+                agents=[agent_rows[b] for agent_rows in agents],
+                trace_len=lengths[b],
+                trace_bytes=lengths[b] * per_entry,
+                wall_s=wall,
+                peak_memory_bytes=peak,
+                batch_size=rows,
+                truncated=final.truncated[b],
+                token_logprobs=final.logprobs[b],
+                token_entropies=final.entropies[b],
+            )
+            for b in range(rows)
+        ]
+
+
+def _records(trace: LatentTrace, agent: str, wall: float, out: Decoded | None = None) -> list[AgentRecord]:
+    """Per-row accounting of one agent, read off the trace segments it wrote."""
+    prompt = trace.agent_tokens(agent, "prompt")
+    latent = trace.agent_tokens(agent, "latent")
+    return [
+        AgentRecord(
+            role=agent,
+            n_prompt_tokens=prompt[b],
+            n_latent_steps=latent[b],
+            n_generated_tokens=len(out.token_ids[b]) if out else 0,
+            wall_s=wall,
+            text=out.texts[b] if out else None,
+        )
+        for b in range(trace.batch_size)
+    ]
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@register_method("single")
+class Single(Method):
+    """The final agent alone, with the same prompt and decoding as in the multi-agent methods."""
+
+    def _run(self, questions, format, seeds):
+        role = self.topology.final
+        records, out, trace = self._decode_agent(role, self._prompts(role, questions, format),
+                                                 self.config.decode, seeds)
+        return [records], out, [trace]
+
+
+@register_method("text_mas")
+class TextMAS(Method):
+    """Every agent decodes text; the next agents read it in their prompts.
+
+    Sequential: each agent reads all earlier messages. Hierarchical: specialists read none, the
+    final agent reads all.
+    """
+
+    def _run(self, questions, format, seeds):
+        upstream_cfg = DecodeConfig(**{**asdict(self.config.decode),
+                                       "max_new_tokens": self.config.upstream_max_new_tokens})
+        messages: list[list[tuple[str, str]]] = [[] for _ in questions]
+        agents, traces = [], []
+        out = None
+        for i, role in enumerate(self.topology.roles):
+            is_final = i == len(self.topology.roles) - 1
+            hidden = set(self.topology.hidden_from(i))
+            contexts = [text_context([m for m in msgs if m[0] not in hidden]) for msgs in messages]
+            prompts = self._prompts(role, questions, format if is_final else "", contexts)
+            # Distinct sampling streams per agent, still determined by the question's seed.
+            agent_seeds = [s * 1009 + i for s in seeds] if not is_final else seeds
+            cfg = self.config.decode if is_final else upstream_cfg
+            records, out, trace = self._decode_agent(role, prompts, cfg, agent_seeds)
+            agents.append(records)
+            traces.append(trace)
+            for msgs, text in zip(messages, out.texts):
+                msgs.append((role.name, text))
+        return agents, out, traces
+
+
+@register_method("latent_mas")
+class LatentMAS(Method):
+    """Upstream agents write prompts + m latent steps to one shared trace; only the final agent
+    decodes, attending to the whole trace. With m=0 the upstream prompts stay in the trace."""
+
+    def _run(self, questions, format, seeds):
+        trace = LatentTrace(self.backbone, len(questions))
+        agents = []
+        for i, role in enumerate(self.topology.upstream):
+            clock = Stopwatch(self.backbone.device).start()
+            hidden_agents = self.topology.hidden_from(i)
+            with self._adapter(role):
+                hidden = prefill(trace, role.name, self._prompts(role, questions, ""), hidden_agents)
+                latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
+            agents.append(_records(trace, role.name, clock.elapsed()))
+        final = self.topology.final
+        records, out = self._final_agent(trace, final, self._prompts(final, questions, format), seeds)
+        agents.append(records)
+        return agents, out, [trace]
+
+    def _final_agent(self, trace, role, prompts, seeds):
+        clock = Stopwatch(self.backbone.device).start()
+        with self._adapter(role):
+            hidden = prefill(trace, role.name, prompts)
+            out = decode(trace, role.name, hidden, self.config.decode, seeds)
+        return _records(trace, role.name, clock.elapsed(), out), out
+
+
+@register_method("diffmas")
+class DiffMAS(LatentMAS):
+    """latent_mas under trained LoRA adapters (shared or one per role)."""
+
+    def __init__(self, backbone, topology=None, config=None, adapters=None):
+        super().__init__(backbone, topology, config, adapters)
+        if not hasattr(backbone.model, "peft_config"):
+            raise MethodError("method 'diffmas' needs a trained adapter: pass --adapter PATH "
+                              "(train one with `diffmas train`); use latent_mas for the untrained channel")

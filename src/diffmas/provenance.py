@@ -1,0 +1,43 @@
+"""Where a result came from: package versions, git commit, machine. Stamped on every saved run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+PACKAGES = ("diffmas", "torch", "transformers", "peft", "accelerate", "safetensors", "datasets",
+            "math-verify", "gguf", "typer", "rich", "numpy")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """Commit of the checkout that holds the diffmas sources, with '+dirty' if modified."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return f"cuda ({torch.cuda.device_count()}x {name}, CUDA {torch.version.cuda})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

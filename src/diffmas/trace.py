@@ -1,0 +1,179 @@
+"""LatentTrace: the shared, append-only KV-cache trace that agents write to and read from.
+
+The trace owns a transformers `DynamicCache` together with everything needed to extend it
+correctly for a *batch* of independent questions:
+
+- `attention_mask` (B, L): 1 for real positions, 0 for padding. Each appended chunk is left-padded
+  on its own, so padding can sit in the middle of the trace; the mask (never rebuilt as all ones)
+  keeps it invisible.
+- `next_position` (B,): the RoPE position of each row's next real entry. Positions count real
+  entries only, so a row's positions are the same whether it runs alone or in a padded batch.
+- `segments`: which agent wrote which columns, and whether they are prompt tokens, latent steps or
+  generated tokens.
+
+Only this module touches cache internals. The trace is never overwritten, only appended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from transformers import DynamicCache
+
+from diffmas.errors import DiffmasError
+
+SegmentKind = Literal["prompt", "latent", "generated"]
+
+
+class TraceOverflowError(DiffmasError):
+    """Appending would run past the model's context length."""
+
+
+@dataclass
+class Segment:
+    agent: str  # role name of the writer
+    kind: SegmentKind
+    start: int  # first trace column (inclusive)
+    end: int  # last trace column (exclusive)
+    n_tokens: list[int]  # real (unpadded) entries per row
+
+    def to_dict(self) -> dict:
+        return {"agent": self.agent, "kind": self.kind, "start": self.start, "end": self.end,
+                "n_tokens": list(self.n_tokens)}
+
+
+class LatentTrace:
+    """Append-only KV trace for a batch of B sequences.
+
+    backbone: the `Backbone` whose decoder writes the entries (see `append`).
+    """
+
+    def __init__(self, backbone, batch_size: int):
+        self.backbone = backbone
+        self.batch_size = batch_size
+        device = backbone.device
+        self.cache = DynamicCache(config=backbone.base_model().config)
+        self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.segments: list[Segment] = []
+
+    # ------------------------------------------------------------------ size
+    @property
+    def length(self) -> int:
+        """Columns in the trace (padding included)."""
+        return self.attention_mask.shape[1]
+
+    def n_real(self) -> list[int]:
+        """Real entries per row."""
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def n_bytes(self) -> int:
+        """Exact bytes held by the cached keys and values (all rows, padding included)."""
+        total = 0
+        for layer in self.cache.layers:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if tensor is not None:
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def bytes_per_entry(self) -> int:
+        """layers x 2 (K and V) x kv_heads x head_dim x dtype size: the cost of one trace position."""
+        bb = self.backbone
+        return bb.n_layers * 2 * bb.n_kv_heads * bb.head_dim * torch.finfo(bb.dtype).bits // 8
+
+    # ------------------------------------------------------------------ writing
+    def append(
+        self,
+        inputs_embeds: torch.Tensor,
+        chunk_mask: torch.Tensor,
+        agent: str,
+        kind: SegmentKind,
+        hidden_agents: Iterable[str] = (),
+    ) -> torch.Tensor:
+        """Run the decoder on a new chunk on top of the trace and keep its KV entries.
+
+        inputs_embeds: (B, T, d) token or latent embeddings, each row left-padded.
+        chunk_mask: (B, T) 1 for real entries, 0 for padding.
+        hidden_agents: agents whose segments this chunk must not attend to (independent
+            specialists in a hierarchical topology); later chunks still see them.
+        Returns the last hidden states (B, T, d), post final norm.
+        """
+        chunk_mask = chunk_mask.to(self.attention_mask)
+        n_new = chunk_mask.sum(dim=1)
+        furthest = int((self.next_position + n_new).max()) if n_new.numel() else 0
+        if furthest > self.backbone.max_length:
+            raise TraceOverflowError(
+                f"the trace would reach {furthest} positions, beyond the model's context of "
+                f"{self.backbone.max_length}; shorten the prompts, use fewer agents or latent steps"
+            )
+        # Positions count real entries only; padded slots get a dummy position (they are masked).
+        offsets = (chunk_mask.cumsum(dim=1) - 1).clamp_min(0)
+        position_ids = self.next_position[:, None] + offsets  # (B, T)
+        visible = self._visible_mask(set(hidden_agents))
+        full_mask = torch.cat([visible, chunk_mask], dim=1)  # (B, L + T)
+
+        out = self.backbone.decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        start = self.length
+        self.attention_mask = torch.cat([self.attention_mask, chunk_mask], dim=1)
+        self.next_position = self.next_position + n_new
+        self._record(agent, kind, start, self.length, n_new.tolist())
+        return out.last_hidden_state
+
+    def _visible_mask(self, hidden_agents: set[str]) -> torch.Tensor:
+        if not hidden_agents:
+            return self.attention_mask
+        mask = self.attention_mask.clone()
+        for seg in self.segments:
+            if seg.agent in hidden_agents:
+                mask[:, seg.start : seg.end] = 0
+        return mask
+
+    def _record(self, agent: str, kind: SegmentKind, start: int, end: int, n_tokens: list[int]) -> None:
+        last = self.segments[-1] if self.segments else None
+        if last is not None and last.agent == agent and last.kind == kind and last.end == start:
+            # Consecutive latent steps / decode steps of one agent form one segment.
+            last.end = end
+            last.n_tokens = [a + b for a, b in zip(last.n_tokens, n_tokens)]
+        else:
+            self.segments.append(Segment(agent, kind, start, end, n_tokens))
+
+    # ------------------------------------------------------------------ reading
+    def agent_tokens(self, agent: str, kind: SegmentKind) -> list[int]:
+        """Real entries per row that `agent` wrote with `kind`."""
+        counts = [0] * self.batch_size
+        for seg in self.segments:
+            if seg.agent == agent and seg.kind == kind:
+                counts = [c + n for c, n in zip(counts, seg.n_tokens)]
+        return counts
+
+    def expand(self, repeats: int) -> "LatentTrace":
+        """A new trace with every row repeated `repeats` times (row b -> rows b*r .. b*r+r-1).
+
+        The original is left untouched: used to score several continuations of one trace.
+        """
+        other = LatentTrace.__new__(LatentTrace)
+        other.backbone = self.backbone
+        other.batch_size = self.batch_size * repeats
+        other.cache = DynamicCache(
+            [(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0))
+             for layer in self.cache.layers],
+            config=self.backbone.base_model().config,
+        )
+        other.attention_mask = self.attention_mask.repeat_interleave(repeats, 0)
+        other.next_position = self.next_position.repeat_interleave(repeats, 0)
+        other.segments = [
+            Segment(s.agent, s.kind, s.start, s.end, [n for n in s.n_tokens for _ in range(repeats)])
+            for s in self.segments
+        ]
+        return other
+
+    def summary(self) -> list[dict]:
+        return [seg.to_dict() for seg in self.segments]

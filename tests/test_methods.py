@@ -1,0 +1,177 @@
+"""Methods: parity with plain generation, batching, sampling, accounting, adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmas.channel import text_context
+from diffmas.generate import DecodeConfig
+from diffmas.methods import MethodConfig, MethodError, get_method, list_methods
+from diffmas.roles import Role, Topology, default_topology, render_prompt
+
+QUESTIONS = ["What is 2+2?", "Name a colour that is a long colour name please", "Why?"]
+
+
+def config(m=2, new=6, upstream=4, **decode):
+    return MethodConfig(latent_steps=m, decode=DecodeConfig(max_new_tokens=new, **decode),
+                        upstream_max_new_tokens=upstream)
+
+
+@torch.no_grad()
+def test_single_agent_equals_plain_greedy_generate(backbone):
+    method = get_method("single", backbone, config=config(new=10))
+    result = method.run_batch([QUESTIONS[0]], format="Answer briefly.")[0]
+    prompt = render_prompt(backbone.tokenizer, method.topology.final, QUESTIONS[0], "", "Answer briefly.")
+    ids = backbone.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ref = backbone.model.generate(ids, max_new_tokens=10, do_sample=False,
+                                  eos_token_id=backbone.eos_token_ids, pad_token_id=0)
+    ref_ids = ref[0, ids.shape[1]:].tolist()
+    assert result.agents[0].n_generated_tokens == len(ref_ids)
+    assert result.text == backbone.tokenizer.decode(ref_ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def test_latent_mas_without_upstream_equals_single(backbone):
+    only_final = default_topology().with_final_only()
+    single = get_method("single", backbone, config=config()).run_batch(QUESTIONS, "f")
+    latent = get_method("latent_mas", backbone, only_final, config()).run_batch(QUESTIONS, "f")
+    assert [r.text for r in single] == [r.text for r in latent]
+    for s, l in zip(single, latent):
+        assert s.token_logprobs == pytest.approx(l.token_logprobs, abs=1e-5)
+    assert len({r.text for r in single}) > 1  # the fixture model does not answer a constant
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["single", "text_mas", "latent_mas"])
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
+def test_batched_results_equal_one_by_one(tied_backbone, untied_backbone, name, sampling):
+    for bb in (tied_backbone, untied_backbone):
+        cfg = config(temperature=0.8, top_p=0.9) if sampling else config()
+        method = get_method(name, bb, config=cfg)
+        seeds = [11, 22, 33]
+        batched = method.run_batch(QUESTIONS, "fmt", seeds)
+        alone = [method.run_batch([q], "fmt", [s])[0] for q, s in zip(QUESTIONS, seeds)]
+        for b, a in zip(batched, alone):
+            assert b.text == a.text
+            assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-4)
+            assert [(x.n_prompt_tokens, x.n_latent_steps, x.n_generated_tokens) for x in b.agents] == \
+                   [(x.n_prompt_tokens, x.n_latent_steps, x.n_generated_tokens) for x in a.agents]
+            assert b.trace_len == a.trace_len and b.trace_bytes == a.trace_bytes
+
+
+@torch.no_grad()
+def test_sampling_depends_on_seed(untied_backbone):
+    method = get_method("single", untied_backbone, config=config(new=12, temperature=1.0))
+    texts = {method.run_batch([QUESTIONS[0]], "", [s])[0].text for s in range(5)}
+    assert len(texts) > 1
+    again = method.run_batch([QUESTIONS[0]], "", [3])[0].text
+    assert again == method.run_batch([QUESTIONS[0]], "", [3])[0].text
+
+
+@torch.no_grad()
+def test_latent_mas_token_accounting(backbone):
+    topo = default_topology()
+    result = get_method("latent_mas", backbone, topo, config(m=3, new=5)).run_batch([QUESTIONS[1]], "F")[0]
+    tok = backbone.tokenizer
+    for role, rec in zip(topo.roles, result.agents):
+        is_final = role is topo.final
+        prompt = render_prompt(tok, role, QUESTIONS[1], "", "F" if is_final else "")
+        assert rec.role == role.name
+        assert rec.n_prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert rec.n_latent_steps == (0 if is_final else 3)
+    final = result.agents[-1]
+    assert 1 <= final.n_generated_tokens <= 5 and final.n_generated_tokens == len(result.token_logprobs)
+    # the trace holds every prompt, every latent step and all but the last generated token
+    n_prompt = sum(a.n_prompt_tokens for a in result.agents)
+    assert result.trace_len == n_prompt + 3 * 3 + final.n_generated_tokens - 1
+    assert result.trace_bytes == result.trace_len * backbone.n_layers * 2 * backbone.n_kv_heads \
+        * backbone.head_dim * 4
+
+
+@torch.no_grad()
+def test_latent_mas_with_zero_steps_still_reads_upstream_prompts(untied_backbone):
+    """The reference implementation drops the trace at m=0; here the prompts stay in it."""
+    cfg = config(m=0, new=6)
+    latent = get_method("latent_mas", untied_backbone, config=cfg).run_batch(QUESTIONS[:1], "")[0]
+    single = get_method("single", untied_backbone, config=cfg).run_batch(QUESTIONS[:1], "")[0]
+    assert latent.trace_len > single.trace_len
+    assert latent.token_logprobs != pytest.approx(single.token_logprobs, abs=1e-4)
+
+
+@torch.no_grad()
+def test_text_mas_hands_text_to_the_next_agent(backbone):
+    result = get_method("text_mas", backbone, config=config(new=4, upstream=3)).run_batch([QUESTIONS[0]], "F")[0]
+    assert [a.role for a in result.agents] == ["planner", "critic", "refiner", "solver"]
+    assert all(a.n_latent_steps == 0 and a.n_generated_tokens >= 1 for a in result.agents)
+    tok = backbone.tokenizer
+    topo = default_topology()
+    messages = [(a.role, a.text) for a in result.agents[:2]]
+    critic_prompt = render_prompt(tok, topo.roles[2], QUESTIONS[0], text_context(messages), "")
+    assert result.agents[2].n_prompt_tokens == len(tok(critic_prompt, add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def test_hierarchical_text_mas_specialists_do_not_read_each_other(backbone):
+    topo = default_topology("hierarchical")
+    result = get_method("text_mas", backbone, topo, config(new=3, upstream=3)).run_batch([QUESTIONS[2]], "")[0]
+    specialists = result.agents[:-1]
+    tok = backbone.tokenizer
+    for role, rec in zip(topo.upstream, specialists):
+        prompt = render_prompt(tok, role, QUESTIONS[2], "", "")
+        assert rec.n_prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert result.agents[-1].n_prompt_tokens > len(tok(render_prompt(tok, topo.final, QUESTIONS[2]),
+                                                       add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def test_n_agents_is_free(backbone):
+    for n in (1, 2, 6):
+        topo = default_topology("sequential", n_agents=n)
+        result = get_method("latent_mas", backbone, topo, config(m=1, new=2)).run_batch(QUESTIONS[:1], "")[0]
+        assert len(result.agents) == n
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(MethodError, match="did you mean 'latent_mas'"):
+        get_method("latent_ma", backbone=None)
+    assert {"single", "text_mas", "latent_mas", "diffmas"} <= set(list_methods())
+
+
+@torch.no_grad()
+def test_per_role_adapters_are_active_while_each_agent_writes(tied_backbone):
+    """The seam the trainer needs: agent k's trace entries are computed under adapter k."""
+    from peft import LoraConfig, get_peft_model
+
+    bb = tied_backbone
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(bb.model, lora, adapter_name="planner")
+    for name in ("critic", "refiner", "solver"):
+        peft_model.add_adapter(name, lora)
+    bb.model = peft_model
+    seen = []
+    layer = bb.decoder().layers[0].self_attn.q_proj
+    hook = layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.active_adapters[0]))
+    try:
+        topo = default_topology()
+        adapters = {r.name: r.name for r in topo.roles}
+        get_method("latent_mas", bb, topo, config(m=2, new=3), adapters).run_batch(QUESTIONS[:1], "")
+    finally:
+        hook.remove()
+    # planner: prompt + 2 latent steps, ..., solver: prompt + up to 2 decode forwards
+    assert seen[:9] == ["planner"] * 3 + ["critic"] * 3 + ["refiner"] * 3
+    assert set(seen[9:]) == {"solver"}
+    with pytest.raises(Exception, match="unknown adapter 'nope'"):
+        with bb.use_adapter("nope"):
+            pass
+
+
+def test_roles_validate_templates():
+    from diffmas.roles import RoleError
+
+    with pytest.raises(RoleError, match="unknown or broken field"):
+        Role("x", "s", "Question: {question} {nonsense}")
+    with pytest.raises(RoleError, match="must contain"):
+        Role("x", "s", "no question here")
+    with pytest.raises(RoleError, match="unique"):
+        Topology("sequential", (Role("a", "", "{question}"), Role("a", "", "{question}")))

@@ -1,0 +1,162 @@
+"""The latent trace: batching, equivalence with a manual forward, segments, size in bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmas.channel import latent_steps, prefill, tokenize
+from diffmas.roles import default_topology
+from diffmas.trace import LatentTrace, TraceOverflowError
+
+ROWS = [
+    ("short", "x", "final short"),
+    ("a much much longer prompt here, with several words", "yy yy", "final?"),
+    ("mid length one", "a long second prompt for row three", "the final agent prompt"),
+]
+
+
+def build(bb, rows, m=(3, 2)):
+    """Two upstream agents (prompt + latent steps) then the final agent's prompt."""
+    trace = LatentTrace(bb, len(rows))
+    h = prefill(trace, "a", [r[0] for r in rows])
+    h = latent_steps(trace, "a", h, m[0])
+    h = prefill(trace, "b", [r[1] for r in rows])
+    h = latent_steps(trace, "b", h, m[1])
+    h = prefill(trace, "c", [r[2] for r in rows])
+    return bb.logits(h), trace
+
+
+@torch.no_grad()
+def test_batched_equals_unbatched(backbone):
+    batched, trace = build(backbone, ROWS)
+    single = torch.cat([build(backbone, [r])[0] for r in ROWS])
+    assert torch.allclose(batched, single, atol=1e-4), (batched - single).abs().max()
+    # rows really were padded differently
+    assert len(set(trace.n_real())) == len(ROWS)
+    assert trace.length > max(trace.n_real())  # each chunk was padded: padding sits mid-trace
+
+
+@torch.no_grad()
+def test_trace_equals_manual_forward(backbone):
+    """Final logits through the trace == one plain forward over the concatenated embeddings."""
+    captured = []
+    realign = backbone.realigner
+    orig_call = type(realign).__call__
+
+    def spy(self, hidden):
+        out = orig_call(self, hidden)
+        captured.append(out)
+        return out
+
+    type(realign).__call__ = spy
+    try:
+        logits, trace = build(backbone, [ROWS[1]], m=(3, 2))
+    finally:
+        type(realign).__call__ = orig_call
+    assert len(captured) == 5
+
+    tok = backbone.tokenizer
+    ids = lambda s: tokenize(tok, [s], backbone.device)[0]
+    pieces = [backbone.embed(ids(ROWS[1][0])), *[c[:, None] for c in captured[:3]],
+              backbone.embed(ids(ROWS[1][1])), *[c[:, None] for c in captured[3:]],
+              backbone.embed(ids(ROWS[1][2]))]
+    embeds = torch.cat(pieces, dim=1)
+    assert embeds.shape[1] == trace.length
+    manual = backbone.model(inputs_embeds=embeds).logits[:, -1].float()
+    assert torch.allclose(logits, manual, atol=1e-4), (logits - manual).abs().max()
+
+    # and each latent input is the realigned hidden state of the position before it
+    hidden = backbone.decoder()(inputs_embeds=embeds).last_hidden_state[0]
+    a_end = trace.segments[0].end  # last prompt position of agent a is a_end - 1
+    for k in range(3):
+        expected = realign(hidden[a_end - 1 + k])
+        assert torch.allclose(expected, captured[k][0], atol=1e-4)
+
+
+@torch.no_grad()
+def test_zero_latent_steps_keeps_prompt_segments(backbone):
+    _, trace = build(backbone, ROWS, m=(0, 0))
+    kinds = [(s.agent, s.kind) for s in trace.segments]
+    assert kinds == [("a", "prompt"), ("b", "prompt"), ("c", "prompt")]
+    for seg, col in zip(trace.segments, range(3)):
+        lengths = [len(backbone.tokenizer(r[col], add_special_tokens=False)["input_ids"]) for r in ROWS]
+        assert seg.n_tokens == lengths
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trace_bytes_formula(backbone, dtype):
+    backbone.model.to(dtype)
+    _, trace = build(backbone, [ROWS[0]], m=(4, 1))
+    cfg = backbone.config
+    expected = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+                * trace.length * torch.finfo(dtype).bits // 8)
+    assert trace.n_bytes() == expected
+    assert trace.n_bytes() == trace.bytes_per_entry() * trace.length
+    latent = [s for s in trace.segments if s.kind == "latent"]
+    assert [s.n_tokens for s in latent] == [[4], [1]]
+
+
+@torch.no_grad()
+def test_segments_are_contiguous_and_append_only(backbone):
+    _, trace = build(backbone, ROWS)
+    assert [(s.agent, s.kind) for s in trace.segments] == [
+        ("a", "prompt"), ("a", "latent"), ("b", "prompt"), ("b", "latent"), ("c", "prompt")]
+    ends = [0] + [s.end for s in trace.segments]
+    assert all(s.start == e for s, e in zip(trace.segments, ends))
+    keys_before = trace.cache.layers[0].keys.clone()
+    prefill(trace, "d", ["more"] * len(ROWS))
+    assert torch.equal(trace.cache.layers[0].keys[:, :, : keys_before.shape[2]], keys_before)
+
+
+@torch.no_grad()
+def test_hierarchical_specialists_are_independent(backbone):
+    """A specialist that hides the earlier ones computes what it would compute alone."""
+    q = ["what is the boiling point of water"]
+    trace = LatentTrace(backbone, 1)
+    h = prefill(trace, "s1", ["first specialist prompt"])
+    latent_steps(trace, "s1", h, 3)
+    h = prefill(trace, "s2", q, hidden_agents=("s1",))
+    h2 = latent_steps(trace, "s2", h, 3, hidden_agents=("s1",))
+
+    alone = LatentTrace(backbone, 1)
+    h = prefill(alone, "s2", q)
+    h2_alone = latent_steps(alone, "s2", h, 3)
+    # equal up to RoPE rounding at shifted absolute positions
+    assert torch.allclose(h2, h2_alone, atol=1e-3)
+
+    # without hiding, the second specialist does read the first
+    shared = LatentTrace(backbone, 1)
+    h = prefill(shared, "s1", ["first specialist prompt"])
+    latent_steps(shared, "s1", h, 3)
+    h = prefill(shared, "s2", q)
+    assert (latent_steps(shared, "s2", h, 3) - h2_alone).abs().max() > 0.05
+
+
+def test_topology_hiding_rules():
+    seq = default_topology("sequential")
+    hier = default_topology("hierarchical")
+    assert all(seq.hidden_from(i) == () for i in range(len(seq.roles)))
+    assert hier.hidden_from(0) == ()
+    assert hier.hidden_from(2) == ("math", "science")
+    assert hier.hidden_from(len(hier.roles) - 1) == ()
+
+
+@torch.no_grad()
+def test_expand_repeats_rows(backbone):
+    _, trace = build(backbone, ROWS[:2])
+    big = trace.expand(3)
+    assert big.batch_size == 6 and big.length == trace.length
+    assert big.n_real() == [n for n in trace.n_real() for _ in range(3)]
+    h_big = prefill(big, "z", ["cont"] * 6)
+    h_small = prefill(trace, "z", ["cont"] * 2)
+    assert torch.allclose(h_big[::3], h_small, atol=1e-5)
+
+
+@torch.no_grad()
+def test_overflow_is_a_clear_error(backbone):
+    backbone.config.max_position_embeddings = 40
+    trace = LatentTrace(backbone, 1)
+    with pytest.raises(TraceOverflowError, match="beyond the model's context of 40"):
+        prefill(trace, "a", ["x" * 60])
