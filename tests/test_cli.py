@@ -1,0 +1,77 @@
+"""The CLI is a thin layer: a smoke test per command, and clean one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_model, make_tokenizer
+
+
+def cli(*args, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "diffmas", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_model(tied=False).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_run_json_record(tiny_model_dir):
+    proc = cli("run", "What is 2+2?", "--model", str(tiny_model_dir), "--method", "latent_mas",
+               "--latent-steps", "3", "--max-new-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["method"] == "latent_mas"
+    assert [a["role"] for a in record["agents"]] == ["planner", "critic", "refiner", "solver"]
+    assert [a["n_latent_steps"] for a in record["agents"]] == [3, 3, 3, 0]
+    assert 1 <= record["agents"][-1]["n_generated_tokens"] <= 4
+    assert record["trace_bytes"] > 0 and record["peak_memory_bytes"] > 0
+
+
+def test_run_prints_answer_and_cost_table(tiny_model_dir):
+    proc = cli("run", "Hello?", "--model", str(tiny_model_dir), "--method", "text_mas",
+               "--max-new-tokens", "3", "--upstream-max-new-tokens", "2", "--topology", "hierarchical")
+    assert proc.returncode == 0, proc.stderr
+    for word in ("answer (text_mas)", "math", "science", "code", "aggregator", "total", "trace:"):
+        assert word in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "q", "--model", "/no/such/model"], "error: model path '/no/such/model' is not a model directory"),
+    (["run", "q", "--method", "latentmas"], "error: unknown method 'latentmas' (did you mean 'latent_mas'?)"),
+    (["run", "q", "--topology", "star"], "error: unknown topology 'star'"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+def test_roles_file(tiny_model_dir, tmp_path):
+    roles = tmp_path / "roles.yaml"
+    roles.write_text(
+        "kind: sequential\nroles:\n"
+        "  - {name: scout, system: s, user: 'Look at {question}'}\n"
+        "  - {name: judge, system: s, user: 'Answer {question} {format}'}\n")
+    proc = cli("run", "q?", "--model", str(tiny_model_dir), "--roles", str(roles), "--max-new-tokens", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [a["role"] for a in json.loads(proc.stdout)["agents"]] == ["scout", "judge"]
+
+
+def test_env_block():
+    proc = cli("env")
+    assert proc.returncode == 0
+    for key in ("torch:", "transformers:", "device:", "default dtype:", "DIFFMAS_HOME:"):
+        assert key in proc.stdout
