@@ -175,3 +175,48 @@ def test_roles_validate_templates():
         Role("x", "s", "no question here")
     with pytest.raises(RoleError, match="unique"):
         Topology("sequential", (Role("a", "", "{question}"), Role("a", "", "{question}")))
+
+
+@torch.no_grad()
+def test_option_likelihood_equals_manual_forward(backbone):
+    """Single agent: log p(option | 'Question: q\\nAnswer:') equals a plain full forward."""
+    from diffmas.methods import OptionQuery
+
+    query = OptionQuery("Which is a fruit?", (" apple", " a red brick", " x"))
+    result = get_method("single", backbone, config=config(new=2)).run_batch(["Q"], "", options=[query])[0]
+    tok = backbone.tokenizer
+    ctx = tok("Question: Which is a fruit?\nAnswer:", add_special_tokens=False)["input_ids"]
+    for option, got in zip(query.options, result.option_logprobs):
+        cont = tok(option, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx + cont])
+        logp = backbone.model(ids).logits[0].float().log_softmax(-1)
+        expected = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+        assert got == pytest.approx(expected, abs=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["single", "text_mas", "latent_mas"])
+def test_option_likelihood_batched_and_leaves_answers_alone(untied_backbone, name):
+    from diffmas.methods import OptionQuery
+
+    queries = [OptionQuery("q one?", (" a", " bb", " ccc", " dd")), OptionQuery("second question", (" yes", " no")),
+               OptionQuery("3", (" x y z", " w", " v"))]
+    method = get_method(name, untied_backbone, config=config(m=2, new=4, upstream=3))
+    plain = method.run_batch(QUESTIONS, "f")
+    scored = method.run_batch(QUESTIONS, "f", options=queries)
+    alone = [method.run_batch([q], "f", options=[o])[0] for q, o in zip(QUESTIONS, queries)]
+    for p, s, a, q in zip(plain, scored, alone, queries):
+        assert p.text == s.text and p.trace_len == s.trace_len  # scoring works on a copy
+        assert len(s.option_logprobs) == len(q.options)
+        assert s.option_logprobs == pytest.approx(a.option_logprobs, abs=1e-3)
+        assert all(v < 0 for v in s.option_logprobs)
+
+
+@torch.no_grad()
+def test_option_likelihood_reads_the_latent_trace(untied_backbone):
+    from diffmas.methods import OptionQuery
+
+    query = [OptionQuery("q one?", (" a", " bb"))]
+    single = get_method("single", untied_backbone, config=config(new=1)).run_batch(["q"], "", options=query)[0]
+    latent = get_method("latent_mas", untied_backbone, config=config(m=2, new=1)).run_batch(["q"], "", options=query)[0]
+    assert single.option_logprobs != pytest.approx(latent.option_logprobs, abs=1e-3)

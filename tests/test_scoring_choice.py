@@ -153,3 +153,22 @@ def test_benchmark_questions_in_several_answer_styles(name: str) -> None:
     assert misses == []
     if name == "arc_easy_test.jsonl":  # keeps its numeric labels: make sure they are covered
         assert sum(labels[0] == "1" for labels, _, _ in questions) >= 90
+
+
+ARC_CHOICES = ["Sunlight is the source of energy for nearly all ecosystems.",
+               "Most ecosystems are found on land instead of in water.",
+               "Carbon dioxide is more available than other gases.",
+               "The producers in all ecosystems are plants."]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A. Sunlight is the source of energy for nearly all ecosystems.", "A"),  # seen from SmolLM2
+    ("(C) Carbon dioxide is more available than other gases", "C"),
+    ("Let me think.\nD) The producers in all ecosystems are plants. They make food.", "D"),
+    ("**B.** Most ecosystems are found on land instead of in water.", "B"),
+    # the label and the option text disagree: no confident reading either way
+    ("A. Carbon dioxide is more available than other gases.", None),
+    ("A. Plants make food from light.", None),
+])
+def test_label_restating_its_option(text: str, expected: str | None) -> None:
+    assert extract_choice(text, ABCD, ARC_CHOICES) == expected

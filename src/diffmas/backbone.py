@@ -190,26 +190,48 @@ class Backbone:
         return self._realigner
 
     # -- adapters: the seam that lets each agent run under its own LoRA adapter
+    @property
+    def has_adapters(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
     @contextlib.contextmanager
     def use_adapter(self, name: str | None) -> Iterator[None]:
-        """Activate peft adapter `name` for the duration of the block.
+        """Run the block under peft adapter `name`; None runs the bare backbone (adapters off).
 
-        None leaves the current adapter as is (plain models have none). An agent's trace entries
-        are computed under its adapter; later agents read them as written.
+        An agent's trace entries are computed under its adapter; later agents read them as
+        written. peft's set_adapter / disable_adapter also flip requires_grad on adapter weights,
+        which would silently drop the gradients of an agent that wrote earlier in the trace, so the
+        trainable flags are restored right after every switch.
         """
-        if name is None or not hasattr(self.model, "set_adapter"):
+        if not self.has_adapters:
             if name is not None:
                 raise BackboneError(f"adapter {name!r} requested but the backbone has no adapters loaded")
             yield
             return
-        previous = self.model.active_adapter
-        if name not in self.model.peft_config:
+        if name is not None and name not in self.model.peft_config:
             raise BackboneError(f"unknown adapter {name!r}; loaded: {sorted(self.model.peft_config)}")
+        flags = {p: p.requires_grad for p in self.model.parameters()}
+
+        def restore():
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+
+        if name is None:
+            try:
+                with self.model.disable_adapter():
+                    restore()
+                    yield
+            finally:
+                restore()
+            return
+        previous = self.model.active_adapter
         self.model.set_adapter(name)
+        restore()
         try:
             yield
         finally:
             self.model.set_adapter(previous)
+            restore()
 
 
 # ----------------------------------------------------------------------------- loading

@@ -121,3 +121,34 @@ def _record(logits, next_ids, active, out_ids, logprobs, entropies, top_k) -> No
         out_ids[b].append(int(next_ids[b]))
         logprobs[b].append(float(chosen[b]))
         entropies[b].append(float(entropy[b]))
+
+
+def continuation_logprobs(trace: LatentTrace, agent: str, contexts: Sequence[str],
+                          options: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Sum log p(option | trace, context) for every option of every row.
+
+    Multiple choice by likelihood, as lm-evaluation-harness scores it, but read through the trace:
+    each row's context is prefilled on a *copy* of the trace (the trace itself is left as it
+    was), then every option is teacher-forced on its own copy of that row.
+    contexts: per row, plain text; options: per row, continuation texts (mind the leading space).
+    Returns per row, per option, the summed log-probability of the option's tokens.
+    """
+    from diffmas.channel import prefill, tokenize
+
+    bb = trace.backbone
+    n_opt = max(len(o) for o in options)
+    scratch = trace.expand(1)
+    last = prefill(scratch, agent, contexts)  # (B, d)
+    texts = [row[j] if j < len(row) else " " for row in options for j in range(n_opt)]  # (B*n,)
+    # Right padding on a throwaway copy: token t is predicted at column t-1 in every row.
+    ids, mask = tokenize(bb.tokenizer, texts, bb.device, padding_side="right")  # (B*n, T)
+    if (mask.sum(dim=1) == 0).any():
+        raise DiffmasError("an option tokenizes to nothing; option texts must be non-empty")
+    big = scratch.expand(n_opt)
+    hidden = big.append(bb.embed(ids), mask, agent, "generated")  # (B*n, T, d)
+    first = bb.logits(last).repeat_interleave(n_opt, dim=0)[:, None]  # (B*n, 1, V)
+    rest = bb.logits(hidden[:, :-1])  # (B*n, T-1, V): position t predicts token t+1
+    logp = torch.cat([first, rest], dim=1).log_softmax(dim=-1)
+    token_logp = logp.gather(2, ids[..., None]).squeeze(-1) * mask  # (B*n, T)
+    sums = token_logp.sum(dim=1).view(len(options), n_opt).tolist()
+    return [row[: len(opts)] for row, opts in zip(sums, options)]

@@ -22,7 +22,7 @@ from diffmas.accounting import MemoryMeter, Stopwatch
 from diffmas.backbone import Backbone
 from diffmas.channel import latent_steps, prefill, text_context
 from diffmas.errors import DiffmasError
-from diffmas.generate import DecodeConfig, Decoded, decode
+from diffmas.generate import DecodeConfig, Decoded, continuation_logprobs, decode
 from diffmas.roles import Role, Topology, default_topology, render_prompt
 from diffmas.trace import LatentTrace
 
@@ -73,6 +73,7 @@ class RunResult:
     truncated: bool  # the final agent hit max_new_tokens or the context limit
     token_logprobs: list[float] = field(default_factory=list)  # final agent, per generated token
     token_entropies: list[float] = field(default_factory=list)  # final agent, top-k entropy per token
+    option_logprobs: list[float] | None = None  # per option: sum log p(option text | context), if asked
 
     @property
     def n_tokens(self) -> dict[str, int]:
@@ -119,6 +120,27 @@ def list_methods() -> list[str]:
 # ----------------------------------------------------------------------------- base
 
 
+@dataclass
+class Upstream:
+    """What the upstream agents leave for the final agent."""
+
+    agents: list[list[AgentRecord]]  # per upstream agent, per row
+    trace: LatentTrace  # the trace the final agent writes on (fresh for text handoff)
+    contexts: list[str]  # per row, earlier agents' text for the final prompt ("" on the latent channel)
+    traces: list[LatentTrace]  # every trace built, for size accounting
+
+
+@dataclass(frozen=True)
+class OptionQuery:
+    """Multiple choice scored by likelihood: log p(option text | context) under the final agent."""
+
+    question: str  # the bare question, as lm-evaluation-harness puts it ("Question: ...\nAnswer:")
+    options: tuple[str, ...]  # continuations, each with its leading space
+
+
+OPTION_CONTEXT = "{context}Question: {question}\nAnswer:"  # plain text, no chat template
+
+
 class Method:
     name: ClassVar[str]
 
@@ -130,47 +152,68 @@ class Method:
         self.adapters = dict(adapters or {})
 
     # -- one call per batch of questions
-    def run_batch(self, questions: Sequence[str], format: str = "",
-                  seeds: Sequence[int] | None = None) -> list[RunResult]:
+    def run_batch(self, questions: Sequence[str], format: str = "", seeds: Sequence[int] | None = None,
+                  options: Sequence[OptionQuery] | None = None) -> list[RunResult]:
         """questions: task-formatted question texts; format: the task's answer instruction;
-        seeds: one per question (sampling), default all `config.decode.seed`."""
+        seeds: one per question (sampling), default all `config.decode.seed`;
+        options: per question, also score these option texts by likelihood after the upstream
+            agents (on a copy of the trace) and store them in `RunResult.option_logprobs`."""
         if not questions:
             return []
         seeds = list(seeds) if seeds is not None else [self.config.decode.seed] * len(questions)
-        if len(seeds) != len(questions):
-            raise MethodError(f"got {len(seeds)} seeds for {len(questions)} questions")
+        if len(seeds) != len(questions) or (options is not None and len(options) != len(questions)):
+            raise MethodError(f"got {len(seeds)} seeds and {len(options or [])} option sets "
+                              f"for {len(questions)} questions")
         device = self.backbone.device
         with torch.no_grad(), MemoryMeter(device) as memory:
             clock = Stopwatch(device).start()
-            agents, final, traces = self._run(list(questions), format, seeds)
+            up = self.build_upstream(list(questions), seeds)
+            scored = self._score_options(up, options) if options is not None else None
+            final_records, out = self._final_agent(up, list(questions), format, seeds)
             wall = clock.elapsed()
-        return self._results(agents, final, traces, wall, memory.peak_bytes)
+        return self._results([*up.agents, final_records], out, up.traces, wall, memory.peak_bytes, scored)
 
-    def _run(self, questions, format, seeds) -> tuple[list[list[AgentRecord]], Decoded, list[LatentTrace]]:
-        """Returns per-agent records (agents x rows), the final decode and every trace built."""
-        raise NotImplementedError
+    def build_upstream(self, questions: list[str], seeds: list[int] | None = None) -> Upstream:
+        """Run the upstream agents (autograd as the caller set it: training reuses this).
+
+        The base method has none: the final agent works alone on a fresh trace."""
+        trace = LatentTrace(self.backbone, len(questions))
+        return Upstream(agents=[], trace=trace, contexts=[""] * len(questions), traces=[trace])
 
     # -- shared pieces
-    def _prompts(self, role: Role, questions, format: str, contexts=None) -> list[str]:
+    def prompts(self, role: Role, questions, format: str, contexts=None) -> list[str]:
+        """The role's chat prompt for each question (with earlier agents' text, if any)."""
         contexts = contexts or [""] * len(questions)
         return [render_prompt(self.backbone.tokenizer, role, q, c, format, self.config.chat_kwargs)
                 for q, c in zip(questions, contexts)]
 
-    def _adapter(self, role: Role):
+    def adapter_for(self, role: Role):
+        """Context in which `role` runs: its adapter, or the bare backbone if it has none."""
         return self.backbone.use_adapter(self.adapters.get(role.name))
 
-    def _decode_agent(self, role: Role, prompts: list[str], config: DecodeConfig,
-                      seeds: Sequence[int]) -> tuple[list[AgentRecord], Decoded, LatentTrace]:
-        """A text agent: a fresh trace, its prompt, decoding. (single, and every text_mas agent)"""
+    def _decode_agent(self, trace: LatentTrace, role: Role, prompts: list[str], config: DecodeConfig,
+                      seeds: Sequence[int]) -> tuple[list[AgentRecord], Decoded]:
+        """An agent that decodes: its prompt on top of `trace`, then decoding."""
         clock = Stopwatch(self.backbone.device).start()
-        trace = LatentTrace(self.backbone, len(prompts))
-        with self._adapter(role):
+        with self.adapter_for(role):
             hidden = prefill(trace, role.name, prompts)
             out = decode(trace, role.name, hidden, config, seeds)
-        return _records(trace, role.name, clock.elapsed(), out), out, trace
+        return _records(trace, role.name, clock.elapsed(), out), out
+
+    def _final_agent(self, up: Upstream, questions, format, seeds) -> tuple[list[AgentRecord], Decoded]:
+        final = self.topology.final
+        prompts = self.prompts(final, questions, format, up.contexts)
+        return self._decode_agent(up.trace, final, prompts, self.config.decode, seeds)
+
+    def _score_options(self, up: Upstream, queries: Sequence[OptionQuery]) -> list[list[float]]:
+        """Sum log-prob of each option under the final agent, read through a copy of the trace."""
+        final = self.topology.final
+        contexts = [OPTION_CONTEXT.format(context=c, question=q.question) for c, q in zip(up.contexts, queries)]
+        with self.adapter_for(final):
+            return continuation_logprobs(up.trace, final.name, contexts, [list(q.options) for q in queries])
 
     def _results(self, agents, final: Decoded, traces: list[LatentTrace], wall: float,
-                 peak: int) -> list[RunResult]:
+                 peak: int, scored: list[list[float]] | None) -> list[RunResult]:
         rows = len(final.texts)
         lengths = [max(t.n_real()[b] for t in traces) for b in range(rows)]
         per_entry = traces[0].bytes_per_entry()
@@ -187,6 +230,7 @@ class Method:
                 truncated=final.truncated[b],
                 token_logprobs=final.logprobs[b],
                 token_entropies=final.entropies[b],
+                option_logprobs=scored[b] if scored is not None else None,
             )
             for b in range(rows)
         ]
@@ -216,12 +260,6 @@ def _records(trace: LatentTrace, agent: str, wall: float, out: Decoded | None = 
 class Single(Method):
     """The final agent alone, with the same prompt and decoding as in the multi-agent methods."""
 
-    def _run(self, questions, format, seeds):
-        role = self.topology.final
-        records, out, trace = self._decode_agent(role, self._prompts(role, questions, format),
-                                                 self.config.decode, seeds)
-        return [records], out, [trace]
-
 
 @register_method("text_mas")
 class TextMAS(Method):
@@ -231,26 +269,27 @@ class TextMAS(Method):
     final agent reads all.
     """
 
-    def _run(self, questions, format, seeds):
+    def build_upstream(self, questions, seeds=None):
+        seeds = seeds if seeds is not None else [self.config.decode.seed] * len(questions)
         upstream_cfg = DecodeConfig(**{**asdict(self.config.decode),
                                        "max_new_tokens": self.config.upstream_max_new_tokens})
         messages: list[list[tuple[str, str]]] = [[] for _ in questions]
         agents, traces = [], []
-        out = None
-        for i, role in enumerate(self.topology.roles):
-            is_final = i == len(self.topology.roles) - 1
+        for i, role in enumerate(self.topology.upstream):
             hidden = set(self.topology.hidden_from(i))
             contexts = [text_context([m for m in msgs if m[0] not in hidden]) for msgs in messages]
-            prompts = self._prompts(role, questions, format if is_final else "", contexts)
+            trace = LatentTrace(self.backbone, len(questions))
             # Distinct sampling streams per agent, still determined by the question's seed.
-            agent_seeds = [s * 1009 + i for s in seeds] if not is_final else seeds
-            cfg = self.config.decode if is_final else upstream_cfg
-            records, out, trace = self._decode_agent(role, prompts, cfg, agent_seeds)
+            agent_seeds = [s * 1009 + i + 1 for s in seeds]
+            records, out = self._decode_agent(trace, role, self.prompts(role, questions, "", contexts),
+                                              upstream_cfg, agent_seeds)
             agents.append(records)
             traces.append(trace)
             for msgs, text in zip(messages, out.texts):
                 msgs.append((role.name, text))
-        return agents, out, traces
+        final_trace = LatentTrace(self.backbone, len(questions))
+        return Upstream(agents=agents, trace=final_trace, contexts=[text_context(m) for m in messages],
+                        traces=[*traces, final_trace])
 
 
 @register_method("latent_mas")
@@ -258,27 +297,17 @@ class LatentMAS(Method):
     """Upstream agents write prompts + m latent steps to one shared trace; only the final agent
     decodes, attending to the whole trace. With m=0 the upstream prompts stay in the trace."""
 
-    def _run(self, questions, format, seeds):
+    def build_upstream(self, questions, seeds=None):
         trace = LatentTrace(self.backbone, len(questions))
         agents = []
         for i, role in enumerate(self.topology.upstream):
             clock = Stopwatch(self.backbone.device).start()
             hidden_agents = self.topology.hidden_from(i)
-            with self._adapter(role):
-                hidden = prefill(trace, role.name, self._prompts(role, questions, ""), hidden_agents)
+            with self.adapter_for(role):
+                hidden = prefill(trace, role.name, self.prompts(role, questions, ""), hidden_agents)
                 latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
             agents.append(_records(trace, role.name, clock.elapsed()))
-        final = self.topology.final
-        records, out = self._final_agent(trace, final, self._prompts(final, questions, format), seeds)
-        agents.append(records)
-        return agents, out, [trace]
-
-    def _final_agent(self, trace, role, prompts, seeds):
-        clock = Stopwatch(self.backbone.device).start()
-        with self._adapter(role):
-            hidden = prefill(trace, role.name, prompts)
-            out = decode(trace, role.name, hidden, self.config.decode, seeds)
-        return _records(trace, role.name, clock.elapsed(), out), out
+        return Upstream(agents=agents, trace=trace, contexts=[""] * len(questions), traces=[trace])
 
 
 @register_method("diffmas")

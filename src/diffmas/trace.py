@@ -162,11 +162,17 @@ class LatentTrace:
         other = LatentTrace.__new__(LatentTrace)
         other.backbone = self.backbone
         other.batch_size = self.batch_size * repeats
-        other.cache = DynamicCache(
-            [(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0))
-             for layer in self.cache.layers],
-            config=self.backbone.base_model().config,
-        )
+        config = self.backbone.base_model().config
+        if self.length == 0:
+            other.cache = DynamicCache(config=config)
+        else:
+            # The source tensors are never modified in place (appends concatenate), so sharing
+            # them when repeats == 1 is safe.
+            other.cache = DynamicCache(
+                [(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0))
+                 for layer in self.cache.layers],
+                config=config,
+            )
         other.attention_mask = self.attention_mask.repeat_interleave(repeats, 0)
         other.next_position = self.next_position.repeat_interleave(repeats, 0)
         other.segments = [

@@ -75,3 +75,43 @@ def cost_table(result) -> Table:
     table.caption = (f"trace: {result.trace_len} positions, {mib(result.trace_bytes)} KV  |  "
                      f"peak memory: {mib(result.peak_memory_bytes)}")
     return table
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def summary_table(summary: dict, out) -> Table:
+    """The headline numbers of one eval run (summary.json)."""
+    table = Table(title=f"{summary['task']} / {summary['method']} (m={summary['latent_steps']}) -> {out}",
+                  title_justify="left", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    tok = summary["tokens"]["per_question"]
+    rows = [
+        ("questions (records, skipped)",
+         f"{summary['n_questions']} ({summary['n_records']}, {summary['n_skipped']})"),
+        ("accuracy [95% CI]", _pct(summary["accuracy"]) + _ci(summary["accuracy_ci"])),
+    ]
+    if summary.get("n_option_questions"):
+        rows += [("option likelihood acc", _pct(summary["option_accuracy"]) + _ci(summary["option_accuracy_ci"])),
+                 ("option likelihood acc (norm)", _pct(summary["option_accuracy_norm"])),
+                 ("chance", _pct(summary["chance"]))]
+    if summary.get("majority_vote_accuracy") is not None:
+        rows += [("majority vote acc", _pct(summary["majority_vote_accuracy"])),
+                 ("self-consistency", _pct(summary["self_consistency"]))]
+    rows += [
+        ("perplexity / top-25 entropy", f"{summary['perplexity'] or 0:.2f} / {summary['mean_entropy'] or 0:.2f}"),
+        ("tokens / question (prompt, latent, gen)", f"{tok['prompt']:.0f}, {tok['latent']:.0f}, {tok['generated']:.0f}"),
+        ("seconds / question", f"{summary['seconds_per_question']:.2f}"),
+        ("latency p50 / p95 (batch)", f"{summary['latency_s']['p50']:.2f} / {summary['latency_s']['p95']:.2f} s"),
+        ("trace (mean)", mib(int(summary["trace_bytes"]["mean"] or 0))),
+        ("peak memory", mib(int(summary["peak_memory_bytes"] or 0))),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
-from typing import Iterator, Sequence
+from typing import Container, Iterator, Sequence
 
 from diffmas.errors import DiffmasError
-from diffmas.methods import Method, RunResult
+from diffmas.methods import Method, OptionQuery, RunResult
 from diffmas.tasks.base import Example, Score
 
 
@@ -24,25 +24,51 @@ def sample_seed(base_seed: int, example_id: str, sample: int) -> int:
 
 
 def run_examples(method: Method, task, examples: Sequence[Example], batch_size: int = 8,
-                 samples: int = 1, base_seed: int = 0) -> Iterator[dict]:
-    """Yield one record per (example, sample), in input order, a batch at a time."""
-    jobs = [(ex, k) for ex in examples for k in range(samples)]
+                 samples: int = 1, base_seed: int = 0, option_likelihood: bool = False,
+                 skip: Container[tuple[str, int]] = ()) -> Iterator[dict]:
+    """Yield one record per (example, sample), in input order, a batch at a time.
+
+    option_likelihood: for multiple-choice tasks, also rank the options by their likelihood under
+        the final agent (through the trace) and record it beside the generated answer.
+    skip: (id, sample) pairs already done (a resumed run).
+    """
+    jobs = [(ex, k) for ex in examples for k in range(samples) if (ex.id, k) not in skip]
+    scored = option_likelihood and task.answer_type == "choice"
     for start in range(0, len(jobs), batch_size):
-        yield from _run_jobs(method, task, jobs[start : start + batch_size], base_seed)
+        yield from _run_jobs(method, task, jobs[start : start + batch_size], base_seed, scored)
 
 
-def _run_jobs(method, task, jobs, base_seed) -> list[dict]:
+def _run_jobs(method, task, jobs, base_seed, scored: bool) -> list[dict]:
     prompts = [task.prompt(ex) for ex, _ in jobs]
     seeds = [sample_seed(base_seed, ex.id, k) for ex, k in jobs]
+    options = [OptionQuery(ex.question, tuple(task.option_texts(ex))) for ex, _ in jobs] if scored else None
     try:
-        results = method.run_batch(prompts, task.format_instruction, seeds)
+        results = method.run_batch(prompts, task.format_instruction, seeds, options)
     except DiffmasError as exc:
         if len(jobs) == 1:
             ex, k = jobs[0]
             return [skipped_record(ex, k, method.name, str(exc))]
         # One bad example (e.g. a prompt beyond the context) must not sink its batch neighbours.
-        return [rec for job in jobs for rec in _run_jobs(method, task, [job], base_seed)]
-    return [answer_record(ex, k, r, _score(task, ex, r)) for (ex, k), r in zip(jobs, results)]
+        return [rec for job in jobs for rec in _run_jobs(method, task, [job], base_seed, scored)]
+    records = []
+    for (ex, k), r in zip(jobs, results):
+        record = answer_record(ex, k, r, _score(task, ex, r))
+        if r.option_logprobs is not None:
+            record["option_likelihood"] = option_record(ex, task.option_texts(ex), r.option_logprobs)
+        records.append(record)
+    return records
+
+
+def option_record(example: Example, options: Sequence[str], logprobs: Sequence[float]) -> dict:
+    """Prediction by summed and by length-normalised log-likelihood (lm-evaluation-harness acc and
+    acc_norm: normalised by the option's length in characters)."""
+    n_chars = [len(o) for o in options]
+    norm = [lp / max(n, 1) for lp, n in zip(logprobs, n_chars)]
+    pred = example.labels[max(range(len(logprobs)), key=logprobs.__getitem__)]
+    pred_norm = example.labels[max(range(len(norm)), key=norm.__getitem__)]
+    return {"labels": list(example.labels), "logprobs": list(logprobs), "n_chars": n_chars,
+            "pred": pred, "pred_norm": pred_norm,
+            "correct": pred == example.answer, "correct_norm": pred_norm == example.answer}
 
 
 def _score(task, example: Example, result: RunResult) -> Score:

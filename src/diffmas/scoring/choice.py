@@ -6,7 +6,8 @@ first; the first rule that finds a label wins, and within a rule the last mentio
 1. `\\boxed{B}` (also `\\boxed{\\text{(B) ...}}` or a boxed option text);
 2. an answer statement: "The answer is (B)", "Answer: **B**", "the correct option is B",
    "I would choose B";
-3. a line that is only a label: "B", "(B)", "**B.**", "Option B";
+3. a line that is only a label: "B", "(B)", "**B.**", "Option B"; or a label restating its own
+   option, as small models answer: "A. Sunlight is the source ...", "(B) safety goggles";
 4. the text (or its last line, or what follows "answer is") equals exactly one option text,
    compared case-insensitively with spacing and surrounding punctuation normalised. This comes
    before the two weak rules below because option texts often contain label-like tokens
@@ -138,6 +139,20 @@ def _last_marked(regex: re.Pattern, text: str, labels: Sequence[str]) -> str | N
     return None
 
 
+def _from_labelled_option(text: str, labels: Sequence[str], choices: Sequence[str]) -> str | None:
+    """A line "A. <text of option A>" (or "(A) ...", "A) ..."): the label and its own option agree."""
+    regex = re.compile(rf"^[ \t]*[(\[*]*[ \t]*(?P<label>{_label_pattern(labels)})[ \t]*[)\].:]+[ \t]*\**[ \t]*"
+                       rf"(?P<rest>\S.*)$", re.MULTILINE | re.IGNORECASE)
+    for match in reversed(list(regex.finditer(text))):
+        label = _canonical(match.group("label"), labels)
+        if label is None:
+            continue
+        rest, option = _normalise_text(match.group("rest")), _normalise_text(choices[labels.index(label)])
+        if option and (rest == option or rest.startswith(option)):
+            return label
+    return None
+
+
 def _from_option_text(text: str, labels: Sequence[str], choices: Sequence[str]) -> str | None:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     candidates = [text] + lines[-1:]
@@ -167,6 +182,7 @@ def extract_choice(text: str, labels: Sequence[str], choices: Sequence[str] = ()
     labels = _check_labels(labels, choices)
     strong, weak = _label_rules(labels)
     return (_from_boxed(text, labels, choices) or _apply(strong, text, labels)
+            or (_from_labelled_option(text, labels, choices) if choices else None)
             or (_from_option_text(text, labels, choices) if choices else None)
             or _apply(weak, text, labels))
 

@@ -1,0 +1,223 @@
+"""`train`: the transformers Trainer around the trajectory loss.
+
+The Trainer does what it is good at — AdamW, the cosine schedule, gradient accumulation,
+checkpoints with optimizer/scheduler/RNG state, resume, TensorBoard logging, DDP under
+`accelerate launch` / `torchrun`. diffmas supplies the loss (`TrajectoryModel`), the collator, and
+how adapters are saved (a standard peft directory + diffmas_config.json) and restored.
+
+    adapters/NAME/                    the final adapter (peft, safetensors) + diffmas_config.json
+    adapters/NAME/training_summary.json
+    adapters/NAME/checkpoints/checkpoint-N/   resumable checkpoints (rerun the command to resume)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from diffmas.accounting import MemoryMeter
+from diffmas.errors import DiffmasError
+from diffmas.train.adapters import load_adapter_weights, write_metadata
+from diffmas.train.config import TrainConfig
+
+TRAIN_CONFIG = "train_config.json"
+SUMMARY = "training_summary.json"
+
+
+class TrainRunConflictError(DiffmasError):
+    """The output directory holds a training run with other settings."""
+
+
+class _Items(Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def collate(rows: list[dict]) -> dict:
+    """Strings only: tokenisation happens inside the trajectory, per agent."""
+    return {
+        "questions": [r["question"] for r in rows],
+        "targets": [r["target"] for r in rows],
+        "formats": [r["format"] for r in rows],
+        "contexts": [r.get("context", "") for r in rows],
+        "ids": [r["id"] for r in rows],
+    }
+
+
+class TrajectoryTrainer(Trainer):
+    """Trainer whose model is a TrajectoryModel and whose checkpoints are peft adapters."""
+
+    def __init__(self, *args, backbone, topology, mapping, train_config, data_hash, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone, self.topology, self.mapping = backbone, topology, mapping
+        self.train_config, self.data_hash = train_config, data_hash
+        self._window = {"tokens": 0, "trace": 0.0, "n": 0, "start": time.perf_counter()}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        stats = self.accelerator.unwrap_model(model).last_stats
+        self._window["tokens"] += stats["n_target_tokens"]
+        self._window["trace"] += stats["trace_len"]
+        self._window["n"] += 1
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        w = self._window
+        if w["n"] and "loss" in logs:
+            elapsed = max(time.perf_counter() - w["start"], 1e-9)
+            logs["target_tokens_per_s"] = round(w["tokens"] / elapsed, 2)
+            logs["trace_len"] = round(w["trace"] / w["n"], 1)
+            self._window = {"tokens": 0, "trace": 0.0, "n": 0, "start": time.perf_counter()}
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.backbone.model.save_pretrained(output_dir)  # adapters only, safetensors
+        write_metadata(output_dir, self.backbone, self.train_config, self.topology, self.mapping, self.data_hash)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(self.backbone.model, resume_from_checkpoint, self.mapping)
+
+
+class _StopAt(TrainerCallback):
+    """Stop after a given optimizer step (used to simulate an interruption in tests)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: int | None = None,
+          report_to: list[str] | None = None) -> dict:
+    """Train (or resume) into `out`; return the training summary.
+
+    backbone: an already loaded (bare) backbone; loaded from config.model when None.
+    stop_after: stop (with a checkpoint) after this many optimizer steps, as if interrupted.
+    """
+    from diffmas.backbone import load_backbone
+    from diffmas.methods import MethodConfig, get_method
+    from diffmas.roles import default_topology, load_topology
+    from diffmas.train.adapters import add_trainable_adapters
+    from diffmas.train.data import attach_text_contexts, data_hash, load_items
+    from diffmas.train.trajectory import TrajectoryModel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_config(out, config)
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
+    topology = load_topology(config.roles) if config.roles else default_topology(config.topology, config.n_agents)
+    items = load_items(config)
+    if config.method == "sft_text_mas":  # the frozen model writes the upstream text once
+        frozen = get_method("text_mas", backbone, topology, MethodConfig(
+            upstream_max_new_tokens=config.upstream_max_new_tokens))
+        attach_text_contexts(items, frozen, out / "text_mas_contexts.jsonl", batch_size=max(config.batch_size, 4))
+    mapping = add_trainable_adapters(backbone, config, topology)
+    infer = "latent_mas" if config.method == "diffmas" else "single"
+    method = get_method(infer, backbone, topology, MethodConfig(latent_steps=config.latent_steps), mapping)
+    model = TrajectoryModel(method, config.method, config.upstream_grad, config.max_target_tokens)
+    model.train()
+
+    trainer = TrajectoryTrainer(
+        model=model,
+        args=_training_args(config, out, report_to),
+        train_dataset=_Items(items),
+        data_collator=collate,
+        backbone=backbone, topology=topology, mapping=mapping, train_config=config,
+        data_hash=data_hash(items),
+        callbacks=[_StopAt(stop_after)] if stop_after else None,
+    )
+    last = _last_checkpoint(out / "checkpoints")
+    start = time.perf_counter()
+    with MemoryMeter(backbone.device) as memory:
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    wall = time.perf_counter() - start
+    if stop_after is not None and trainer.state.global_step < trainer.state.max_steps:
+        return {"stopped_at": trainer.state.global_step}
+    trainer.save_model(str(out))
+    summary = {
+        "method": config.method, "examples": len(items), "steps": trainer.state.global_step,
+        "resumed_from": str(last) if last else None, "train_seconds": round(wall, 2),
+        "seconds_per_step": round(wall / max(trainer.state.global_step - _step_of(last), 1), 3),
+        "peak_memory_bytes": memory.peak_bytes, "final_loss": result.training_loss,
+        "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+    }
+    if trainer.args.should_save:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _training_args(config: TrainConfig, out: Path, report_to) -> TrainingArguments:
+    from importlib.util import find_spec
+
+    if report_to is None:
+        report_to = ["tensorboard"] if find_spec("tensorboard") else []
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        max_steps=config.max_steps,
+        num_train_epochs=config.epochs,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=config.device == "cpu" or not torch.cuda.is_available(),
+        report_to=report_to,
+        # upstream adapters get no gradient under stop-gradient; DDP must not wait for them
+        ddp_find_unused_parameters=config.apply_to == "per-role" and config.upstream_grad == "none",
+        disable_tqdm=False,
+    )
+
+
+def _check_or_write_config(out: Path, config: TrainConfig) -> None:
+    path = out / TRAIN_CONFIG
+    wanted = config.to_dict()
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if diff:
+            raise TrainRunConflictError(f"{out} holds a training run with other settings ({', '.join(diff)}); "
+                                        "resume with the same settings or choose another --out")
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+             and (p / "trainer_state.json").is_file()]
+    return max(found, key=_step_of) if found else None
+
+
+def _step_of(path: Path | None) -> int:
+    return int(path.name.split("-")[-1]) if path else 0
