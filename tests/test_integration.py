@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,7 +18,11 @@ FORMAT = "Give the final answer inside \\boxed{}."
 
 @pytest.fixture(scope="module")
 def smollm():
-    return load_backbone("smollm2-135m", dtype="float32", device="cpu")
+    # conftest pins one thread for the tiny models; a 135M model does use the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    yield load_backbone("smollm2-135m", dtype="float32", device="cpu")
+    torch.set_num_threads(threads)
 
 
 def test_embedded_model_shape(smollm):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from diffmas.backbone import DEFAULT_MODEL
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig, MethodError, list_methods
 from diffmas.roles import Topology, default_topology, load_topology
+
+if TYPE_CHECKING:
+    from diffmas.evaluate.runner import EvalConfig
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,6 +32,17 @@ UpstreamNewOpt = typer.Option(256, "--upstream-max-new-tokens", help="Decode bud
 TemperatureOpt = typer.Option(0.0, help="0 = greedy.")
 TopPOpt = typer.Option(1.0, "--top-p")
 SeedOpt = typer.Option(0)
+
+# Options of the commands that write run directories (eval, sweep); `eval_config` turns them into an EvalConfig.
+SplitOpt = typer.Option("test", help="Dataset split.")
+LimitOpt = typer.Option(None, help="Number of questions (default: all).")
+SubsetSeedOpt = typer.Option(None, "--subset-seed", help="With --limit: a random subset.")
+SamplesOpt = typer.Option(1, "--samples", "-k", help="Samples per question (needs temperature > 0).")
+BatchSizeOpt = typer.Option(8, "--batch-size")
+AdapterOpt = typer.Option(None, "--adapter", help="Trained adapter directory (diffmas).")
+OptionLikelihoodOpt = typer.Option(True, help="Multiple choice: also rank options by likelihood.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task's data files.")
+EvalMaxNewOpt = typer.Option(512, "--max-new-tokens", help="Decode budget of the final agent.")
 
 
 def check_methods(names: list[str]) -> None:
@@ -54,6 +68,24 @@ def build_config(latent_steps: int, max_new_tokens: int, upstream_max_new_tokens
         latent_steps=latent_steps,
         decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
         upstream_max_new_tokens=upstream_max_new_tokens,
+    )
+
+
+def eval_config(*, task: str, method: str, split: str, model: str, limit: Optional[int],
+                subset_seed: Optional[int], samples: int, seed: int, batch_size: int, topology: str,
+                agents: Optional[int], roles: Optional[Path], adapter: Optional[Path], option_likelihood: bool,
+                data_dir: Optional[Path], dtype: str, device: str, latent_steps: int, max_new_tokens: int,
+                upstream_max_new_tokens: int, temperature: float, top_p: float) -> EvalConfig:
+    """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
+    from diffmas.evaluate.runner import EvalConfig
+
+    return EvalConfig(
+        task=task, method=method, split=split, model=model, limit=limit, subset_seed=subset_seed,
+        samples=samples, seed=seed, batch_size=batch_size, topology=topology, n_agents=agents,
+        roles=str(roles) if roles else None, adapter=str(adapter) if adapter else None,
+        option_likelihood=option_likelihood, data_dir=str(data_dir) if data_dir else None,
+        dtype=dtype, device=device,
+        method_config=build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed),
     )
 
 

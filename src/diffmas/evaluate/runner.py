@@ -208,9 +208,15 @@ def _distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, lambda: None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True without a GPU: otherwise accelerate ignores WORLD_SIZE on a CPU-only machine, every
+    # process believes it is alone and each one evaluates every question into samples.jsonl.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != world:
+        raise DiffmasError(f"WORLD_SIZE is {world} but accelerate set up {state.num_processes} process(es) "
+                           f"({state.distributed_type}); launch with torchrun or `accelerate launch`")
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 

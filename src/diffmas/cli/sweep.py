@@ -1,0 +1,102 @@
+"""`diffmas sweep`: one method on one task at several latent step counts m, one run directory each.
+
+    OUT/m0, OUT/m5, ...   a `diffmas eval` run directory per m (each resumable on its own)
+    OUT/report/           report.md, report.html and plots over all of them
+
+The backbone is loaded once and shared by every m: the method reads `config.latent_steps` at each
+batch and keeps nothing derived from it, so swapping its config between runs is all a new m needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from diffmas.cli import app
+from diffmas.cli import common as c
+from diffmas.errors import DiffmasError
+
+
+def parse_steps(text: str) -> list[int]:
+    """'0,5,10' -> [0, 5, 10]: distinct integers >= 0, in the given order (the first is the baseline)."""
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DiffmasError(f"--latent-steps takes comma-separated integers such as 0,5,10, got {text!r}") from None
+    if not steps or min(steps) < 0 or len(set(steps)) != len(steps):
+        raise DiffmasError(f"--latent-steps needs distinct integers >= 0 such as 0,5,10, got {text!r}")
+    return steps
+
+
+def check_latent_method(name: str) -> None:
+    """Only methods with latent steps (latent_mas and its subclasses) change with m."""
+    from diffmas.methods import METHODS, LatentMAS
+
+    latent = [n for n, cls in METHODS.items() if issubclass(cls, LatentMAS)]
+    if name not in latent:
+        raise DiffmasError(f"method {name!r} does not use latent steps, so a sweep over m would repeat one run; "
+                           f"choose one of {', '.join(latent)}")
+
+
+@app.command()
+def sweep(
+    task: str = typer.Option(..., "--task", help="Task name (diffmas tasks) or jsonl:PATH?..."),
+    method: str = typer.Option("latent_mas", help="latent_mas or diffmas."),
+    latent_steps: str = typer.Option("0,5,10,20,40", "--latent-steps", "-m",
+                                     help="Comma-separated latent step counts; the first is the baseline."),
+    out: Path = typer.Option(..., "--out", help="Folder for one run directory per m (m0, m5, ...) and report/."),
+    split: str = c.SplitOpt,
+    limit: Optional[int] = c.LimitOpt,
+    subset_seed: Optional[int] = c.SubsetSeedOpt,
+    samples: int = c.SamplesOpt,
+    batch_size: int = c.BatchSizeOpt,
+    adapter: Optional[Path] = c.AdapterOpt,
+    option_likelihood: bool = c.OptionLikelihoodOpt,
+    data_dir: Optional[Path] = c.DataDirOpt,
+    model: str = c.ModelOpt,
+    topology: str = c.TopologyOpt,
+    agents: Optional[int] = c.AgentsOpt,
+    roles: Optional[Path] = c.RolesOpt,
+    max_new_tokens: int = c.EvalMaxNewOpt,
+    upstream_max_new_tokens: int = c.UpstreamNewOpt,
+    temperature: float = c.TemperatureOpt,
+    top_p: float = c.TopPOpt,
+    seed: int = c.SeedOpt,
+    dtype: str = c.DtypeOpt,
+    device: str = c.DeviceOpt,
+) -> None:
+    """Evaluate a method at several latent step counts (model loaded once); compare them and write a report."""
+    # Every option but the sweep's own goes unchanged into each run's EvalConfig.
+    options = {k: v for k, v in locals().items() if k not in ("latent_steps", "out")}
+    from diffmas.evaluate import runner
+
+    steps = parse_steps(latent_steps)
+    c.check_methods([method])
+    check_latent_method(method)
+    configs = [c.eval_config(**options, latent_steps=m) for m in steps]
+    run_dirs = [out / f"m{m}" for m in steps]
+    built = None  # the method, built on the first run that still has work
+    summaries = []
+    for config, run_dir in zip(configs, run_dirs):
+        if built is None and not (run_dir / runner.SUMMARY).is_file():
+            built = runner.build_method(config)
+        if built is not None:
+            built.config = config.method_config  # same backbone, this run's m
+        summaries.append(runner.evaluate(config, run_dir, method=built))
+    if not all(summaries):  # not the main process of a sharded run
+        return
+    _print_and_report(run_dirs, summaries, out / "report")
+
+
+def _print_and_report(run_dirs: list[Path], summaries: list[dict], report_dir: Path) -> None:
+    from diffmas.cli.compare import compare, load_runs
+    from diffmas.evaluate.report import write_report
+
+    if len(run_dirs) > 1:
+        compare(run_dirs, baseline=0, as_json=False)  # the `diffmas compare` table
+    else:
+        c.console.print(c.summary_table(summaries[0], run_dirs[0]))
+    md_path = write_report(load_runs(run_dirs), report_dir)
+    c.console.print(f"wrote {md_path} and {md_path.with_suffix('.html')}")
