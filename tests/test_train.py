@@ -198,3 +198,39 @@ def test_conflicting_settings_on_an_existing_run_are_refused(qa_task, tmp_path):
     with pytest.raises(TrainRunConflictError, match="latent_steps"):
         train(config(qa_task, max_steps=1, latent_steps=5), tmp_path / "c", backbone=make_backbone(False),
               report_to=[])
+
+
+def test_two_process_training_matches_adapter_shape(qa_task, tmp_path):
+    """torchrun (what `accelerate launch --multi_gpu` runs) with 2 CPU processes over gloo."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import make_model, make_tokenizer
+    from safetensors.torch import load_file
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter")
+    model_dir = tmp_path / "tiny"
+    make_model(tied=False).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    args = ["--task", qa_task, "--split", "test", "--model", str(model_dir), "--latent-steps", "2",
+            "--agents", "3", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2", "--device", "cpu"]
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "diffmas", "train",
+                           "--out", str(tmp_path / "ddp"), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('"final_loss"') == 1  # the summary is reported once
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    losses = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in losses] == [1, 2]  # logged once per step, not once per process
+    assert losses[-1]["epoch"] == 1.0  # 2 steps x 2 processes x batch 2 = 8 examples: both ranks trained
+    single = subprocess.run([sys.executable, "-m", "diffmas", "train", "--out", str(tmp_path / "one"), *args],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

@@ -161,8 +161,9 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
         "peak_memory_bytes": memory.peak_bytes, "final_loss": result.training_loss,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
     }
-    if trainer.args.should_save:
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if not trainer.args.should_save:
+        return {}  # other ranks of a multi-process run: the main process reports
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
