@@ -29,6 +29,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Benchmarks on the embedded model (CPU: about 15 minutes); writes bench/results/*.json and docs/benchmarks.md
+bench: setup
+	cd bench && for s in step_cost training_step inference_cost batching trace_growth; do ../$(PY) $$s.py || exit 1; done
+	cd bench && ../$(PY) write_docs.py
+
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 

@@ -220,3 +220,49 @@ def test_option_likelihood_reads_the_latent_trace(untied_backbone):
     single = get_method("single", untied_backbone, config=config(new=1)).run_batch(["q"], "", options=query)[0]
     latent = get_method("latent_mas", untied_backbone, config=config(m=2, new=1)).run_batch(["q"], "", options=query)[0]
     assert single.option_logprobs != pytest.approx(latent.option_logprobs, abs=1e-3)
+
+
+@torch.no_grad()
+def test_min_new_tokens_suppresses_eos(backbone):
+    method = get_method("single", backbone, config=config(new=9))
+    method.config.decode.min_new_tokens = 9
+    result = method.run_batch([QUESTIONS[0]], "")[0]
+    assert result.agents[0].n_generated_tokens == 9
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["latent_mas", "text_mas"])
+def test_samples_of_one_question_share_the_upstream(untied_backbone, name):
+    """k samples in one batch == each sample alone (the upstream is built once where allowed)."""
+    from diffmas.methods import OptionQuery
+
+    method = get_method(name, untied_backbone, config=config(m=2, new=6, upstream=3, temperature=0.9))
+    qs = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0], QUESTIONS[0]]
+    seeds = [1, 2, 3, 4]
+    opts = [OptionQuery(q, (" yes", " no")) for q in qs]
+    calls = []
+    build = method.build_upstream
+    method.build_upstream = lambda questions, s=None: calls.append(len(questions)) or build(questions, s)
+    together = method.run_batch(qs, "f", seeds, opts)
+    assert calls == ([2] if name == "latent_mas" else [4])  # text_mas samples its upstream per seed
+    method.build_upstream = build
+    for q, s, o, t in zip(qs, seeds, opts, together):
+        alone = method.run_batch([q], "f", [s], [o])[0]
+        assert t.text == alone.text and t.trace_len == alone.trace_len
+        assert t.option_logprobs == pytest.approx(alone.option_logprobs, abs=1e-4)
+        assert [a.n_prompt_tokens for a in t.agents] == [a.n_prompt_tokens for a in alone.agents]
+    assert len({t.text for t in together[2:]} | {together[0].text}) > 1  # the samples do differ
+
+
+@torch.no_grad()
+def test_select_rows_of_a_trace(backbone):
+    from diffmas.channel import prefill
+    from diffmas.trace import LatentTrace
+
+    trace = LatentTrace(backbone, 2)
+    prefill(trace, "a", ["one", "a longer second prompt"])
+    picked = trace.select([1, 1, 0])
+    assert picked.n_real() == [trace.n_real()[1], trace.n_real()[1], trace.n_real()[0]]
+    h_big = prefill(picked, "b", ["x", "x", "x"])
+    h_small = prefill(trace, "b", ["x", "x"])
+    assert torch.allclose(h_big[0], h_small[1], atol=1e-5) and torch.allclose(h_big[2], h_small[0], atol=1e-5)

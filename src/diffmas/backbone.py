@@ -111,6 +111,9 @@ class Backbone:
     tokenizer: object
     name: str
     _realigner: Realigner | None = field(default=None, repr=False)
+    # training: recompute each trace chunk's activations in backward instead of keeping them
+    gradient_checkpointing: bool = False
+    _adapter_stack: list = field(default_factory=list, repr=False)
 
     # -- shape facts used by the trace and the accounting
     @property
@@ -194,8 +197,22 @@ class Backbone:
     def has_adapters(self) -> bool:
         return hasattr(self.model, "peft_config")
 
+    @property
+    def active_adapter_scope(self) -> tuple[bool, str | None]:
+        """(inside a use_adapter block?, its adapter name): a recomputation re-enters the same one."""
+        return (True, self._adapter_stack[-1]) if self._adapter_stack else (False, None)
+
     @contextlib.contextmanager
     def use_adapter(self, name: str | None) -> Iterator[None]:
+        self._adapter_stack.append(name)
+        try:
+            with self._switch_adapter(name):
+                yield
+        finally:
+            self._adapter_stack.pop()
+
+    @contextlib.contextmanager
+    def _switch_adapter(self, name: str | None) -> Iterator[None]:
         """Run the block under peft adapter `name`; None runs the bare backbone (adapters off).
 
         An agent's trace entries are computed under its adapter; later agents read them as

@@ -22,6 +22,7 @@ from diffmas.trace import LatentTrace
 @dataclass
 class DecodeConfig:
     max_new_tokens: int = 256  # per agent that decodes
+    min_new_tokens: int = 0  # end-of-sequence is suppressed before this many tokens
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0  # nucleus sampling mass (sampling only)
     seed: int = 0  # base seed; row seeds are derived from it by the caller
@@ -32,6 +33,8 @@ class DecodeConfig:
             raise DiffmasError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise DiffmasError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise DiffmasError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if not 0 < self.top_p <= 1:
             raise DiffmasError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -73,6 +76,8 @@ def decode(
     unfinished = torch.ones(batch, dtype=torch.bool, device=last_hidden.device)
     logits = bb.logits(last_hidden)  # (B, V)
     for step in range(config.max_new_tokens):
+        if step < config.min_new_tokens:
+            logits = logits.index_fill(1, eos, float("-inf"))
         next_ids = pick(logits)  # (B,)
         _record(logits, next_ids, unfinished, out_ids, logprobs, entropies, config.entropy_top_k)
         unfinished = unfinished & ~torch.isin(next_ids, eos)

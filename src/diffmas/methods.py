@@ -129,6 +129,14 @@ class Upstream:
     contexts: list[str]  # per row, earlier agents' text for the final prompt ("" on the latent channel)
     traces: list[LatentTrace]  # every trace built, for size accounting
 
+    def select(self, rows: list[int]) -> "Upstream":
+        """The upstream of the given rows (rows may repeat: samples of one question share it)."""
+        trace = self.trace.select(rows)
+        # keep `trace` inside `traces`: the final agent writes to it and its size is accounted there
+        traces = [trace if t is self.trace else t.select(rows) for t in self.traces]
+        return Upstream(agents=[[records[r] for r in rows] for records in self.agents],
+                        trace=trace, contexts=[self.contexts[r] for r in rows], traces=traces)
+
 
 @dataclass(frozen=True)
 class OptionQuery:
@@ -167,11 +175,36 @@ class Method:
         device = self.backbone.device
         with torch.no_grad(), MemoryMeter(device) as memory:
             clock = Stopwatch(device).start()
-            up = self.build_upstream(list(questions), seeds)
-            scored = self._score_options(up, options) if options is not None else None
-            final_records, out = self._final_agent(up, list(questions), format, seeds)
+            questions = list(questions)
+            # Everything before sampling is computed once per distinct question where it cannot
+            # depend on the seed (k samples of a question), then handed to every row that asks.
+            rows = self._distinct_rows(questions)
+            owners = sorted(set(rows)) if rows else list(range(len(questions)))
+            picks = [owners.index(r) for r in rows] if rows else None
+            up = self.build_upstream([questions[i] for i in owners], [seeds[i] for i in owners])
+            scored = self._score_options(up, [options[i] for i in owners]) if options is not None else None
+            final_records, out, up = self._final_agent(up, [questions[i] for i in owners], format, seeds, picks)
             wall = clock.elapsed()
+        if picks is not None and scored is not None:
+            scored = [scored[p] for p in picks]
         return self._results([*up.agents, final_records], out, up.traces, wall, memory.peak_bytes, scored)
+
+    def _distinct_rows(self, questions: list[str]) -> list[int] | None:
+        """For each question, the row of its first occurrence — when the upstream may be shared.
+
+        k samples of one question then share its upstream trace and its option scores; only the
+        final agent's decoding differs, and results equal building everything per row.
+        None: no question repeats, or the upstream depends on the sampling seed.
+        """
+        first: dict[str, int] = {}
+        rows = [first.setdefault(q, i) for i, q in enumerate(questions)]
+        if len(first) == len(questions) or not self.upstream_is_deterministic():
+            return None
+        return rows
+
+    def upstream_is_deterministic(self) -> bool:
+        """Whether the upstream agents' output ignores the sampling seed (no upstream decoding)."""
+        return True
 
     def build_upstream(self, questions: list[str], seeds: list[int] | None = None) -> Upstream:
         """Run the upstream agents (autograd as the caller set it: training reuses this).
@@ -200,10 +233,23 @@ class Method:
             out = decode(trace, role.name, hidden, config, seeds)
         return _records(trace, role.name, clock.elapsed(), out), out
 
-    def _final_agent(self, up: Upstream, questions, format, seeds) -> tuple[list[AgentRecord], Decoded]:
+    def _final_agent(self, up: Upstream, questions, format, seeds, picks: list[int] | None = None
+                     ) -> tuple[list[AgentRecord], Decoded, Upstream]:
+        """The final agent's prompt on the trace, then decoding with one seed per row.
+
+        picks: rows of `up` each output row continues from (None: one to one); the prompt is
+        prefilled once per distinct row before the rows are copied for sampling.
+        Returns the records, the decoded answers and the (row-expanded) upstream.
+        """
         final = self.topology.final
         prompts = self.prompts(final, questions, format, up.contexts)
-        return self._decode_agent(up.trace, final, prompts, self.config.decode, seeds)
+        clock = Stopwatch(self.backbone.device).start()
+        with self.adapter_for(final):
+            hidden = prefill(up.trace, final.name, prompts)
+            if picks is not None:
+                up, hidden = up.select(picks), hidden[picks]
+            out = decode(up.trace, final.name, hidden, self.config.decode, seeds)
+        return _records(up.trace, final.name, clock.elapsed(), out), out, up
 
     def _score_options(self, up: Upstream, queries: Sequence[OptionQuery]) -> list[list[float]]:
         """Sum log-prob of each option under the final agent, read through a copy of the trace."""
@@ -268,6 +314,9 @@ class TextMAS(Method):
     Sequential: each agent reads all earlier messages. Hierarchical: specialists read none, the
     final agent reads all.
     """
+
+    def upstream_is_deterministic(self) -> bool:
+        return self.config.decode.greedy  # upstream agents decode, with the same sampling settings
 
     def build_upstream(self, questions, seeds=None):
         seeds = seeds if seeds is not None else [self.config.decode.seed] * len(questions)

@@ -12,6 +12,13 @@ correctly for a *batch* of independent questions:
   generated tokens.
 
 Only this module touches cache internals. The trace is never overwritten, only appended to.
+
+Gradient checkpointing (training long traces): with `backbone.gradient_checkpointing` on and
+autograd enabled, each appended chunk is one checkpointed region — its activations, including the
+full K/V copy every latent step's attention would keep, are recomputed during backward. transformers'
+own checkpointing drops the cache, so the trace does it itself: while a chunk is recomputed its
+cache layers *replay* (report the length they had then and return the same keys/values, without
+appending). Append-only storage makes that exact: the first L entries never change.
 """
 
 from __future__ import annotations
@@ -19,8 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
+import contextlib
+
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from diffmas.errors import DiffmasError
 
@@ -29,6 +40,23 @@ SegmentKind = Literal["prompt", "latent", "generated"]
 
 class TraceOverflowError(DiffmasError):
     """Appending would run past the model's context length."""
+
+
+class _ReplayLayer(DynamicLayer):
+    """A DynamicLayer that, while `replay_length` is set, pretends to hold only its first
+    `replay_length` entries and returns them with the new ones instead of appending."""
+
+    replay_length: int | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.replay_length is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        past = slice(0, self.replay_length)
+        return (torch.cat([self.keys[..., past, :], key_states], dim=-2),
+                torch.cat([self.values[..., past, :], value_states], dim=-2))
+
+    def get_seq_length(self) -> int:
+        return self.replay_length if self.replay_length is not None else super().get_seq_length()
 
 
 @dataclass
@@ -114,18 +142,39 @@ class LatentTrace:
         visible = self._visible_mask(set(hidden_agents))
         full_mask = torch.cat([visible, chunk_mask], dim=1)  # (B, L + T)
 
-        out = self.backbone.decoder()(
-            inputs_embeds=inputs_embeds,
-            attention_mask=full_mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        def run(embeds: torch.Tensor) -> torch.Tensor:
+            return self.backbone.decoder()(inputs_embeds=embeds, attention_mask=full_mask,
+                                           position_ids=position_ids, past_key_values=self.cache,
+                                           use_cache=True).last_hidden_state
+
         start = self.length
+        if getattr(self.backbone, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            scope = self.backbone.active_adapter_scope  # the recomputation runs under the same adapter
+            hidden = checkpoint(run, inputs_embeds, use_reentrant=False,
+                                context_fn=lambda: (contextlib.nullcontext(), self._replaying(start, scope)))
+        else:
+            hidden = run(inputs_embeds)
         self.attention_mask = torch.cat([self.attention_mask, chunk_mask], dim=1)
         self.next_position = self.next_position + n_new
         self._record(agent, kind, start, self.length, n_new.tolist())
-        return out.last_hidden_state
+        return hidden
+
+    @contextlib.contextmanager
+    def _replaying(self, length: int, adapter_scope: tuple[bool, str | None]):
+        """During a chunk's recomputation, make every cache layer look `length` long and return
+        past + recomputed entries without appending (see the module docstring), under the adapter
+        that wrote the chunk."""
+        layers = [layer for layer in self.cache.layers if type(layer) in (DynamicLayer, _ReplayLayer)]
+        for layer in layers:
+            layer.__class__ = _ReplayLayer
+            layer.replay_length = length
+        inside, adapter = adapter_scope
+        try:
+            with self.backbone.use_adapter(adapter) if inside else contextlib.nullcontext():
+                yield
+        finally:
+            for layer in layers:
+                layer.replay_length = None
 
     def _visible_mask(self, hidden_agents: set[str]) -> torch.Tensor:
         if not hidden_agents:
@@ -159,26 +208,32 @@ class LatentTrace:
 
         The original is left untouched: used to score several continuations of one trace.
         """
+        rows = torch.arange(self.batch_size, device=self.attention_mask.device).repeat_interleave(repeats)
+        return self.select(rows)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "LatentTrace":
+        """A new trace made of the given rows of this one, in that order (rows may repeat).
+
+        The original is left untouched; appends to either never reach the other, because cache
+        updates concatenate into new tensors.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.attention_mask.device)
         other = LatentTrace.__new__(LatentTrace)
         other.backbone = self.backbone
-        other.batch_size = self.batch_size * repeats
+        other.batch_size = len(rows)
         config = self.backbone.base_model().config
         if self.length == 0:
             other.cache = DynamicCache(config=config)
         else:
-            # The source tensors are never modified in place (appends concatenate), so sharing
-            # them when repeats == 1 is safe.
             other.cache = DynamicCache(
-                [(layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0))
-                 for layer in self.cache.layers],
+                [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in self.cache.layers],
                 config=config,
             )
-        other.attention_mask = self.attention_mask.repeat_interleave(repeats, 0)
-        other.next_position = self.next_position.repeat_interleave(repeats, 0)
-        other.segments = [
-            Segment(s.agent, s.kind, s.start, s.end, [n for n in s.n_tokens for _ in range(repeats)])
-            for s in self.segments
-        ]
+        other.attention_mask = self.attention_mask.index_select(0, rows)
+        other.next_position = self.next_position.index_select(0, rows)
+        picked = rows.tolist()
+        other.segments = [Segment(s.agent, s.kind, s.start, s.end, [s.n_tokens[r] for r in picked])
+                          for s in self.segments]
         return other
 
     def summary(self) -> list[dict]:

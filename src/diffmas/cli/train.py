@@ -42,6 +42,8 @@ def train(
     warmup: float = typer.Option(0.0, help="Warmup steps (int) or ratio of total steps (< 1)."),
     max_target_tokens: int = typer.Option(512, "--max-target-tokens"),
     save_steps: int = typer.Option(50, "--save-steps"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="Recompute trace chunks in backward (less memory)."),
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
@@ -58,6 +60,7 @@ def train(
         lora_dropout=lora_dropout, target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
         learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
         warmup_ratio=warmup, max_target_tokens=max_target_tokens, save_steps=save_steps, seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
         dtype=dtype, device=device,
     )
     summary = run_training(config, out)

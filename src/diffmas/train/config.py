@@ -49,6 +49,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     lr_scheduler: str = "cosine"
     max_target_tokens: int = 512  # longer targets are cut
+    gradient_checkpointing: bool = False  # recompute trace chunks in backward: less memory, more time
     seed: int = 0
     save_steps: int = 50  # checkpoint every N optimizer steps (resume from the last)
     logging_steps: int = 1

@@ -125,6 +125,7 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     _check_or_write_config(out, config)
     torch.manual_seed(config.seed)  # LoRA initialisation
     backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
+    backbone.gradient_checkpointing = config.gradient_checkpointing
     topology = load_topology(config.roles) if config.roles else default_topology(config.topology, config.n_agents)
     items = load_items(config)
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once

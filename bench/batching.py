@@ -1,0 +1,51 @@
+"""Batching: latent_mas throughput (questions/s) at batch 1, 4 and 16 on the same questions.
+Target: >= 5x at batch 16 over batch 1."""
+
+from __future__ import annotations
+
+import argparse
+
+import _common as c
+
+
+def run(n: int, sizes: list[int], max_new_tokens: int, m: int) -> dict:
+    from diffmas import DecodeConfig, MethodConfig, get_method
+
+    bb = c.backbone()
+    task, examples = c.gsm8k(n)
+    prompts = [task.prompt(ex) for ex in examples]
+    method = get_method("latent_mas", bb, config=MethodConfig(latent_steps=m,
+                                                              decode=DecodeConfig(max_new_tokens=max_new_tokens)))
+    method.run_batch(prompts[:1], task.format_instruction)  # warm-up
+    rows = {}
+    for size in sizes:
+        start = c.time.perf_counter()
+        generated = 0
+        for i in range(0, n, size):
+            for r in method.run_batch(prompts[i : i + size], task.format_instruction):
+                generated += r.agents[-1].n_generated_tokens
+        wall = c.time.perf_counter() - start
+        rows[str(size)] = {"wall_s": wall, "questions_per_s": n / wall, "generated_tokens": generated}
+    base = rows[str(sizes[0])]["questions_per_s"]
+    speedup = {k: v["questions_per_s"] / base for k, v in rows.items()}
+    return {"settings": {"questions": n, "batch_sizes": sizes, "max_new_tokens": max_new_tokens,
+                         "latent_steps": m, "agents": 4, "model": "smollm2-135m"},
+            "batches": rows, "speedup_over_batch1": speedup, "targets": {"speedup_at_16_min": 5.0}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--latent-steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    c.setup(args.threads)
+    result = run(args.n, [1, 4, 16], args.max_new_tokens, args.latent_steps)
+    c.write("batching", result)
+    print(c.table([[k, f"{v['wall_s']:.1f}", f"{v['questions_per_s']:.3f}", f"{result['speedup_over_batch1'][k]:.2f}x"]
+                   for k, v in result["batches"].items()], ["batch", "wall s", "questions/s", "speedup"]))
+
+
+if __name__ == "__main__":
+    main()

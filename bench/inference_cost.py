@@ -1,0 +1,70 @@
+"""Inference cost: single vs text_mas vs latent_mas (4 agents, m=10) on the same GSM8K questions,
+greedy, on the embedded model. Targets: latent_mas <= 1.3x single; text_mas >= 4x latent_mas."""
+
+from __future__ import annotations
+
+import argparse
+
+import _common as c
+
+
+def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: int, m: int) -> dict:
+    from diffmas import DecodeConfig, MethodConfig, default_topology, get_method
+    from diffmas.evaluate.records import run_examples
+
+    bb = c.backbone()
+    task, examples = c.gsm8k(n)
+    config = MethodConfig(latent_steps=m, decode=DecodeConfig(max_new_tokens=max_new_tokens),
+                          upstream_max_new_tokens=upstream_max_new_tokens)
+    methods = {}
+    for name in ("single", "text_mas", "latent_mas"):
+        method = get_method(name, bb, default_topology("sequential"), config)
+        start = c.time.perf_counter()
+        records = list(run_examples(method, task, examples, batch_size=batch_size))
+        wall = c.time.perf_counter() - start
+        roles = [a["role"] for a in records[0]["agents"]]
+        per_agent = {role: {k: sum(r["agents"][i][k] for r in records) / len(records)
+                            for k in ("n_prompt_tokens", "n_latent_steps", "n_generated_tokens")}
+                     for i, role in enumerate(roles)}
+        methods[name] = {
+            "wall_s": wall,
+            "seconds_per_question": wall / len(records),
+            "correct": sum(r["correct"] for r in records),
+            "tokens_per_question": {k: sum(r["n_tokens"][k] for r in records) / len(records)
+                                    for k in ("prompt", "latent", "generated")},
+            "tokens_per_agent": per_agent,
+            "trace_bytes_mean": sum(r["trace_bytes"] for r in records) / len(records),
+            "trace_len_mean": sum(r["trace_len"] for r in records) / len(records),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
+        }
+    ratios = {"latent_over_single": methods["latent_mas"]["wall_s"] / methods["single"]["wall_s"],
+              "text_over_latent": methods["text_mas"]["wall_s"] / methods["latent_mas"]["wall_s"]}
+    return {"settings": {"questions": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                         "upstream_max_new_tokens": upstream_max_new_tokens, "latent_steps": m,
+                         "agents": 4, "decoding": "greedy", "model": "smollm2-135m", "dtype": "float32"},
+            "methods": methods, "ratios": ratios,
+            "targets": {"latent_over_single_max": 1.3, "text_over_latent_min": 4.0}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--upstream-max-new-tokens", type=int, default=128)
+    p.add_argument("--latent-steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    c.setup(args.threads)
+    result = run(args.n, args.batch_size, args.max_new_tokens, args.upstream_max_new_tokens, args.latent_steps)
+    c.write("inference_cost", result)
+    rows = [[name, f"{m['wall_s']:.1f}", f"{m['tokens_per_question']['prompt']:.0f}",
+             f"{m['tokens_per_question']['latent']:.0f}", f"{m['tokens_per_question']['generated']:.0f}",
+             f"{m['trace_bytes_mean'] / 2**20:.1f}", f"{m['peak_memory_bytes'] / 2**20:.0f}", m["correct"]]
+            for name, m in result["methods"].items()]
+    print(c.table(rows, ["method", "wall s", "prompt/q", "latent/q", "gen/q", "trace MiB", "peak MiB", "correct"]))
+    print({k: round(v, 2) for k, v in result["ratios"].items()})
+
+
+if __name__ == "__main__":
+    main()

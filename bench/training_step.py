@@ -1,0 +1,80 @@
+"""One DiffMAS training step (4 agents, m=10, gradients through the whole trace) vs forward +
+backward of the final agent alone (sft_single) on the same examples and targets.
+Target: DiffMAS step <= 3x the final-agent step."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import _common as c
+
+
+def step_time(train_method: str, items: list[dict], m: int, repeats: int, checkpointing: bool = False) -> dict:
+    from diffmas import MethodConfig, default_topology, get_method
+    from diffmas.accounting import MemoryMeter
+    from diffmas.train import TrainConfig
+    from diffmas.train.adapters import add_trainable_adapters
+    from diffmas.train.trajectory import TrajectoryModel
+
+    bb = c.backbone()
+    bb.gradient_checkpointing = checkpointing
+    topo = default_topology("sequential")
+    cfg = TrainConfig(task="-", method=train_method, latent_steps=m)
+    mapping = add_trainable_adapters(bb, cfg, topo)
+    infer = "latent_mas" if train_method == "diffmas" else "single"
+    model = TrajectoryModel(get_method(infer, bb, topo, MethodConfig(latent_steps=m), mapping), train_method)
+    model.train()
+    batch = {k: [it[k] for it in items] for k in ("question", "target", "format")}
+
+    def step():
+        bb.model.zero_grad(set_to_none=True)
+        model(batch["question"], batch["target"], batch["format"])["loss"].backward()
+
+    step()  # warm-up
+    with MemoryMeter(bb.device) as memory:
+        seconds = c.median_time(step, repeats)
+    return {"seconds_per_step": seconds, "trace_len": model.last_stats["trace_len"],
+            "target_tokens": model.last_stats["n_target_tokens"], "peak_memory_bytes": memory.peak_bytes}
+
+
+def run(sizes: list[int], m: int, repeats: int) -> dict:
+    from diffmas.tasks import get_task
+
+    task = get_task("gsm8k")
+    examples = task.load("train", limit=max(sizes))
+    items = [{"question": task.prompt(ex), "target": task.target_text(ex), "format": task.format_instruction}
+             for ex in examples]
+    by_size = {}
+    for n in sizes:
+        diffmas = step_time("diffmas", items[:n], m, repeats)
+        single = step_time("sft_single", items[:n], m, repeats)
+        ckpt = step_time("diffmas", items[:n], m, repeats, checkpointing=True)
+        by_size[str(n)] = {"diffmas": diffmas, "sft_single": single, "diffmas_checkpointed": ckpt,
+                           "ratio_diffmas_over_single": diffmas["seconds_per_step"] / single["seconds_per_step"]}
+    return {"settings": {"examples_per_step": sizes, "latent_steps": m, "agents": 4, "repeats": repeats,
+                         "lora": "r=8, alpha=16, q/k/v/o", "task": "gsm8k train (worked solutions)",
+                         "model": "smollm2-135m"},
+            "by_batch": by_size, "targets": {"ratio_max": 3.0}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sizes", default="1,8", help="Examples per step (one batch), comma-separated.")
+    p.add_argument("--latent-steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    c.setup(args.threads)
+    torch.manual_seed(0)
+    result = run([int(x) for x in args.sizes.split(",")], args.latent_steps, args.repeats)
+    c.write("training_step", result)
+    rows = [[n, k, f"{r[k]['seconds_per_step']:.2f}", f"{r[k]['trace_len']:.0f}", r[k]["target_tokens"],
+             f"{r[k]['peak_memory_bytes'] / 2**20:.0f}", f"{r['ratio_diffmas_over_single']:.2f}x"]
+            for n, r in result["by_batch"].items() for k in ("diffmas", "diffmas_checkpointed", "sft_single")]
+    print(c.table(rows, ["batch", "method", "s/step", "trace len", "target tok", "peak MiB", "ratio"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Build docs/benchmarks.md (tables + plots) from bench/results/*.json. No number is typed by hand:
+every figure in the document is read from a result file written by a benchmark script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+import _common as c
+
+DOCS = c.REPO / "docs"
+IMG = DOCS / "img"
+
+
+def load(name: str) -> dict | None:
+    path = c.RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_line(result: dict) -> str:
+    m = result["machine"]
+    return (f"_Measured {m['date']} on {m['device']}, torch {m['versions'].get('torch')}, "
+            f"transformers {m['versions'].get('transformers')}, commit {m['git_commit']}._")
+
+
+def section_inference(r: dict) -> str:
+    s = r["settings"]
+    rows = []
+    for name, m in r["methods"].items():
+        t = m["tokens_per_question"]
+        rows.append([name, f"{m['wall_s']:.1f}", f"{m['seconds_per_question']:.2f}", f"{t['prompt']:.0f}",
+                     f"{t['latent']:.0f}", f"{t['generated']:.0f}", f"{m['trace_bytes_mean'] / 2**20:.1f}",
+                     f"{m['peak_memory_bytes'] / 2**20:.0f}", f"{m['correct']}/{s['questions']}"])
+    agents = []
+    for name, m in r["methods"].items():
+        for role, a in m["tokens_per_agent"].items():
+            agents.append([name, role, f"{a['n_prompt_tokens']:.0f}", f"{a['n_latent_steps']:.0f}",
+                           f"{a['n_generated_tokens']:.0f}"])
+    ratio_ls, ratio_tl = r["ratios"]["latent_over_single"], r["ratios"]["text_over_latent"]
+    t = r["targets"]
+    return "\n\n".join([
+        "## Inference cost: single vs text_mas vs latent_mas",
+        f"{s['questions']} GSM8K test questions, {s['agents']} agents, m={s['latent_steps']}, greedy, batch "
+        f"{s['batch_size']}, final agent ≤ {s['max_new_tokens']} new tokens, text_mas upstream agents ≤ "
+        f"{s['upstream_max_new_tokens']} each; {s['model']} in {s['dtype']}.",
+        md_table(["method", "wall s", "s/question", "prompt tok/q", "latent steps/q", "generated tok/q",
+                  "trace MiB/q", "peak MiB", "correct"], rows),
+        md_table(["ratio (same run)", "value", "target", "verdict"], [
+            ["latent_mas / single (wall)", f"{ratio_ls:.2f}x", f"≤ {t['latent_over_single_max']}x",
+             verdict(ratio_ls <= t["latent_over_single_max"])],
+            ["text_mas / latent_mas (wall)", f"{ratio_tl:.2f}x", f"≥ {t['text_over_latent_min']}x",
+             verdict(ratio_tl >= t["text_over_latent_min"])]]),
+        "Tokens per agent (mean per question):",
+        md_table(["method", "agent", "prompt", "latent steps", "generated"], agents),
+        machine_line(r),
+    ])
+
+
+def section_batching(r: dict) -> str:
+    s = r["settings"]
+    rows = [[k, f"{v['wall_s']:.1f}", f"{v['questions_per_s']:.3f}", f"{r['speedup_over_batch1'][k]:.2f}x"]
+            for k, v in r["batches"].items()]
+    top = r["speedup_over_batch1"]["16"]
+    fig = Figure(figsize=(4.5, 3))
+    ax = fig.subplots()
+    sizes = list(r["batches"])
+    ax.plot([int(x) for x in sizes], [r["speedup_over_batch1"][k] for k in sizes], marker="o")
+    ax.axhline(r["targets"]["speedup_at_16_min"], ls="--", color="grey", label="target at 16")
+    ax.set_xlabel("batch size"), ax.set_ylabel("throughput vs batch 1"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(IMG / "batching.png", dpi=110)
+    return "\n\n".join([
+        "## Batching: latent_mas throughput",
+        f"{s['questions']} GSM8K questions, {s['agents']} agents, m={s['latent_steps']}, ≤ {s['max_new_tokens']} "
+        "new tokens, greedy. A batch decodes until its slowest row stops.",
+        md_table(["batch", "wall s", "questions/s", "speedup"], rows),
+        f"Target ≥ {r['targets']['speedup_at_16_min']}x at batch 16: {verdict(top >= r['targets']['speedup_at_16_min'])} "
+        f"({top:.2f}x).",
+        "![batching](img/batching.png)",
+        machine_line(r),
+    ])
+
+
+def section_steps(r: dict) -> str:
+    s = r["settings"]
+    ratio = r["ratio_latent_over_decode"]
+    return "\n\n".join([
+        "## One latent step vs one decode step",
+        f"Trace of {s['context_tokens']} prompt tokens, batch {s['batch']}, median of {s['repeats']} runs of "
+        f"{s['steps']} steps. A decode step includes the LM head, token choice and its statistics; a latent "
+        "step includes the realignment.",
+        md_table(["step", "ms (median)"], [["latent", f"{r['latent_step_ms']:.1f}"],
+                                           ["decode", f"{r['decode_step_ms']:.1f}"],
+                                           ["latent / decode", f"{ratio:.2f}x"]]),
+        f"Target ≤ {r['targets']['ratio_max']}x: {verdict(ratio <= r['targets']['ratio_max'])}.",
+        machine_line(r),
+    ])
+
+
+def section_training(r: dict) -> str:
+    s = r["settings"]
+    target = r["targets"]["ratio_max"]
+    rows = [[n, k, f"{b[k]['seconds_per_step']:.2f}", f"{b[k]['trace_len']:.0f}", b[k]["target_tokens"],
+             f"{b[k]['peak_memory_bytes'] / 2**20:.0f}"]
+            for n, b in r["by_batch"].items() for k in ("diffmas", "diffmas_checkpointed", "sft_single") if k in b]
+    ratios = [[n, f"{b['ratio_diffmas_over_single']:.2f}x", f"≤ {target}x", verdict(b["ratio_diffmas_over_single"] <= target)]
+              for n, b in r["by_batch"].items()]
+    return "\n\n".join([
+        "## Training step: DiffMAS vs the final agent alone",
+        f"Examples per step {s['examples_per_step']} from {s['task']}, {s['agents']} agents, m={s['latent_steps']}, "
+        f"LoRA {s['lora']}, median of {s['repeats']} forward+backward passes.",
+        md_table(["examples/step", "method", "s/step", "trace length/example", "target tokens", "peak MiB"], rows),
+        md_table(["examples/step", "DiffMAS / sft_single", "target", "verdict"], ratios),
+        "`diffmas_checkpointed` recomputes each trace chunk during backward (`--gradient-checkpointing`). "
+        "Without it, memory grows with m × trace length: every latent step's attention keeps its own copy "
+        "of the keys and values for backward.",
+        machine_line(r),
+    ])
+
+
+def section_trace(r: dict) -> str:
+    rows = [[x["agents"], x["latent_steps"], x["prompt_tokens"], x["length"], x["bytes"], x["formula_bytes"],
+             "yes" if x["matches"] else "NO"] for x in r["measured"]]
+    ext = r["extrapolation_bf16"]
+    lengths = list(next(iter(ext.values()))["mib_at_length"])
+    ext_rows = [[name, r["paper_model_shapes"][name][0], r["paper_model_shapes"][name][1],
+                 r["paper_model_shapes"][name][2], v["bytes_per_position_bf16"]]
+                + [f"{v['mib_at_length'][n]:.0f}" for n in lengths] for name, v in ext.items()]
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    for m in sorted({x["latent_steps"] for x in r["measured"]}):
+        pts = [x for x in r["measured"] if x["latent_steps"] == m and x["prompt_tokens"] == r["measured"][-1]["prompt_tokens"]]
+        ax.plot([x["agents"] for x in pts], [x["bytes"] / 2**20 for x in pts], marker="o", label=f"m={m}")
+    ax.set_xlabel("agents"), ax.set_ylabel("trace MiB (fp32, SmolLM2-135M)"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(IMG / "trace_growth.png", dpi=110)
+    return "\n\n".join([
+        "## Trace growth",
+        f"Measured on SmolLM2-135M (fp32, {r['smollm2_bytes_per_position_fp32']} bytes per trace position). "
+        "The trace grows linearly: length = agents × (prompt + m) (+ the final agent's prompt and answer).",
+        f"All measured sizes equal layers × 2 × kv_heads × head_dim × length × dtype size: "
+        f"{'yes' if r['all_match_formula'] else 'NO'}.",
+        md_table(["agents", "m", "prompt tok/agent", "length", "bytes", "formula", "equal"], rows),
+        "![trace growth](img/trace_growth.png)",
+        "Extrapolated to paper-scale models (bf16, batch 1; shapes from the published config.json):",
+        md_table(["model", "layers", "kv heads", "head dim", "bytes/position"] + [f"MiB at {n}" for n in lengths],
+                 ext_rows),
+        machine_line(r),
+    ])
+
+
+def main() -> None:
+    IMG.mkdir(parents=True, exist_ok=True)
+    parts = ["# Benchmarks",
+             "Generated by `make bench` (`bench/*.py` → `bench/results/*.json` → this file via "
+             "`bench/write_docs.py`). Re-run to refresh; every number below comes from those JSON files."]
+    for name, render in (("inference_cost", section_inference), ("batching", section_batching),
+                         ("step_cost", section_steps), ("training_step", section_training),
+                         ("trace_growth", section_trace)):
+        result = load(name)
+        parts.append(render(result) if result else f"## {name}\n\n_not run yet: `python bench/{name}.py`_")
+    (DOCS / "benchmarks.md").write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {DOCS / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()
