@@ -18,6 +18,8 @@ def step_time(train_method: str, items: list[dict], m: int, repeats: int, checkp
     from diffmas.train.adapters import add_trainable_adapters
     from diffmas.train.trajectory import TrajectoryModel
 
+    c.setup()
+    torch.manual_seed(0)
     bb = c.backbone()
     bb.gradient_checkpointing = checkpointing
     topo = default_topology("sequential")
@@ -39,6 +41,16 @@ def step_time(train_method: str, items: list[dict], m: int, repeats: int, checkp
             "target_tokens": model.last_stats["n_target_tokens"], "peak_memory_bytes": memory.peak_bytes}
 
 
+def isolated(fn, *args):
+    """Run one measurement in a fresh process: CPU peak RSS never goes down within a process
+    (freed memory stays mapped), so sharing one would leak one variant's peak into the next."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def run(sizes: list[int], m: int, repeats: int) -> dict:
     from diffmas.tasks import get_task
 
@@ -48,9 +60,9 @@ def run(sizes: list[int], m: int, repeats: int) -> dict:
              for ex in examples]
     by_size = {}
     for n in sizes:
-        diffmas = step_time("diffmas", items[:n], m, repeats)
-        single = step_time("sft_single", items[:n], m, repeats)
-        ckpt = step_time("diffmas", items[:n], m, repeats, checkpointing=True)
+        diffmas = isolated(step_time, "diffmas", items[:n], m, repeats)
+        single = isolated(step_time, "sft_single", items[:n], m, repeats)
+        ckpt = isolated(step_time, "diffmas", items[:n], m, repeats, True)
         by_size[str(n)] = {"diffmas": diffmas, "sft_single": single, "diffmas_checkpointed": ckpt,
                            "ratio_diffmas_over_single": diffmas["seconds_per_step"] / single["seconds_per_step"]}
     return {"settings": {"examples_per_step": sizes, "latent_steps": m, "agents": 4, "repeats": repeats,

@@ -82,6 +82,14 @@ def untied_backbone():
     return make_backbone(tied=False)
 
 
+def data_file(name: str) -> Path:
+    """A benchmark file from the shared data folder; the test is skipped if it is not there."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found: set DIFFMAS_DATA_DIR to the benchmark JSONL folder")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
+from conftest import data_file
 
 from diffmas.scoring import extract_choice, score_choice
 from diffmas.scoring.choice import _normalise_text
@@ -14,13 +13,6 @@ from diffmas.scoring.choice import _normalise_text
 ABCD = ["A", "B", "C", "D"]
 
 
-def _data_file(name: str) -> Path:
-    root = Path(os.environ.get("DIFFMAS_DATA_DIR",
-                               Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    path = root / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found: set DIFFMAS_DATA_DIR to the benchmark JSONL folder")
-    return path
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -128,7 +120,7 @@ def test_bad_arguments_name_the_value_and_the_fix() -> None:
 def _questions(name: str) -> list[tuple[list[str], list[str], str]]:
     """(labels, option texts, gold label) per row, for the ARC/CSQA and MedQA layouts."""
     out = []
-    with open(_data_file(name), encoding="utf-8") as f:
+    with open(data_file(name), encoding="utf-8") as f:
         for row in map(json.loads, f):
             if "choices" in row:
                 out.append((row["choices"]["label"], row["choices"]["text"], row["answerKey"]))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import data_file
 
 from diffmas.scoring import (
     SandboxResult,
@@ -35,17 +35,10 @@ FULL_CORPUS = os.environ.get("DIFFMAS_FULL_CORPUS") == "1"
 WORKERS = max(2, os.cpu_count() or 2)  # each run is mostly interpreter start-up: overlap them
 
 
-def _data_file(name: str) -> Path:
-    root = Path(os.environ.get("DIFFMAS_DATA_DIR",
-                               Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    path = root / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found: set DIFFMAS_DATA_DIR to the benchmark JSONL folder")
-    return path
 
 
 def _rows(name: str) -> list[dict]:
-    with open(_data_file(name), encoding="utf-8") as f:
+    with open(data_file(name), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
-from pathlib import Path
 
 import pytest
+from conftest import data_file
 
 from diffmas.scoring import extract_math_answer, gsm8k_gold, math_equal, score_math
 
 
-def _data_file(name: str) -> Path:
-    root = Path(os.environ.get("DIFFMAS_DATA_DIR",
-                               Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    path = root / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found: set DIFFMAS_DATA_DIR to the benchmark JSONL folder")
-    return path
 
 
 def _rows(name: str) -> list[dict]:
-    with open(_data_file(name), encoding="utf-8") as f:
+    with open(data_file(name), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 

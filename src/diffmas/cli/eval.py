@@ -17,20 +17,20 @@ def eval_(
     task: str = typer.Option(..., "--task", help="Task name (diffmas tasks) or jsonl:PATH?..."),
     method: str = typer.Option("latent_mas", help="single, text_mas, latent_mas or diffmas."),
     out: Path = typer.Option(..., "--out", help="Run directory; rerun the same command to resume."),
-    split: str = typer.Option("test"),
-    limit: Optional[int] = typer.Option(None, help="Number of questions (default: all)."),
-    subset_seed: Optional[int] = typer.Option(None, "--subset-seed", help="With --limit: a random subset."),
-    samples: int = typer.Option(1, "--samples", "-k", help="Samples per question (needs temperature > 0)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Trained adapter directory (diffmas)."),
-    option_likelihood: bool = typer.Option(True, help="Multiple choice: also rank options by likelihood."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the task's data files."),
+    split: str = c.SplitOpt,
+    limit: Optional[int] = c.LimitOpt,
+    subset_seed: Optional[int] = c.SubsetSeedOpt,
+    samples: int = c.SamplesOpt,
+    batch_size: int = c.BatchSizeOpt,
+    adapter: Optional[Path] = c.AdapterOpt,
+    option_likelihood: bool = c.OptionLikelihoodOpt,
+    data_dir: Optional[Path] = c.DataDirOpt,
     latent_steps: int = c.LatentStepsOpt,
     model: str = c.ModelOpt,
     topology: str = c.TopologyOpt,
     agents: Optional[int] = c.AgentsOpt,
     roles: Optional[Path] = c.RolesOpt,
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    max_new_tokens: int = c.EvalMaxNewOpt,
     upstream_max_new_tokens: int = c.UpstreamNewOpt,
     temperature: float = c.TemperatureOpt,
     top_p: float = c.TopPOpt,
@@ -40,18 +40,11 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead of a table."),
 ) -> None:
     """Evaluate a method on a task; writes config.json, samples.jsonl and summary.json."""
-    from diffmas.evaluate.runner import EvalConfig, evaluate
+    options = {k: v for k, v in locals().items() if k not in ("out", "as_json")}
+    from diffmas.evaluate.runner import evaluate
 
     c.check_methods([method])
-    config = EvalConfig(
-        task=task, method=method, split=split, model=model, limit=limit, subset_seed=subset_seed,
-        samples=samples, seed=seed, batch_size=batch_size, topology=topology, n_agents=agents,
-        roles=str(roles) if roles else None, adapter=str(adapter) if adapter else None,
-        option_likelihood=option_likelihood, data_dir=str(data_dir) if data_dir else None,
-        dtype=dtype, device=device,
-        method_config=c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed),
-    )
-    summary = evaluate(config, out)
+    summary = evaluate(c.eval_config(**options), out)
     if not summary:  # not the main process of a sharded run
         return
     if as_json:
