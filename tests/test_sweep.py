@@ -77,3 +77,18 @@ def test_method_without_latent_steps_is_refused():
     with pytest.raises(DiffmasError, match="does not use latent steps"):
         check_latent_method("single")
     check_latent_method("latent_mas")
+
+
+def test_sweep_over_agents_and_steps(model_dir, tmp_path, builds):
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(2)))
+    out = tmp_path / "grid"
+    args = ["sweep", "--task", f"jsonl:{data}?type=math", "--model", str(model_dir), "--out", str(out),
+            "--latent-steps", "1", "--agents-sweep", "1,3", "--max-new-tokens", "3", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert builds == [1]  # one backbone (built at m=1) for both agent counts
+    for n in (1, 3):
+        records = [json.loads(line) for line in (out / f"a{n}-m1" / "samples.jsonl").read_text().splitlines()]
+        assert all(len(r["agents"]) == n for r in records)
+        assert all([a["n_latent_steps"] for a in r["agents"]] == [1] * (n - 1) + [0] for r in records)

@@ -289,9 +289,9 @@ def load_backbone(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _resolve_source(name_or_path)
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    torch_dtype = resolve_dtype(dtype, dev)  # settings first: a typo fails before any download
+    source = _resolve_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(

@@ -19,14 +19,14 @@ from diffmas.cli import common as c
 from diffmas.errors import DiffmasError
 
 
-def parse_steps(text: str) -> list[int]:
-    """'0,5,10' -> [0, 5, 10]: distinct integers >= 0, in the given order (the first is the baseline)."""
+def parse_steps(text: str, option: str = "--latent-steps", minimum: int = 0) -> list[int]:
+    """'0,5,10' -> [0, 5, 10]: distinct integers >= minimum, in the given order (the first is the baseline)."""
     try:
         steps = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise DiffmasError(f"--latent-steps takes comma-separated integers such as 0,5,10, got {text!r}") from None
-    if not steps or min(steps) < 0 or len(set(steps)) != len(steps):
-        raise DiffmasError(f"--latent-steps needs distinct integers >= 0 such as 0,5,10, got {text!r}")
+        raise DiffmasError(f"{option} takes comma-separated integers such as 0,5,10, got {text!r}") from None
+    if not steps or min(steps) < minimum or len(set(steps)) != len(steps):
+        raise DiffmasError(f"{option} needs distinct integers >= {minimum} such as 0,5,10, got {text!r}")
     return steps
 
 
@@ -47,6 +47,8 @@ def sweep(
     latent_steps: str = typer.Option("0,5,10,20,40", "--latent-steps", "-m",
                                      help="Comma-separated latent step counts; the first is the baseline."),
     out: Path = typer.Option(..., "--out", help="Folder for one run directory per m (m0, m5, ...) and report/."),
+    agents_sweep: Optional[str] = typer.Option(
+        None, "--agents-sweep", help="Also sweep the number of agents, e.g. 2,3,4 (runs a{n}-m{m})."),
     split: str = c.SplitOpt,
     limit: Optional[int] = c.LimitOpt,
     subset_seed: Optional[int] = c.SubsetSeedOpt,
@@ -69,21 +71,29 @@ def sweep(
 ) -> None:
     """Evaluate a method at several latent step counts (model loaded once); compare them and write a report."""
     # Every option but the sweep's own goes unchanged into each run's EvalConfig.
-    options = {k: v for k, v in locals().items() if k not in ("latent_steps", "out")}
+    options = {k: v for k, v in locals().items() if k not in ("latent_steps", "out", "agents_sweep", "agents")}
     from diffmas.evaluate import runner
+    from diffmas.roles import default_topology, load_topology
 
     steps = parse_steps(latent_steps)
+    counts = parse_steps(agents_sweep, "--agents-sweep", minimum=1) if agents_sweep else [agents]
+    if agents_sweep and roles:
+        raise DiffmasError("--agents-sweep builds the default roles; it cannot be combined with --roles")
     c.check_methods([method])
     check_latent_method(method)
-    configs = [c.eval_config(**options, latent_steps=m) for m in steps]
-    run_dirs = [out / f"m{m}" for m in steps]
+    grid = [(n, m) for n in counts for m in steps]
+    configs = [c.eval_config(**options, agents=n, latent_steps=m) for n, m in grid]
+    run_dirs = [out / (f"a{n}-m{m}" if agents_sweep else f"m{m}") for n, m in grid]
     built = None  # the method, built on the first run that still has work
     summaries = []
     for config, run_dir in zip(configs, run_dirs):
         if built is None and not (run_dir / runner.SUMMARY).is_file():
             built = runner.build_method(config)
         if built is not None:
-            built.config = config.method_config  # same backbone, this run's m
+            # same backbone; this run's m and agents (methods read both at every batch)
+            built.config = config.method_config
+            built.topology = (load_topology(config.roles) if config.roles
+                              else default_topology(config.topology, config.n_agents))
         summaries.append(runner.evaluate(config, run_dir, method=built))
     if not all(summaries):  # not the main process of a sharded run
         return
