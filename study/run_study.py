@@ -44,7 +44,8 @@ class StudySettings:
     lora_r: int = 8
     lora_alpha: int = 16
     latent_steps: int = 10
-    upstream_max_new_tokens: int = 64
+    upstream_max_new_tokens: int = 32  # text_mas upstream budget (each of 3 agents)
+    upstream_temperature: float = 0.0  # text_mas upstream greedy: shared by the k samples, like latent_mas's
     # evaluation
     test_questions: int = 200
     test_subset_seed: int = 0
@@ -101,6 +102,7 @@ def eval_config(s: StudySettings, method: str, adapter: str | None, latent_steps
         samples=samples, seed=s.seed, batch_size=s.eval_batch_size, device="cpu", dtype="float32",
         adapter=str(OUT / "adapters" / adapter) if adapter else None,
         method_config=MethodConfig(latent_steps=latent_steps, upstream_max_new_tokens=s.upstream_max_new_tokens,
+                                   upstream_temperature=s.upstream_temperature,
                                    decode=DecodeConfig(max_new_tokens=s.max_new_tokens, temperature=temperature,
                                                        top_p=s.top_p if temperature > 0 else 1.0, seed=s.seed)),
     )

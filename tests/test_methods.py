@@ -266,3 +266,18 @@ def test_select_rows_of_a_trace(backbone):
     h_big = prefill(picked, "b", ["x", "x", "x"])
     h_small = prefill(trace, "b", ["x", "x"])
     assert torch.allclose(h_big[0], h_small[1], atol=1e-5) and torch.allclose(h_big[2], h_small[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_greedy_upstream_text_is_shared_by_samples(untied_backbone):
+    """upstream_temperature=0: text_mas samples share the upstream text, differ in the answer."""
+    cfg = config(m=2, new=6, upstream=3, temperature=0.9)
+    cfg.upstream_temperature = 0.0
+    method = get_method("text_mas", untied_backbone, config=cfg)
+    calls = []
+    build = method.build_upstream
+    method.build_upstream = lambda questions, s=None: calls.append(len(questions)) or build(questions, s)
+    results = method.run_batch([QUESTIONS[0]] * 4, "f", [1, 2, 3, 4])
+    assert calls == [1]
+    assert len({tuple(a.text for a in r.agents[:-1]) for r in results}) == 1  # same upstream messages
+    assert len({r.text for r in results}) > 1

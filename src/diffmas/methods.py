@@ -36,6 +36,9 @@ class MethodConfig:
     latent_steps: int = 10  # m: latent steps per upstream agent (latent_mas, diffmas)
     decode: DecodeConfig = field(default_factory=DecodeConfig)  # the final agent's decoding
     upstream_max_new_tokens: int = 256  # text_mas: decode budget of each upstream agent
+    # text_mas: upstream agents' temperature (None: the final agent's). 0 makes the upstream text
+    # deterministic, so k samples of a question share it and differ only in the final answer.
+    upstream_temperature: float | None = None
     chat_kwargs: dict = field(default_factory=dict)  # extra chat-template args, e.g. enable_thinking
 
     def __post_init__(self):
@@ -45,6 +48,14 @@ class MethodConfig:
             raise MethodError(f"latent_steps must be >= 0, got {self.latent_steps}")
         if self.upstream_max_new_tokens < 1:
             raise MethodError(f"upstream_max_new_tokens must be >= 1, got {self.upstream_max_new_tokens}")
+        if self.upstream_temperature is not None and self.upstream_temperature < 0:
+            raise MethodError(f"upstream_temperature must be >= 0, got {self.upstream_temperature}")
+
+    def upstream_decode(self) -> DecodeConfig:
+        """How text_mas upstream agents decode: the final agent's settings with their own budget."""
+        temperature = self.decode.temperature if self.upstream_temperature is None else self.upstream_temperature
+        return DecodeConfig(**{**asdict(self.decode), "max_new_tokens": self.upstream_max_new_tokens,
+                               "min_new_tokens": 0, "temperature": temperature})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -316,12 +327,11 @@ class TextMAS(Method):
     """
 
     def upstream_is_deterministic(self) -> bool:
-        return self.config.decode.greedy  # upstream agents decode, with the same sampling settings
+        return self.config.upstream_decode().greedy  # upstream agents decode text
 
     def build_upstream(self, questions, seeds=None):
         seeds = seeds if seeds is not None else [self.config.decode.seed] * len(questions)
-        upstream_cfg = DecodeConfig(**{**asdict(self.config.decode),
-                                       "max_new_tokens": self.config.upstream_max_new_tokens})
+        upstream_cfg = self.config.upstream_decode()
         messages: list[list[tuple[str, str]]] = [[] for _ in questions]
         agents, traces = [], []
         for i, role in enumerate(self.topology.upstream):

@@ -30,6 +30,9 @@ RolesOpt = typer.Option(None, "--roles", help="YAML/JSON file with {kind, roles:
 MaxNewOpt = typer.Option(256, "--max-new-tokens", help="Decode budget of the final agent.")
 UpstreamNewOpt = typer.Option(256, "--upstream-max-new-tokens", help="Decode budget of text_mas upstream agents.")
 TemperatureOpt = typer.Option(0.0, help="0 = greedy.")
+UpstreamTemperatureOpt = typer.Option(None, "--upstream-temperature",
+                                      help="text_mas upstream agents (default: --temperature); 0 = greedy, "
+                                      "shared by the k samples of a question.")
 TopPOpt = typer.Option(1.0, "--top-p")
 SeedOpt = typer.Option(0)
 
@@ -63,11 +66,13 @@ def build_topology(kind: str, n_agents: Optional[int], roles: Optional[Path]) ->
 
 
 def build_config(latent_steps: int, max_new_tokens: int, upstream_max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int) -> MethodConfig:
+                 temperature: float, top_p: float, seed: int,
+                 upstream_temperature: Optional[float] = None) -> MethodConfig:
     return MethodConfig(
         latent_steps=latent_steps,
         decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
         upstream_max_new_tokens=upstream_max_new_tokens,
+        upstream_temperature=upstream_temperature,
     )
 
 
@@ -75,7 +80,8 @@ def eval_config(*, task: str, method: str, split: str, model: str, limit: Option
                 subset_seed: Optional[int], samples: int, seed: int, batch_size: int, topology: str,
                 agents: Optional[int], roles: Optional[Path], adapter: Optional[Path], option_likelihood: bool,
                 data_dir: Optional[Path], dtype: str, device: str, latent_steps: int, max_new_tokens: int,
-                upstream_max_new_tokens: int, temperature: float, top_p: float) -> EvalConfig:
+                upstream_max_new_tokens: int, temperature: float, top_p: float,
+                upstream_temperature: Optional[float] = None) -> EvalConfig:
     """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
     from diffmas.evaluate.runner import EvalConfig
 
@@ -85,7 +91,8 @@ def eval_config(*, task: str, method: str, split: str, model: str, limit: Option
         roles=str(roles) if roles else None, adapter=str(adapter) if adapter else None,
         option_likelihood=option_likelihood, data_dir=str(data_dir) if data_dir else None,
         dtype=dtype, device=device,
-        method_config=build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed),
+        method_config=build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
+                                   upstream_temperature),
     )
 
 

@@ -64,6 +64,7 @@ def sweep(
     max_new_tokens: int = c.EvalMaxNewOpt,
     upstream_max_new_tokens: int = c.UpstreamNewOpt,
     temperature: float = c.TemperatureOpt,
+    upstream_temperature: Optional[float] = c.UpstreamTemperatureOpt,
     top_p: float = c.TopPOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
