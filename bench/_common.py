@@ -6,12 +6,14 @@ prints a short table. Ratios are always measured within one run of one script, o
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,19 +22,102 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def setup(threads: int | None = None) -> None:
+# Published config.json shapes. `--model random:NAME` builds a model of that shape with random
+# weights: paper-scale costs (time, memory, trace bytes) on a machine that has no hub access.
+# Its outputs are meaningless, so the benchmarks then decode fixed lengths (DecodeConfig.ignore_eos).
+RANDOM_SHAPES = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=True, max_position_embeddings=40960),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=False, max_position_embeddings=40960),
+    "qwen3-14b": dict(model_type="qwen3", hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                      tie_word_embeddings=False, max_position_embeddings=40960),
+}
+
+
+@dataclass
+class ModelSettings:
+    """Which backbone the benchmarks run on (defaults: the embedded model, fp32, CPU or GPU)."""
+
+    model: str = "smollm2-135m"  # embedded name, local dir, hub id, or random:<RANDOM_SHAPES key>
+    dtype: str = "float32"
+    device: str = "auto"
+    tokenizer: str | None = None  # random:* models: tokenizer dir (default: the embedded model's)
+    tag: str = ""  # suffix of the result file, e.g. "h200" -> results/<name>_h200.json
+
+    @property
+    def random_weights(self) -> bool:
+        return self.model.startswith("random:")
+
+
+SETTINGS = ModelSettings()
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    d = ModelSettings()
+    p.add_argument("--model", default=d.model, help="embedded name, local dir, hub id, or random:" +
+                   "|".join(RANDOM_SHAPES))
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir for random:* models")
+    p.add_argument("--tag", default="", help="result file suffix (results/<name>_<tag>.json)")
+
+
+def setup(threads: int | None = None, args: argparse.Namespace | None = None,
+          settings: ModelSettings | None = None) -> None:
+    global SETTINGS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
         torch.set_num_threads(threads)
     shared = REPO.parent / "shared" / "data"
     if "DIFFMAS_DATA_DIR" not in os.environ and shared.is_dir():
         os.environ["DIFFMAS_DATA_DIR"] = str(shared)
+    if args is not None:
+        settings = ModelSettings(args.model, args.dtype, args.device, args.tokenizer, args.tag)
+    if settings is not None:
+        SETTINGS = settings
 
 
-def backbone(name: str = "smollm2-135m", dtype: str = "float32", device: str = "auto"):
+def model_settings() -> dict:
+    """Recorded in every result: what ran, and whether its outputs mean anything."""
+    return {"model": SETTINGS.model, "dtype": SETTINGS.dtype, "random_weights": SETTINGS.random_weights}
+
+
+def backbone():
     from diffmas import load_backbone
 
-    return load_backbone(name, dtype=dtype, device=device)
+    if SETTINGS.random_weights:
+        return random_backbone(SETTINGS.model.removeprefix("random:"), SETTINGS.dtype, SETTINGS.device,
+                               SETTINGS.tokenizer)
+    return load_backbone(SETTINGS.model, dtype=SETTINGS.dtype, device=SETTINGS.device)
+
+
+def random_backbone(shape: str, dtype: str, device: str, tokenizer: str | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from diffmas.backbone import Backbone, ensure_embedded, prepare_tokenizer, resolve_device, resolve_dtype
+
+    if shape not in RANDOM_SHAPES:
+        raise SystemExit(f"unknown random shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**RANDOM_SHAPES[shape])
+    with torch.device(dev):  # initialise in place: an 8B model never touches host memory
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, dev), attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(tokenizer or ensure_embedded("smollm2-135m"))
+    prepare_tokenizer(tok)
+    return Backbone(model=model.eval().requires_grad_(False), tokenizer=tok, name=f"random:{shape}")
+
+
+def ignore_eos() -> bool:
+    """Fixed-length decoding for random weights (their EOS timing is noise)."""
+    return SETTINGS.random_weights
 
 
 def gsm8k(n: int):
@@ -46,14 +131,14 @@ def gsm8k(n: int):
 def machine() -> dict:
     from diffmas.provenance import device_description, git_commit, package_versions
 
-    return {"device": device_description(), "torch_threads": torch.get_num_threads(),
+    return {"device": device_description(), "torch_threads": torch.get_num_threads(), "bench_model": asdict(SETTINGS),
             "python": platform.python_version(), "versions": package_versions(), "git_commit": git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}_{SETTINGS.tag}.json" if SETTINGS.tag else f"{name}.json")
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2) + "\n")
     print(f"wrote {path.relative_to(REPO)}", file=sys.stderr)
     return path

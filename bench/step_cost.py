@@ -47,7 +47,7 @@ def run(context: int, steps: int, repeats: int, batch: int) -> dict:
         dec = sorted(decode_run() / steps for _ in range(repeats))
     med = lambda xs: xs[len(xs) // 2]
     return {"settings": {"context_tokens": context, "steps": steps, "repeats": repeats, "batch": batch,
-                         "model": "smollm2-135m"},
+                         **c.model_settings()},
             "latent_step_ms": med(lat) * 1000, "decode_step_ms": med(dec) * 1000,
             "ratio_latent_over_decode": med(lat) / med(dec), "latent_all_ms": [x * 1000 for x in lat],
             "decode_all_ms": [x * 1000 for x in dec], "targets": {"ratio_max": 1.1}}
@@ -60,8 +60,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    c.add_model_args(p)
     args = p.parse_args()
-    c.setup(args.threads)
+    c.setup(args.threads, args)
     result = run(args.context, args.steps, args.repeats, args.batch)
     c.write("step_cost", result)
     print(c.table([["latent step", f"{result['latent_step_ms']:.1f}"], ["decode step", f"{result['decode_step_ms']:.1f}"],

@@ -12,9 +12,9 @@ import _common as c
 
 # Published config.json values (num_hidden_layers, num_key_value_heads, head_dim).
 PAPER_MODELS = {
-    "Qwen3-4B": (36, 8, 128),
-    "Qwen3-8B": (36, 8, 128),
-    "Qwen3-14B": (40, 8, 128),
+    name: (c.RANDOM_SHAPES[key]["num_hidden_layers"], c.RANDOM_SHAPES[key]["num_key_value_heads"],
+           c.RANDOM_SHAPES[key]["head_dim"])
+    for name, key in (("Qwen3-4B", "qwen3-4b"), ("Qwen3-8B", "qwen3-8b"), ("Qwen3-14B", "qwen3-14b"))
 }
 
 

@@ -11,14 +11,15 @@ import torch
 import _common as c
 
 
-def step_time(train_method: str, items: list[dict], m: int, repeats: int, checkpointing: bool = False) -> dict:
+def step_time(settings: c.ModelSettings, train_method: str, items: list[dict], m: int, repeats: int,
+              checkpointing: bool = False) -> dict:
     from diffmas import MethodConfig, default_topology, get_method
     from diffmas.accounting import MemoryMeter
     from diffmas.train import TrainConfig
     from diffmas.train.adapters import add_trainable_adapters
     from diffmas.train.trajectory import TrajectoryModel
 
-    c.setup()
+    c.setup(settings=settings)  # a fresh (spawned) process: the parent's settings come as an argument
     torch.manual_seed(0)
     bb = c.backbone()
     bb.gradient_checkpointing = checkpointing
@@ -52,23 +53,26 @@ def isolated(fn, *args):
 
 
 def run(sizes: list[int], m: int, repeats: int) -> dict:
+    """Measure, writing the result file after every variant: a time limit keeps what was done."""
     from diffmas.tasks import get_task
 
     task = get_task("gsm8k")
     examples = task.load("train", limit=max(sizes))
     items = [{"question": task.prompt(ex), "target": task.target_text(ex), "format": task.format_instruction}
              for ex in examples]
-    by_size = {}
+    result = {"settings": {"examples_per_step": sizes, "latent_steps": m, "agents": 4, "repeats": repeats,
+                           "lora": "r=8, alpha=16, q/k/v/o", "task": "gsm8k train (worked solutions)",
+                           **c.model_settings()},
+              "by_batch": {}, "targets": {"ratio_max": 3.0}}
     for n in sizes:
-        diffmas = isolated(step_time, "diffmas", items[:n], m, repeats)
-        single = isolated(step_time, "sft_single", items[:n], m, repeats)
-        ckpt = isolated(step_time, "diffmas", items[:n], m, repeats, True)
-        by_size[str(n)] = {"diffmas": diffmas, "sft_single": single, "diffmas_checkpointed": ckpt,
-                           "ratio_diffmas_over_single": diffmas["seconds_per_step"] / single["seconds_per_step"]}
-    return {"settings": {"examples_per_step": sizes, "latent_steps": m, "agents": 4, "repeats": repeats,
-                         "lora": "r=8, alpha=16, q/k/v/o", "task": "gsm8k train (worked solutions)",
-                         "model": "smollm2-135m"},
-            "by_batch": by_size, "targets": {"ratio_max": 3.0}}
+        row = result["by_batch"][str(n)] = {}
+        for key, method, checkpointing in (("diffmas", "diffmas", False), ("sft_single", "sft_single", False),
+                                           ("diffmas_checkpointed", "diffmas", True)):
+            row[key] = isolated(step_time, c.SETTINGS, method, items[:n], m, repeats, checkpointing)
+            if "sft_single" in row:
+                row["ratio_diffmas_over_single"] = row["diffmas"]["seconds_per_step"] / row["sft_single"]["seconds_per_step"]
+            c.write("training_step", result)
+    return result
 
 
 def main() -> None:
@@ -77,11 +81,11 @@ def main() -> None:
     p.add_argument("--latent-steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    c.add_model_args(p)
     args = p.parse_args()
-    c.setup(args.threads)
+    c.setup(args.threads, args)
     torch.manual_seed(0)
     result = run([int(x) for x in args.sizes.split(",")], args.latent_steps, args.repeats)
-    c.write("training_step", result)
     rows = [[n, k, f"{r[k]['seconds_per_step']:.2f}", f"{r[k]['trace_len']:.0f}", r[k]["target_tokens"],
              f"{r[k]['peak_memory_bytes'] / 2**20:.0f}", f"{r['ratio_diffmas_over_single']:.2f}x"]
             for n, r in result["by_batch"].items() for k in ("diffmas", "diffmas_checkpointed", "sft_single")]

@@ -34,12 +34,20 @@ def machine_line(result: dict) -> str:
             f"transformers {m['versions'].get('transformers')}, commit {m['git_commit']}._")
 
 
+def tagged(name: str) -> list[tuple[str, dict]]:
+    """Results of runs elsewhere (e.g. a GPU), written as <name>_<tag>.json."""
+    return [(p.stem.removeprefix(name + "_"), json.loads(p.read_text()))
+            for p in sorted(c.RESULTS.glob(f"{name}_*.json"))]
+
+
 def section_inference(r: dict) -> str:
     s = r["settings"]
+    split = all("generation_s" in m for m in r["methods"].values())
     rows = []
     for name, m in r["methods"].items():
         t = m["tokens_per_question"]
-        rows.append([name, f"{m['wall_s']:.1f}", f"{m['seconds_per_question']:.2f}", f"{t['prompt']:.0f}",
+        rows.append([name] + ([f"{m['generation_s']:.1f}"] if split else []) +
+                    [f"{m['wall_s']:.1f}", f"{m['seconds_per_question']:.2f}", f"{t['prompt']:.0f}",
                      f"{t['latent']:.0f}", f"{t['generated']:.0f}", f"{m['trace_bytes_mean'] / 2**20:.1f}",
                      f"{m['peak_memory_bytes'] / 2**20:.0f}", f"{m['correct']}/{s['questions']}"])
     agents = []
@@ -54,14 +62,20 @@ def section_inference(r: dict) -> str:
         f"{s['questions']} GSM8K test questions, {s['agents']} agents, m={s['latent_steps']}, greedy, batch "
         f"{s['batch_size']}, final agent ≤ {s['max_new_tokens']} new tokens, text_mas upstream agents ≤ "
         f"{s['upstream_max_new_tokens']} each; {s['model']} in {s['dtype']}.",
-        md_table(["method", "wall s", "s/question", "prompt tok/q", "latent steps/q", "generated tok/q",
-                  "trace MiB/q", "peak MiB", "correct"], rows),
+        ("Fixed-length decoding (random weights): every decoding agent writes exactly its token budget."
+         if s.get("fixed_lengths") else ""),
+        md_table(["method"] + (["generation s"] if split else []) + ["wall s", "s/question", "prompt tok/q",
+                 "latent steps/q", "generated tok/q", "trace MiB/q", "peak MiB", "correct"], rows),
+        ("_generation s_: the method alone (what the ratios compare); _wall s_: end to end, answer scoring "
+         "included, after one warm-up question per method." if split else
+         "_wall s_ is end to end: it includes answer scoring and, for the first method, warm-up (this result "
+         "predates the split into generation and scoring time; the ratios compare these wall times)."),
         md_table(["ratio (same run)", "value", "target", "verdict"], [
-            ["latent_mas / single (wall)", f"{ratio_ls:.2f}x", f"≤ {t['latent_over_single_max']}x",
+            ["latent_mas / single", f"{ratio_ls:.2f}x", f"≤ {t['latent_over_single_max']}x",
              verdict(ratio_ls <= t["latent_over_single_max"])],
-            ["text_mas / latent_mas (wall)", f"{ratio_tl:.2f}x", f"≥ {t['text_over_latent_min']}x",
+            ["text_mas / latent_mas", f"{ratio_tl:.2f}x", f"≥ {t['text_over_latent_min']}x",
              verdict(ratio_tl >= t["text_over_latent_min"])]]),
-        _why_inference(r),
+        _why_inference(r) if not s.get("random_weights") else _why_inference_gpu(r),
         "Tokens per agent (mean per question):",
         md_table(["method", "agent", "prompt", "latent steps", "generated"], agents),
         machine_line(r),
@@ -93,6 +107,17 @@ def _why_inference(r: dict) -> str:
             "with the upstream budget (reasoning models write thousands of tokens per agent), while SmolLM2's "
             "upstream messages are short.")
     return "\n\n".join(notes)
+
+
+def _why_inference_gpu(r: dict) -> str:
+    s, text = r["settings"], r["methods"]["text_mas"]
+    upstream_gen = sum(a["n_generated_tokens"] for a in list(text["tokens_per_agent"].values())[:-1])
+    if r["ratios"]["text_over_latent"] >= r["targets"]["text_over_latent_min"]:
+        return ""
+    return (f"text_mas's upstream agents wrote {upstream_gen:.0f} tokens per question here (budget "
+            f"{s['upstream_max_new_tokens']} each) against {r['methods']['latent_mas']['tokens_per_question']['latent']:.0f} "
+            "latent steps; its cost over latent_mas grows with that budget, which for reasoning models is "
+            "thousands of tokens per agent.")
 
 
 def section_batching(r: dict) -> str:
@@ -147,14 +172,14 @@ def section_training(r: dict) -> str:
              f"{b[k]['peak_memory_bytes'] / 2**20:.0f}"]
             for n, b in r["by_batch"].items() for k in ("diffmas", "diffmas_checkpointed", "sft_single") if k in b]
     ratios = [[n, f"{b['ratio_diffmas_over_single']:.2f}x", f"≤ {target}x", verdict(b["ratio_diffmas_over_single"] <= target)]
-              for n, b in r["by_batch"].items()]
+              for n, b in r["by_batch"].items() if "ratio_diffmas_over_single" in b]
     first = next(iter(r["by_batch"].values()))
-    why = ("" if all(b["ratio_diffmas_over_single"] <= target for b in r["by_batch"].values()) else
+    why = ("" if all(b.get("ratio_diffmas_over_single", 0) <= target for b in r["by_batch"].values()) else
            f"**Why the target is missed.** A DiffMAS step runs the upstream agents' prompts and "
            f"{s['latent_steps'] * (s['agents'] - 1)} latent steps with gradients: its trace is "
            f"{first['diffmas']['trace_len'] / first['sft_single']['trace_len']:.1f}x the final agent's own "
            "context, and the latent steps are sequential one-position forwards and backwards, which a CPU runs "
-           "far below its batched throughput. Larger batches amortise them (the ratio falls with examples per "
+           "(or a GPU, where each is bound by kernel launches) far below its batched throughput. Larger batches amortise them (the ratio falls with examples per "
            "step), but the extra positions are inherent to training through the trajectory.")
     return "\n\n".join([
         "## Training step: DiffMAS vs the final agent alone",
@@ -201,6 +226,23 @@ def section_trace(r: dict) -> str:
     ])
 
 
+def section_elsewhere() -> str:
+    """Runs on other machines (bench/gpu.sh): the same tables, one per result file."""
+    out = []
+    for name, render in (("step_cost", section_steps), ("inference_cost", section_inference),
+                         ("training_step", section_training), ("batching", section_batching)):
+        for tag, result in tagged(name):
+            body = render(result).split("\n", 1)[1]  # drop the CPU section's heading
+            out.append(f"### {name} — {tag}\n{body}")
+    if not out:
+        return ""
+    intro = ("## Other machines\n\nRun with `bash bench/gpu.sh TAG` (results `bench/results/<name>_<TAG>.json`). "
+             "`random:<shape>` models have the published config.json shape and random weights: their costs "
+             "(time, memory, trace bytes) are those of the real model, their outputs are meaningless, so they "
+             "decode fixed lengths and their accuracy columns mean nothing.")
+    return "\n\n".join([intro] + out)
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     parts = ["# Benchmarks",
@@ -211,6 +253,7 @@ def main() -> None:
                          ("trace_growth", section_trace)):
         result = load(name)
         parts.append(render(result) if result else f"## {name}\n\n_not run yet: `python bench/{name}.py`_")
+    parts.append(section_elsewhere())
     (DOCS / "benchmarks.md").write_text("\n\n".join(parts) + "\n")
     print(f"wrote {DOCS / 'benchmarks.md'}")
 

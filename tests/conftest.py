@@ -19,6 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# DIFFMAS_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (the library's device paths); CI: cpu.
+TEST_DEVICE = os.environ.get("DIFFMAS_TEST_DEVICE", "cpu")
 SHARED_DATA = Path(os.environ.get("DIFFMAS_DATA_DIR", REPO.parent / "shared" / "data"))
 
 CHAT_TEMPLATE = (
@@ -56,7 +58,7 @@ def make_model(tied: bool, seed: int = 0, vocab_size: int = 259):
         initializer_range=0.2,
         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    return LlamaForCausalLM(config).to(TEST_DEVICE).eval().requires_grad_(False)
 
 
 def make_backbone(tied: bool, seed: int = 0):

@@ -23,7 +23,7 @@ def test_single_agent_equals_plain_greedy_generate(backbone):
     method = get_method("single", backbone, config=config(new=10))
     result = method.run_batch([QUESTIONS[0]], format="Answer briefly.")[0]
     prompt = render_prompt(backbone.tokenizer, method.topology.final, QUESTIONS[0], "", "Answer briefly.")
-    ids = backbone.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = backbone.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(backbone.device)
     ref = backbone.model.generate(ids, max_new_tokens=10, do_sample=False,
                                   eos_token_id=backbone.eos_token_ids, pad_token_id=0)
     ref_ids = ref[0, ids.shape[1]:].tolist()
@@ -188,7 +188,7 @@ def test_option_likelihood_equals_manual_forward(backbone):
     ctx = tok("Question: Which is a fruit?\nAnswer:", add_special_tokens=False)["input_ids"]
     for option, got in zip(query.options, result.option_logprobs):
         cont = tok(option, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([ctx + cont])
+        ids = torch.tensor([ctx + cont], device=backbone.device)
         logp = backbone.model(ids).logits[0].float().log_softmax(-1)
         expected = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
         assert got == pytest.approx(expected, abs=1e-3)
@@ -228,6 +228,19 @@ def test_min_new_tokens_suppresses_eos(backbone):
     method.config.decode.min_new_tokens = 9
     result = method.run_batch([QUESTIONS[0]], "")[0]
     assert result.agents[0].n_generated_tokens == 9
+
+
+@torch.no_grad()
+def test_ignore_eos_gives_fixed_lengths_for_every_agent(backbone):
+    """Benchmark mode: every decoding agent (text_mas upstream too) writes exactly its budget."""
+    # half the byte vocabulary ends a message, so without ignore_eos messages end early
+    backbone.model.generation_config.eos_token_id = list(range(2, 131))
+    method = get_method("text_mas", backbone, config=config(new=7, upstream=5))
+    free = [[a.n_generated_tokens for a in r.agents] for r in method.run_batch(QUESTIONS, "")]
+    method.config.decode.ignore_eos = True
+    fixed = [[a.n_generated_tokens for a in r.agents] for r in method.run_batch(QUESTIONS, "")]
+    assert fixed == [[5, 5, 5, 7]] * len(QUESTIONS)
+    assert free != fixed
 
 
 @torch.no_grad()

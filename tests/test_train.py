@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_backbone
+from conftest import TEST_DEVICE, make_backbone
 from diffmas.backbone import BackboneError
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig, get_method
@@ -33,7 +33,7 @@ def qa_task(tmp_path):
 
 def config(task, **kw):
     base = dict(task=task, split="test", method="diffmas", latent_steps=2, n_agents=3, batch_size=4,
-                grad_accum=1, max_steps=4, learning_rate=5e-3, save_steps=2, device="cpu")
+                grad_accum=1, max_steps=4, learning_rate=5e-3, save_steps=2, device=TEST_DEVICE)
     return TrainConfig(**{**base, **kw})
 
 
@@ -161,7 +161,7 @@ def test_saved_adapter_reloads_with_identical_outputs(qa_task, tmp_path, adapter
     else:
         assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
         plain = PeftModel.from_pretrained(make_backbone(False).model, tmp_path / "ad")  # a standard peft dir
-        ids = torch.tensor([[5, 6, 7, 8]])
+        ids = torch.tensor([[5, 6, 7, 8]], device=fresh.device)
         with torch.no_grad():
             assert torch.allclose(plain(ids).logits, fresh.model(ids).logits, atol=1e-6)
     meta = json.loads((tmp_path / "ad" / "diffmas_config.json").read_text())

@@ -27,6 +27,9 @@ class DecodeConfig:
     top_p: float = 1.0  # nucleus sampling mass (sampling only)
     seed: int = 0  # base seed; row seeds are derived from it by the caller
     entropy_top_k: int = 25  # decoding-stability statistic: entropy over the top-k tokens
+    # Benchmarking: suppress end-of-sequence so every row decodes exactly max_new_tokens (vLLM's
+    # ignore_eos). Makes costs comparable across models, e.g. randomly initialised ones.
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -76,7 +79,7 @@ def decode(
     unfinished = torch.ones(batch, dtype=torch.bool, device=last_hidden.device)
     logits = bb.logits(last_hidden)  # (B, V)
     for step in range(config.max_new_tokens):
-        if step < config.min_new_tokens:
+        if config.ignore_eos or step < config.min_new_tokens:
             logits = logits.index_fill(1, eos, float("-inf"))
         next_ids = pick(logits)  # (B,)
         _record(logits, next_ids, unfinished, out_ids, logprobs, entropies, config.entropy_top_k)
