@@ -111,6 +111,101 @@ def paired_section(runs: dict) -> str:
     ])
 
 
+def diagnostics_section(runs: dict) -> str:
+    """Why the accuracies are what they are: answer format vs choice, read off the records."""
+    rows = []
+    for name, run in runs.items():
+        d = _diagnostics(run)
+        rows.append([LABELS[name], pct(d["with_letter"]), pct(d["acc_given_letter"]),
+                     f"{d['top_letter']} ({pct(d['top_share'])})", pct(run.summary["chance"])])
+    return "\n\n".join([
+        "## Diagnostics: format or knowledge?",
+        "Share of generated answers from which a choice could be extracted, accuracy among those, and the "
+        "most frequent extracted choice (its share of extracted answers): a model that only learned the "
+        "format answers every question with a letter but is right at chance, often favouring one letter.",
+        table(["method", "answers with a choice %", "accuracy when a choice is given %",
+               "most frequent choice", "chance %"], rows),
+    ])
+
+
+def _diagnostics(run) -> dict:
+    recs = [r for r in run.records if r.get("status") == "ok"]
+    given = [r for r in recs if r.get("extracted")]
+    letters = {}
+    for r in given:
+        letters[r["extracted"]] = letters.get(r["extracted"], 0) + 1
+    top = max(letters, key=letters.get) if letters else "—"
+    return {"with_letter": len(given) / len(recs) if recs else None,
+            "acc_given_letter": sum(bool(r["correct"]) for r in given) / len(given) if given else None,
+            "top_letter": top, "top_share": letters[top] / len(given) if given else None}
+
+
+def findings_section(runs: dict) -> str:
+    """The answer to the study's question, stated from the numbers (nothing typed by hand)."""
+    from diffmas.evaluate.compare import compare_runs
+
+    if "diffmas" not in runs:
+        return ""
+    others = [n for n in ("single_sft", "text_mas_sft", "latent_mas", "single", "text_mas") if n in runs]
+    cmp = compare_runs([runs["diffmas"]] + [runs[n] for n in others], baseline=0)
+    lines = []
+    for name, r in zip(others, cmp["runs"][1:]):
+        delta, lo, hi = -r["delta"], -r["delta_ci"][1], -r["delta_ci"][0]
+        verdict = ("better" if lo > 0 else "worse" if hi < 0 else "not distinguishable")
+        lines.append(f"- DiffMAS vs {LABELS[name]}: {100 * delta:+.1f} points of generated-answer accuracy "
+                     f"(95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}; McNemar p = {r['p_value']:.3f}) — {verdict}.")
+    s = runs["diffmas"].summary
+    chance = s["chance"]
+    above = s["accuracy_ci"][0] > chance
+    fair = next((line for line in lines if "single + SFT" in line), "")
+    helps = "— better" in fair
+    head = ("**Trained latent communication helps at this scale:** DiffMAS beats single + SFT at equal training "
+            "budget." if helps else
+            "**At this scale, trained latent communication does not measurably help.** DiffMAS is not better "
+            "than the single agent fine-tuned on the same examples, steps and LoRA budget.")
+    chance_line = (f"DiffMAS's generated-answer accuracy {pct(s['accuracy'], s['accuracy_ci'])} % is "
+                   f"{'above' if above else 'not above'} chance ({pct(chance)} %).")
+    why = _why(runs)
+    note = ("Better / worse: the paired bootstrap 95 % CI over questions excludes zero (all k samples); McNemar "
+            "uses the first sample of each question only, so it can disagree near the edge.")
+    return "\n\n".join(["## Findings", head, chance_line, "\n".join(lines), note, why])
+
+
+def _why(runs: dict) -> str:
+    """What the records say about why: answer format vs knowledge, and what the trace does to it."""
+    diag = {n: _diagnostics(r) for n, r in runs.items()}
+    trained = [n for n in ("diffmas", "single_sft", "text_mas_sft") if n in diag]
+    untrained = [n for n in ("single", "text_mas", "latent_mas") if n in diag]
+    if not trained or not untrained:
+        return ""
+    fmt = lambda names, key: ", ".join(f"{LABELS[n]} {pct(diag[n][key])} %" for n in names)
+    opt = {n: r.summary["option_accuracy"] for n, r in runs.items() if r.summary.get("option_accuracy") is not None}
+    best = max(opt, key=opt.get)
+    return "\n\n".join([
+        "**Why.** Training taught the answer format, not the knowledge: the trained methods give a choice in "
+        f"{fmt(trained, 'with_letter')} of answers (untrained: {fmt(untrained, 'with_letter')}), but when they "
+        f"give one they are right {fmt(trained, 'acc_given_letter')} of the time — at chance "
+        f"({pct(runs['diffmas'].summary['chance'])} %).",
+        "The knowledge the model has shows in option likelihood, which needs no answer format: it is highest "
+        f"for {LABELS[best]} ({pct(opt[best])} %); the others: "
+        f"{', '.join(f'{LABELS[n]} {pct(opt[n])} %' for n in opt if n != best)}." + _option_story(opt),
+    ])
+
+
+def _option_story(opt: dict) -> str:
+    single = opt.get("single")
+    if single is None:
+        return ""
+    traced = [n for n in ("text_mas", "latent_mas", "text_mas_sft", "diffmas") if n in opt]
+    parts = []
+    if traced and all(opt[n] < single for n in traced):
+        parts.append("every upstream trace, text or latent, placed before the question lowers it")
+    if "single_sft" in opt and opt["single_sft"] < single:
+        parts.append("so does an adapter trained on the answer format alone")
+    return (" " + "; ".join(parts).capitalize() + ": at 135M parameters the extra context is noise to the "
+            "final agent, not a message it can use.") if parts else ""
+
+
 def _option_correct(run) -> dict:
     out = {}
     for r in run.records:
@@ -157,8 +252,9 @@ def main() -> None:
         "# Results: does trained latent communication help at this scale?",
         "Produced by `python study/run_study.py` then `python study/write_results.py` (both resumable; "
         "per-sample records under `results/study/`). Every number below is computed from those files.",
-        settings_section(settings), training_section(), results_section(runs) if runs else "_no evaluations yet_",
-        paired_section(runs), sweep_section(settings),
+        findings_section(runs), settings_section(settings), training_section(),
+        results_section(runs) if runs else "_no evaluations yet_", paired_section(runs),
+        diagnostics_section(runs) if runs else "", sweep_section(settings),
     ]
     discussion = DOCS / "results_discussion.md"
     if discussion.is_file():

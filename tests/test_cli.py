@@ -50,6 +50,8 @@ def test_run_prints_answer_and_cost_table(tiny_model_dir):
     (["run", "q", "--model", "/no/such/model"], "error: model path '/no/such/model' is not a model directory"),
     (["run", "q", "--method", "latentmas"], "error: unknown method 'latentmas' (did you mean 'latent_mas'?)"),
     (["run", "q", "--topology", "star"], "error: unknown topology 'star'"),
+    (["run", "q", "--chat-template-kwargs", "{enable_thinking: no}"], "error: --chat-template-kwargs is not valid JSON"),
+    (["run", "q", "--chat-template-kwargs", "[1]"], "error: --chat-template-kwargs must be a JSON object"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     proc = cli(*args)
@@ -75,3 +77,21 @@ def test_env_block():
     assert proc.returncode == 0
     for key in ("torch:", "transformers:", "device:", "default dtype:", "DIFFMAS_HOME:"):
         assert key in proc.stdout
+
+
+def test_run_with_a_trained_adapter(tiny_model_dir, tmp_path):
+    """`diffmas train` then `diffmas run --adapter`: the adapter is loaded and changes the answer."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Question {i}?", "answer": "yes"}) + "\n"
+                            for i in range(4)))
+    proc = cli("train", "--task", f"jsonl:{data}?type=math", "--split", "test", "--model", str(tiny_model_dir),
+               "--agents", "2", "--latent-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "3",
+               "--lr", "0.05", "--device", "cpu", "--out", str(tmp_path / "ad"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["run", "Question 1?", "--model", str(tiny_model_dir), "--agents", "2", "--latent-steps", "1",
+            "--max-new-tokens", "4", "--json"]
+    plain, tuned = cli(*args), cli(*args, "--adapter", str(tmp_path / "ad"))
+    assert plain.returncode == 0 and tuned.returncode == 0, tuned.stderr[-2000:]
+    plain, tuned = json.loads(plain.stdout), json.loads(tuned.stdout)
+    assert tuned["adapter"] == str(tmp_path / "ad") and plain["adapter"] is None
+    assert tuned["text"] != plain["text"]

@@ -294,3 +294,16 @@ def test_greedy_upstream_text_is_shared_by_samples(untied_backbone):
     assert calls == [1]
     assert len({tuple(a.text for a in r.agents[:-1]) for r in results}) == 1  # same upstream messages
     assert len({r.text for r in results}) > 1
+
+
+@torch.no_grad()
+def test_chat_kwargs_reach_the_template(tied_backbone):
+    """MethodConfig.chat_kwargs (e.g. Qwen3's enable_thinking) is passed to every agent's chat template."""
+    tok = tied_backbone.tokenizer
+    tok.chat_template += "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    plain = get_method("latent_mas", tied_backbone, config=config(m=1, new=2)).run_batch([QUESTIONS[0]], "")[0]
+    cfg = config(m=1, new=2)
+    cfg.chat_kwargs = {"enable_thinking": False}
+    off = get_method("latent_mas", tied_backbone, config=cfg).run_batch([QUESTIONS[0]], "")[0]
+    extra = len(tok("<think></think>", add_special_tokens=False)["input_ids"])
+    assert [b.n_prompt_tokens - a.n_prompt_tokens for a, b in zip(plain.agents, off.agents)] == [extra] * 4

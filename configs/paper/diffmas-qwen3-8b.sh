@@ -15,12 +15,15 @@ MODEL=${MODEL:-Qwen/Qwen3-8B}
 TRAIN_TASK=${TRAIN_TASK:?set TRAIN_TASK, e.g. "jsonl:data/math_train.jsonl?type=math&question=problem"}
 NGPU=${NGPU:-8}
 OUT=${OUT:-adapters/qwen3-8b-diffmas-m10}
+# Qwen3's chat template thinks by default; CHAT_KWARGS='{"enable_thinking": false}' switches it off.
+# The same value goes to training and every evaluation (an adapter should be read as it was trained).
+CHAT=(${CHAT_KWARGS:+--chat-template-kwargs "$CHAT_KWARGS"})
 # GPQA-Diamond: put the official password-protected dataset.zip in --data-dir or $DIFFMAS_DATA_DIR;
 # it is unpacked into the user cache at run time, never into the repository.
 
 # Qwen3 reasoning models: bf16 on GPU (dtype auto), long targets.
 accelerate launch --multi_gpu --num_processes "$NGPU" -m diffmas train \
-  --task "$TRAIN_TASK" --method diffmas --model "$MODEL" --out "$OUT" \
+  --task "$TRAIN_TASK" --method diffmas --model "$MODEL" --out "$OUT" "${CHAT[@]}" \
   --latent-steps 10 --adapters shared --upstream-grad full \
   --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj \
   --lr 5e-5 --batch-size 1 --grad-accum $((64 / NGPU)) --epochs 1 --max-target-tokens 4096 --save-steps 50
@@ -28,11 +31,11 @@ accelerate launch --multi_gpu --num_processes "$NGPU" -m diffmas train \
 # Evaluation: the baseline and the trained channel, k=4 samples (self-consistency), sharded over GPUs.
 for METHOD in single text_mas latent_mas; do
   accelerate launch --multi_gpu --num_processes "$NGPU" -m diffmas eval --task "$TASK" --method "$METHOD" \
-    --model "$MODEL" --latent-steps 10 --samples 4 --temperature 0.6 --top-p 0.95 \
+    --model "$MODEL" "${CHAT[@]}" --latent-steps 10 --samples 4 --temperature 0.6 --top-p 0.95 \
     --max-new-tokens 16384 --batch-size 4 --out "runs/qwen3-8b-$TASK-$METHOD"
 done
 accelerate launch --multi_gpu --num_processes "$NGPU" -m diffmas eval --task "$TASK" --method diffmas \
-  --adapter "$OUT" --model "$MODEL" --latent-steps 10 --samples 4 --temperature 0.6 --top-p 0.95 \
+  --adapter "$OUT" --model "$MODEL" "${CHAT[@]}" --latent-steps 10 --samples 4 --temperature 0.6 --top-p 0.95 \
   --max-new-tokens 16384 --batch-size 4 --out "runs/qwen3-8b-$TASK-diffmas"
 diffmas compare runs/qwen3-8b-"$TASK"-{single,text_mas,latent_mas,diffmas}
 diffmas report runs/qwen3-8b-"$TASK"-* --out "runs/qwen3-8b-$TASK-report"

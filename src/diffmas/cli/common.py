@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -34,6 +35,8 @@ UpstreamTemperatureOpt = typer.Option(None, "--upstream-temperature",
                                       help="text_mas upstream agents (default: --temperature); 0 = greedy, "
                                       "shared by the k samples of a question.")
 TopPOpt = typer.Option(1.0, "--top-p")
+ChatKwargsOpt = typer.Option(None, "--chat-template-kwargs",
+                             help='JSON object for the chat template, e.g. \'{"enable_thinking": false}\' (Qwen3).')
 SeedOpt = typer.Option(0)
 
 # Options of the commands that write run directories (eval, sweep); `eval_config` turns them into an EvalConfig.
@@ -65,14 +68,29 @@ def build_topology(kind: str, n_agents: Optional[int], roles: Optional[Path]) ->
     return default_topology(kind, n_agents)  # type: ignore[arg-type]
 
 
+def parse_chat_kwargs(text: Optional[str]) -> dict:
+    """--chat-template-kwargs: a JSON object, or one clear error."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MethodError(f"--chat-template-kwargs is not valid JSON ({exc.msg}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise MethodError(f"--chat-template-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
 def build_config(latent_steps: int, max_new_tokens: int, upstream_max_new_tokens: int,
                  temperature: float, top_p: float, seed: int,
-                 upstream_temperature: Optional[float] = None) -> MethodConfig:
+                 upstream_temperature: Optional[float] = None,
+                 chat_template_kwargs: Optional[str] = None) -> MethodConfig:
     return MethodConfig(
         latent_steps=latent_steps,
         decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
         upstream_max_new_tokens=upstream_max_new_tokens,
         upstream_temperature=upstream_temperature,
+        chat_kwargs=parse_chat_kwargs(chat_template_kwargs),
     )
 
 
@@ -81,7 +99,8 @@ def eval_config(*, task: str, method: str, split: str, model: str, limit: Option
                 agents: Optional[int], roles: Optional[Path], adapter: Optional[Path], option_likelihood: bool,
                 data_dir: Optional[Path], dtype: str, device: str, latent_steps: int, max_new_tokens: int,
                 upstream_max_new_tokens: int, temperature: float, top_p: float,
-                upstream_temperature: Optional[float] = None) -> EvalConfig:
+                upstream_temperature: Optional[float] = None,
+                chat_template_kwargs: Optional[str] = None) -> EvalConfig:
     """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
     from diffmas.evaluate.runner import EvalConfig
 
@@ -92,7 +111,7 @@ def eval_config(*, task: str, method: str, split: str, model: str, limit: Option
         option_likelihood=option_likelihood, data_dir=str(data_dir) if data_dir else None,
         dtype=dtype, device=device,
         method_config=build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
-                                   upstream_temperature),
+                                   upstream_temperature, chat_template_kwargs),
     )
 
 

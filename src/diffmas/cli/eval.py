@@ -35,6 +35,7 @@ def eval_(
     temperature: float = c.TemperatureOpt,
     upstream_temperature: Optional[float] = c.UpstreamTemperatureOpt,
     top_p: float = c.TopPOpt,
+    chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,

@@ -25,7 +25,10 @@ def run(
     max_new_tokens: int = c.MaxNewOpt,
     upstream_max_new_tokens: int = c.UpstreamNewOpt,
     temperature: float = c.TemperatureOpt,
+    upstream_temperature: Optional[float] = c.UpstreamTemperatureOpt,
     top_p: float = c.TopPOpt,
+    chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
+    adapter: Optional[Path] = c.AdapterOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
@@ -37,11 +40,18 @@ def run(
 
     c.check_methods([method])
     topo = c.build_topology(topology, agents, roles)
-    config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed)
+    config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
+                            upstream_temperature, chat_template_kwargs)
     backbone = load_backbone(model, dtype=dtype, device=device)
-    result = get_method(method, backbone, topo, config).run_batch([question], format=format)[0]
+    adapters = None
+    if adapter:
+        from diffmas.train.adapters import attach_adapter
+
+        adapters = attach_adapter(backbone, adapter, topo)
+    result = get_method(method, backbone, topo, config, adapters).run_batch([question], format=format)[0]
     if as_json:
-        record = {"question": question, "model": model, "topology": topo.to_dict(),
+        record = {"question": question, "model": model, "adapter": str(adapter) if adapter else None,
+                  "topology": topo.to_dict(),
                   "config": config.to_dict(), **result.to_dict()}
         print(json.dumps(record, indent=2))
         return

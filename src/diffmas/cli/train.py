@@ -44,6 +44,7 @@ def train(
     save_steps: int = typer.Option(50, "--save-steps"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
                                                 help="Recompute trace chunks in backward (less memory)."),
+    chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
@@ -60,7 +61,7 @@ def train(
         lora_dropout=lora_dropout, target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
         learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, epochs=epochs,
         warmup_ratio=warmup, max_target_tokens=max_target_tokens, save_steps=save_steps, seed=seed,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, chat_kwargs=c.parse_chat_kwargs(chat_template_kwargs),
         dtype=dtype, device=device,
     )
     summary = run_training(config, out)

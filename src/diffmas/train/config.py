@@ -33,6 +33,7 @@ class TrainConfig:
     adapters: Literal["shared", "per-role"] = "shared"  # one LoRA for all agents, or one per role
     upstream_grad: Literal["full", "none"] = "full"  # backprop through upstream agents, or stop-gradient
     upstream_max_new_tokens: int = 256  # sft_text_mas: the frozen model's upstream text budget
+    chat_kwargs: dict = field(default_factory=dict)  # chat-template args (e.g. enable_thinking); eval must match
     # -- LoRA (paper: r=8, alpha=16)
     lora_r: int = 8
     lora_alpha: int = 16

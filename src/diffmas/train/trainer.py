@@ -130,11 +130,12 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     items = load_items(config)
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once
         frozen = get_method("text_mas", backbone, topology, MethodConfig(
-            upstream_max_new_tokens=config.upstream_max_new_tokens))
+            upstream_max_new_tokens=config.upstream_max_new_tokens, chat_kwargs=config.chat_kwargs))
         attach_text_contexts(items, frozen, out / "text_mas_contexts.jsonl", batch_size=max(config.batch_size, 4))
     mapping = add_trainable_adapters(backbone, config, topology)
     infer = "latent_mas" if config.method == "diffmas" else "single"
-    method = get_method(infer, backbone, topology, MethodConfig(latent_steps=config.latent_steps), mapping)
+    method = get_method(infer, backbone, topology,
+                        MethodConfig(latent_steps=config.latent_steps, chat_kwargs=config.chat_kwargs), mapping)
     model = TrajectoryModel(method, config.method, config.upstream_grad, config.max_target_tokens)
     model.train()
 
@@ -203,7 +204,8 @@ def _check_or_write_config(out: Path, config: TrainConfig) -> None:
     path = out / TRAIN_CONFIG
     wanted = config.to_dict()
     if path.is_file():
-        saved = json.loads(path.read_text())
+        # a setting added after the run was saved counts as its default (older runs stay resumable)
+        saved = {**_defaults(config), **json.loads(path.read_text())}
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         if diff:
             raise TrainRunConflictError(f"{out} holds a training run with other settings ({', '.join(diff)}); "
@@ -211,6 +213,14 @@ def _check_or_write_config(out: Path, config: TrainConfig) -> None:
         return
     if int(os.environ.get("RANK", "0")) == 0:
         path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def _defaults(config: TrainConfig) -> dict:
+    import dataclasses
+
+    return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
