@@ -2,7 +2,7 @@
 
 One command (resumable: rerun it to continue after an interruption):
 
-    python study/run_study.py                 # train 3 adapters, 6 evaluations, the m sweep
+    python study/run_study.py --streams 2     # train 3 adapters, 6 evaluations, the m sweep
     python study/write_results.py             # docs/results.md from the run directories
 
 Design (CPU-calibrated; the paper's recipe is in configs/paper/):
@@ -133,11 +133,40 @@ def sweep(s: StudySettings) -> None:
         evaluate(config, out, method=method)
 
 
+# `--streams 2`: the study as two single-threaded processes on a 2-core machine (how it was measured).
+# Each stream is a list of stages run in order; trained evaluations wait for their training stream.
+STREAMS = [
+    [["--stage", "train", "--only", "diffmas"], ["--stage", "eval", "--only", "diffmas,single_sft"],
+     ["--stage", "sweep"]],
+    [["--stage", "train", "--only", "sft_single,sft_text_mas"], ["--stage", "eval", "--only", "single,text_mas"],
+     ["--stage", "eval", "--only", "latent_mas,text_mas_sft"]],
+]
+
+
+def run_streams() -> None:
+    """Run the two streams side by side (1 thread each); all training ends before any evaluation."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def chain(stages):
+        for args in stages:
+            subprocess.run([sys.executable, __file__, *args, "--threads", "1"], env=env, check=True)
+
+    with ThreadPoolExecutor(len(STREAMS)) as pool:  # every adapter exists before its evaluation
+        list(pool.map(chain, [stream[:1] for stream in STREAMS]))
+    with ThreadPoolExecutor(len(STREAMS)) as pool:
+        list(pool.map(chain, [stream[1:] for stream in STREAMS]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["all", "train", "eval", "sweep"], default="all")
     p.add_argument("--only", default="", help="Comma-separated names of the trainings/evaluations to run.")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--streams", type=int, choices=[1, 2], default=1,
+                   help="2: run the stages as two single-threaded processes side by side (2-core machines).")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     shared = REPO.parent / "shared" / "data"
@@ -150,6 +179,8 @@ def main() -> None:
     s = StudySettings()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "settings.json").write_text(json.dumps(asdict(s), indent=2) + "\n")
+    if args.streams == 2:
+        return run_streams()
     only = {x for x in args.only.split(",") if x} or None
     if args.stage in ("all", "train"):
         train_all(s, only)

@@ -15,7 +15,7 @@ DOCS = REPO / "docs"
 IMG = DOCS / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_study import EVALS, TRAINED  # noqa: E402
+from run_study import EVALS, STREAMS, TRAINED  # noqa: E402
 
 LABELS = {"single": "single", "single_sft": "single + SFT", "text_mas": "text_mas", "text_mas_sft": "text_mas + SFT",
           "latent_mas": "latent_mas", "diffmas": "DiffMAS"}
@@ -239,6 +239,48 @@ def sweep_section(settings: dict) -> str:
     ])
 
 
+def cost_section(runs: dict, settings: dict) -> str:
+    """What the study cost on this machine: training time plus generation time of every evaluation,
+    per stream of `run_study.py --streams 2` (the streams run side by side)."""
+    stream_of = {}
+    for i, stream in enumerate(STREAMS):
+        for args in stream:
+            names = args[args.index("--only") + 1].split(",") if "--only" in args else ["sweep"]
+            stream_of.update({(args[1], n): i for n in names})
+    rows, totals, train = [], [0.0] * len(STREAMS), [0.0] * len(STREAMS)
+    for name in TRAINED:
+        path = STUDY / "adapters" / name / "training_summary.json"
+        if path.is_file():
+            minutes = json.loads(path.read_text())["train_seconds"] / 60
+            i = stream_of[("train", name)]
+            rows.append([f"train {name}", i + 1, f"{minutes:.1f}"])
+            totals[i] += minutes
+            train[i] += minutes
+    sweeps = load_runs(STUDY / "sweep", [f"m{m}" for m in settings["sweep"]])
+    stages = [(f"eval {n}", ("eval", n), r) for n, r in runs.items()] + \
+             [(f"sweep {n}", ("sweep", "sweep"), r) for n, r in sweeps.items()]
+    for label, key, run in stages:
+        minutes, i = _generation_minutes(run), stream_of[key]
+        rows.append([label, i + 1, f"{minutes:.1f}"])
+        totals[i] += minutes
+    rows += [[f"**stream {i + 1} total**", i + 1, f"**{t:.1f}**"] for i, t in enumerate(totals)]
+    # all training ends before any evaluation starts: wall clock = longest training + longest evaluation
+    wall = max(train) + max(t - tr for t, tr in zip(totals, train))
+    return "\n\n".join([
+        "## What the study cost",
+        "Minutes of training and of generation (each record's share of its batch's time; model loading and "
+        "scoring excluded), measured on the machine that ran it: 2 CPU cores, the two streams of "
+        "`run_study.py --streams 2` side by side, one thread each. All training ends before evaluation starts, "
+        f"so the wall-clock time is the longest training plus the longest evaluation stream: about "
+        f"{wall / 60:.1f} hours against the 2-hour target.",
+        table(["stage", "stream", "minutes"], rows),
+    ])
+
+
+def _generation_minutes(run) -> float:
+    return sum(r["wall_s"] / r["batch_size"] for r in run.records if r.get("status") == "ok") / 60
+
+
 def settings_section(settings: dict) -> str:
     rows = [[k, v] for k, v in settings.items()]
     return "\n\n".join(["## Settings", table(["setting", "value"], rows)])
@@ -254,7 +296,7 @@ def main() -> None:
         "per-sample records under `results/study/`). Every number below is computed from those files.",
         findings_section(runs), settings_section(settings), training_section(),
         results_section(runs) if runs else "_no evaluations yet_", paired_section(runs),
-        diagnostics_section(runs) if runs else "", sweep_section(settings),
+        diagnostics_section(runs) if runs else "", sweep_section(settings), cost_section(runs, settings),
     ]
     discussion = DOCS / "results_discussion.md"
     if discussion.is_file():
