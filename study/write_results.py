@@ -243,17 +243,20 @@ def cost_section(runs: dict, settings: dict) -> str:
     """What the study cost on this machine: training time plus generation time of every evaluation,
     per stream of `run_study.py --streams 2` (the streams run side by side)."""
     stream_of = {}
-    for i, stream in enumerate(STREAMS):
-        for args in stream:
+    for i, (trains, evals) in enumerate(STREAMS):
+        for args in trains + evals:
             names = args[args.index("--only") + 1].split(",") if "--only" in args else ["sweep"]
             stream_of.update({(args[1], n): i for n in names})
     rows, totals, train = [], [0.0] * len(STREAMS), [0.0] * len(STREAMS)
     for name in TRAINED:
         path = STUDY / "adapters" / name / "training_summary.json"
         if path.is_file():
-            minutes = json.loads(path.read_text())["train_seconds"] / 60
+            summary = json.loads(path.read_text())
+            minutes = (summary["train_seconds"] + summary.get("upstream_text_seconds", 0)) / 60
             i = stream_of[("train", name)]
-            rows.append([f"train {name}", i + 1, f"{minutes:.1f}"])
+            unknown = name == "sft_text_mas" and "upstream_text_seconds" not in summary
+            rows.append([f"train {name}" + (" (its upstream texts: not recorded)" if unknown else ""), i + 1,
+                         f"{minutes:.1f}"])
             totals[i] += minutes
             train[i] += minutes
     sweeps = load_runs(STUDY / "sweep", [f"m{m}" for m in settings["sweep"]])

@@ -128,10 +128,12 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     backbone.gradient_checkpointing = config.gradient_checkpointing
     topology = load_topology(config.roles) if config.roles else default_topology(config.topology, config.n_agents)
     items = load_items(config)
-    if config.method == "sft_text_mas":  # the frozen model writes the upstream text once
+    context_start = time.perf_counter()
+    if config.method == "sft_text_mas":  # the frozen model writes the upstream text once (cached on disk)
         frozen = get_method("text_mas", backbone, topology, MethodConfig(
             upstream_max_new_tokens=config.upstream_max_new_tokens, chat_kwargs=config.chat_kwargs))
         attach_text_contexts(items, frozen, out / "text_mas_contexts.jsonl", batch_size=max(config.batch_size, 4))
+    context_seconds = time.perf_counter() - context_start
     mapping = add_trainable_adapters(backbone, config, topology)
     infer = "latent_mas" if config.method == "diffmas" else "single"
     method = get_method(infer, backbone, topology,
@@ -159,6 +161,8 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     summary = {
         "method": config.method, "examples": len(items), "steps": trainer.state.global_step,
         "resumed_from": str(last) if last else None, "train_seconds": round(wall, 2),
+        # sft_text_mas: writing the upstream texts in this run (not counted in train_seconds; 0 when cached)
+        "upstream_text_seconds": round(context_seconds, 2),
         "seconds_per_step": round(wall / max(trainer.state.global_step - _step_of(last), 1), 3),
         "peak_memory_bytes": memory.peak_bytes, "final_loss": result.training_loss,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
