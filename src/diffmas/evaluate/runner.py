@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -213,7 +214,10 @@ def _distributed():
 
     # cpu=True without a GPU: otherwise accelerate ignores WORLD_SIZE on a CPU-only machine, every
     # process believes it is alone and each one evaluates every question into samples.jsonl.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # The barrier after the shards waits for the slowest one: with long generations that is hours,
+    # far beyond the process group's default timeout (NCCL 10 min, gloo 30 min).
+    hours = float(os.environ.get("DIFFMAS_SHARD_WAIT_HOURS", "48"))
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=hours))
     if state.num_processes != world:
         raise DiffmasError(f"WORLD_SIZE is {world} but accelerate set up {state.num_processes} process(es) "
                            f"({state.distributed_type}); launch with torchrun or `accelerate launch`")
