@@ -198,10 +198,27 @@ def test_changed_setting_conflicts_but_batch_size_does_not(reference, model_dir,
     with pytest.raises(RunConflictError) as info:
         evaluate(changed, reference, progress=False)
     message = str(info.value)
-    assert str(reference) in message and "method_config" in message and "--out" in message
+    assert str(reference) in message and "--out" in message
+    assert "method_config.latent_steps: " in message and "-> 3" in message  # the nested setting, both values
     # batch size alone is no conflict (and a finished run needs no model)
     summary = evaluate(replace(choice_config(model_dir, data), batch_size=7), reference, progress=False)
     assert summary["n_records"] == N_CHOICE
+
+
+def test_run_saved_before_a_setting_existed_still_resumes(reference, model_dir, data, tmp_path):
+    """A setting added in a later version (absent from an old config.json) counts as its default."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    saved = read_json(old / "config.json")
+    del saved["eval"]["method_config"]["decode"]["ignore_eos"], saved["eval"]["method_config"]["chat_kwargs"]
+    (old / "config.json").write_text(json.dumps(saved))
+    assert evaluate(choice_config(model_dir, data), old, progress=False)["n_records"] == N_CHOICE
+    config = choice_config(model_dir, data)
+    changed = replace(config, method_config=replace(config.method_config, chat_kwargs={"x": 1}))
+    with pytest.raises(RunConflictError, match=r"settings \(method_config.chat_kwargs.x: None -> 1\)"):
+        evaluate(changed, old, progress=False)
 
 
 @pytest.mark.parametrize("bad_line, problem", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 import subprocess
@@ -41,3 +42,30 @@ def device_description() -> str:
         name = torch.cuda.get_device_name(0)
         return f"cuda ({torch.cuda.device_count()}x {name}, CUDA {torch.version.cuda})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def dataclass_defaults(cls) -> dict:
+    """Default values of a config dataclass's fields, nested configs as dicts."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def config_diff(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Settings (dotted names, with both values) in which a saved run's config differs from the
+    wanted one. A setting absent from the saved config (added in a later version) counts as its
+    default: the older run ran with it, so it stays resumable."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        old, new = saved.get(key, default), wanted.get(key, default)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_diff(old, new, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out

@@ -22,7 +22,7 @@ from typing import Callable
 from diffmas.backbone import DEFAULT_MODEL
 from diffmas.errors import DiffmasError
 from diffmas.methods import MethodConfig
-from diffmas.provenance import git_commit, package_versions
+from diffmas.provenance import config_diff, dataclass_defaults, git_commit, package_versions
 
 SAMPLES = "samples.jsonl"
 CONFIG = "config.json"
@@ -98,10 +98,10 @@ def _check_or_write_config(out: Path, config: EvalConfig, is_main: bool) -> None
     if path.is_file():
         saved = json.loads(path.read_text()).get("eval", {})
         saved = {k: v for k, v in saved.items() if k not in RUNTIME_ONLY}
-        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        diff = config_diff(saved, wanted, dataclass_defaults(EvalConfig))
         if diff:
             raise RunConflictError(
-                f"{out} holds a run with other settings ({', '.join(diff)}); "
+                f"{out} holds a run with other settings ({'; '.join(diff)}); "
                 "resume with the same settings or choose another --out")
         return
     if is_main:

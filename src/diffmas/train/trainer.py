@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from diffmas.accounting import MemoryMeter
 from diffmas.errors import DiffmasError
+from diffmas.provenance import config_diff, dataclass_defaults
 from diffmas.train.adapters import load_adapter_weights, write_metadata
 from diffmas.train.config import TrainConfig
 
@@ -208,23 +209,13 @@ def _check_or_write_config(out: Path, config: TrainConfig) -> None:
     path = out / TRAIN_CONFIG
     wanted = config.to_dict()
     if path.is_file():
-        # a setting added after the run was saved counts as its default (older runs stay resumable)
-        saved = {**_defaults(config), **json.loads(path.read_text())}
-        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        diff = config_diff(json.loads(path.read_text()), wanted, dataclass_defaults(TrainConfig))
         if diff:
-            raise TrainRunConflictError(f"{out} holds a training run with other settings ({', '.join(diff)}); "
+            raise TrainRunConflictError(f"{out} holds a training run with other settings ({'; '.join(diff)}); "
                                         "resume with the same settings or choose another --out")
         return
     if int(os.environ.get("RANK", "0")) == 0:
         path.write_text(json.dumps(wanted, indent=2) + "\n")
-
-
-def _defaults(config: TrainConfig) -> dict:
-    import dataclasses
-
-    return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-            for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
-            or f.default_factory is not dataclasses.MISSING}
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
