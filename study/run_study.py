@@ -13,7 +13,8 @@ Design (CPU-calibrated; the paper's recipe is in configs/paper/):
 - evaluation on the same 200 test questions, k samples at temperature 0.6 / top-p 0.95, for
   single, single+SFT, text_mas, text_mas+SFT, latent_mas and diffmas; generated-answer accuracy
   and option-likelihood accuracy under the final agent (through the trace);
-- a latent-steps sweep for diffmas at evaluation (trained at m=10), greedy.
+- a latent-steps sweep for diffmas at evaluation (trained at m=10), greedy;
+- the untrained methods on 50 GSM8K test questions (greedy): free-form math at this size.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class StudySettings:
     max_new_tokens: int = 40
     eval_batch_size: int = 16
     sweep: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 40])
+    # the untrained methods on free-form math (GSM8K test, greedy): what the model can do at all
+    gsm8k_questions: int = 50
+    gsm8k_max_new_tokens: int = 256
+    gsm8k_upstream_max_new_tokens: int = 128
     seed: int = 0
 
 
@@ -141,7 +146,8 @@ STREAMS = [
      [["--stage", "eval", "--only", "diffmas"], ["--stage", "eval", "--only", "single_sft"], ["--stage", "sweep"]]),
     ([["--stage", "train", "--only", "sft_single"], ["--stage", "train", "--only", "sft_text_mas"]],
      [["--stage", "eval", "--only", "single"], ["--stage", "eval", "--only", "text_mas"],
-      ["--stage", "eval", "--only", "latent_mas"], ["--stage", "eval", "--only", "text_mas_sft"]]),
+      ["--stage", "eval", "--only", "latent_mas"], ["--stage", "eval", "--only", "text_mas_sft"],
+      ["--stage", "gsm8k"]]),
 ]
 
 
@@ -161,9 +167,27 @@ def run_streams() -> None:
             list(pool.map(chain, [stream[phase] for stream in STREAMS]))
 
 
+GSM8K_METHODS = ("single", "text_mas", "latent_mas")
+GSM8K_OUT = REPO / "results" / "gsm8k50"
+
+
+def gsm8k(s: StudySettings) -> None:
+    from diffmas.evaluate.runner import EvalConfig, evaluate
+    from diffmas.generate import DecodeConfig
+    from diffmas.methods import MethodConfig
+
+    for method in GSM8K_METHODS:
+        print(f"== gsm8k {method}", flush=True)
+        config = EvalConfig(task="gsm8k", method=method, model=s.model, limit=s.gsm8k_questions, batch_size=10,
+                            method_config=MethodConfig(
+                                latent_steps=s.latent_steps, upstream_max_new_tokens=s.gsm8k_upstream_max_new_tokens,
+                                decode=DecodeConfig(max_new_tokens=s.gsm8k_max_new_tokens)))
+        evaluate(config, GSM8K_OUT / method)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "train", "eval", "sweep"], default="all")
+    p.add_argument("--stage", choices=["all", "train", "eval", "sweep", "gsm8k"], default="all")
     p.add_argument("--only", default="", help="Comma-separated names of the trainings/evaluations to run.")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--streams", type=int, choices=[1, 2], default=1,
@@ -189,6 +213,8 @@ def main() -> None:
         eval_all(s, only)
     if args.stage in ("all", "sweep"):
         sweep(s)
+    if args.stage in ("all", "gsm8k"):
+        gsm8k(s)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ DOCS = REPO / "docs"
 IMG = DOCS / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_study import EVALS, STREAMS, TRAINED  # noqa: E402
+from run_study import EVALS, GSM8K_METHODS, GSM8K_OUT, STREAMS, TRAINED  # noqa: E402
 
 LABELS = {"single": "single", "single_sft": "single + SFT", "text_mas": "text_mas", "text_mas_sft": "text_mas + SFT",
           "latent_mas": "latent_mas", "diffmas": "DiffMAS"}
@@ -245,7 +245,7 @@ def cost_section(runs: dict, settings: dict) -> str:
     stream_of = {}
     for i, (trains, evals) in enumerate(STREAMS):
         for args in trains + evals:
-            names = args[args.index("--only") + 1].split(",") if "--only" in args else ["sweep"]
+            names = args[args.index("--only") + 1].split(",") if "--only" in args else [args[1]]
             stream_of.update({(args[1], n): i for n in names})
     rows, totals, train = [], [0.0] * len(STREAMS), [0.0] * len(STREAMS)
     for name in TRAINED:
@@ -261,7 +261,8 @@ def cost_section(runs: dict, settings: dict) -> str:
             train[i] += minutes
     sweeps = load_runs(STUDY / "sweep", [f"m{m}" for m in settings["sweep"]])
     stages = [(f"eval {n}", ("eval", n), r) for n, r in runs.items()] + \
-             [(f"sweep {n}", ("sweep", "sweep"), r) for n, r in sweeps.items()]
+             [(f"sweep {n}", ("sweep", "sweep"), r) for n, r in sweeps.items()] + \
+             [(f"gsm8k {n}", ("gsm8k", "gsm8k"), r) for n, r in load_runs(GSM8K_OUT, GSM8K_METHODS).items()]
     for label, key, run in stages:
         minutes, i = _generation_minutes(run), stream_of[key]
         rows.append([label, i + 1, f"{minutes:.1f}"])
@@ -284,6 +285,33 @@ def _generation_minutes(run) -> float:
     return sum(r["wall_s"] / r["batch_size"] for r in run.records if r.get("status") == "ok") / 60
 
 
+def gsm8k_section(settings: dict) -> str:
+    runs = load_runs(GSM8K_OUT, GSM8K_METHODS)
+    if not runs:
+        return ""
+    from diffmas.evaluate.compare import compare_runs
+
+    cmp = compare_runs(list(runs.values()), baseline=0)
+    rows = []
+    for (name, run), c in zip(runs.items(), cmp["runs"]):
+        s = run.summary
+        tok = s["tokens"]["per_question"]
+        delta = "baseline" if c["is_baseline"] else (f"{100 * c['delta']:+.1f} [{100 * c['delta_ci'][0]:+.1f}, "
+                                                    f"{100 * c['delta_ci'][1]:+.1f}], p = {c['p_value']:.3f}")
+        rows.append([LABELS[name], pct(s["accuracy"], s["accuracy_ci"]), delta, f"{s['perplexity']:.2f}",
+                     f"{tok['prompt']:.0f} / {tok['latent']:.0f} / {tok['generated']:.0f}",
+                     f"{s['seconds_per_question']:.2f}", f"{s['trace_bytes']['mean'] / 2**20:.1f}",
+                     f"{s['peak_memory_bytes'] / 2**20:.0f}", pct(s["truncated_rate"])])
+    return "\n\n".join([
+        f"## Free-form math: GSM8K, untrained methods ({cmp['n_shared']} test questions, greedy)",
+        f"Final agent ≤ {settings['gsm8k_max_new_tokens']} new tokens, text_mas upstream agents ≤ "
+        f"{settings['gsm8k_upstream_max_new_tokens']} each, m = {settings['latent_steps']}; answers checked with "
+        "math-verify. Δ vs single in points (paired bootstrap 95 % CI, exact McNemar p).",
+        table(["method", "accuracy % [CI]", "Δ vs single", "perplexity", "tokens/q prompt/latent/gen", "s/q",
+               "trace MiB", "peak MiB", "hit the token limit %"], rows),
+    ])
+
+
 def settings_section(settings: dict) -> str:
     rows = [[k, v] for k, v in settings.items()]
     return "\n\n".join(["## Settings", table(["setting", "value"], rows)])
@@ -299,7 +327,8 @@ def main() -> None:
         "per-sample records under `results/study/`). Every number below is computed from those files.",
         findings_section(runs), settings_section(settings), training_section(),
         results_section(runs) if runs else "_no evaluations yet_", paired_section(runs),
-        diagnostics_section(runs) if runs else "", sweep_section(settings), cost_section(runs, settings),
+        diagnostics_section(runs) if runs else "", sweep_section(settings), gsm8k_section(settings),
+        cost_section(runs, settings),
     ]
     discussion = DOCS / "results_discussion.md"
     if discussion.is_file():
