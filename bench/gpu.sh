@@ -16,8 +16,9 @@ DTYPE=${DTYPE:-bfloat16}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-common=(--model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" --tag "$TAG")
-[ -n "${TOKENIZER:-}" ] && common+=(--tokenizer "$TOKENIZER")
+base=(--model "$MODEL" --dtype "$DTYPE" --device "$DEVICE")
+[ -n "${TOKENIZER:-}" ] && base+=(--tokenizer "$TOKENIZER")
+common=("${base[@]}" --tag "$TAG")
 
 step() {  # step NAME SECONDS CMD...: run with a limit, report how it ended
     local name=$1 limit=$2; shift 2
@@ -30,9 +31,11 @@ step() {  # step NAME SECONDS CMD...: run with a limit, report how it ended
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 step step_cost 60 "$PY" bench/step_cost.py "${common[@]}"
-step inference_cost 120 "$PY" bench/inference_cost.py "${common[@]}"
+step step_cost_b10 60 "$PY" bench/step_cost.py "${base[@]}" --tag "${TAG}_b10" --batch 10 --repeats 3
+step inference_cost 150 "$PY" bench/inference_cost.py "${common[@]}" --n 10 --batch-size 10 \
+    --max-new-tokens 64 --upstream-max-new-tokens 64
 step tests_cuda 120 env DIFFMAS_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_trace.py tests/test_methods.py tests/test_realign.py tests/test_train.py \
     -k "not two_process and not torchrun and not accelerate"
-step training_step 150 "$PY" bench/training_step.py "${common[@]}" --sizes 1,4
-step batching 90 "$PY" bench/batching.py "${common[@]}"
+step training_step 240 "$PY" bench/training_step.py "${common[@]}" --sizes 1 --repeats 2
+step batching 120 "$PY" bench/batching.py "${common[@]}"
