@@ -57,7 +57,7 @@ def section_inference(r: dict) -> str:
                            f"{a['n_generated_tokens']:.0f}"])
     ratio_ls, ratio_tl = r["ratios"]["latent_over_single"], r["ratios"]["text_over_latent"]
     t = r["targets"]
-    return "\n\n".join([
+    return "\n\n".join(part for part in [
         "## Inference cost: single vs text_mas vs latent_mas",
         f"{s['questions']} GSM8K test questions, {s['agents']} agents, m={s['latent_steps']}, greedy, batch "
         f"{s['batch_size']}, final agent ≤ {s['max_new_tokens']} new tokens, text_mas upstream agents ≤ "
@@ -79,7 +79,7 @@ def section_inference(r: dict) -> str:
         "Tokens per agent (mean per question):",
         md_table(["method", "agent", "prompt", "latent steps", "generated"], agents),
         machine_line(r),
-    ])
+    ] if part)
 
 
 def _why_inference(r: dict) -> str:
@@ -96,9 +96,10 @@ def _why_inference(r: dict) -> str:
             f"so latent_mas reads {prompt_ratio:.1f}x the prompt tokens of the single agent, and its final agent "
             f"decodes on a {trace_ratio:.1f}x longer trace. With a 135M model on 2 CPU cores the weights are "
             "cheap and the KV cache is not: transformers' `DynamicCache` concatenates the whole cache at every "
-            "step, so each decode step's cost grows with the trace. The overhead is fixed per question (prompts "
-            "+ m steps), so the ratio falls as the answer budget grows, and on GPUs with larger models, where "
-            "weights dominate a decode step.")
+            "step, so each decode step's cost grows with the trace — and latent_mas's final agent decodes on "
+            "the longer one, so a longer answer budget does not dilute the overhead here. On a GPU, where a "
+            "decode step of a large model is bound by its weights and kernel launches rather than by the trace, "
+            "the ratio is lower (see Other machines below).")
     if r["ratios"]["text_over_latent"] < r["targets"]["text_over_latent_min"]:
         notes.append(
             f"**Why text_mas is not ≥ 4x latent_mas here.** The upstream text agents wrote {upstream_gen:.0f} "
