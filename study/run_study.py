@@ -138,33 +138,49 @@ def sweep(s: StudySettings) -> None:
         evaluate(config, out, method=method)
 
 
-# `--streams 2`: the study as two single-threaded processes on a 2-core machine (how it was measured).
-# Per stream: (training stages, evaluation stages), each stage a fresh process (its peak memory is its
-# own: a process's RSS does not shrink after a bigger stage). All training ends before evaluation.
+# `--streams 2`: the study as two single-threaded processes on a 2-core machine. Each stage is a
+# fresh process (its peak memory is its own: a process's RSS does not shrink after a bigger stage).
+# The untrained evaluations run while DiffMAS trains; an evaluation under an adapter first waits for
+# that adapter's training to finish, in whichever stream it runs.
 STREAMS = [
-    ([["--stage", "train", "--only", "diffmas"]],
-     [["--stage", "eval", "--only", "diffmas"], ["--stage", "eval", "--only", "single_sft"], ["--stage", "sweep"]]),
-    ([["--stage", "train", "--only", "sft_single"], ["--stage", "train", "--only", "sft_text_mas"]],
-     [["--stage", "eval", "--only", "single"], ["--stage", "eval", "--only", "text_mas"],
-      ["--stage", "eval", "--only", "latent_mas"], ["--stage", "eval", "--only", "text_mas_sft"],
-      ["--stage", "gsm8k"]]),
+    [["--stage", "train", "--only", "diffmas"], ["--stage", "eval", "--only", "diffmas"], ["--stage", "sweep"],
+     ["--stage", "eval", "--only", "single_sft"]],
+    [["--stage", "train", "--only", "sft_single"], ["--stage", "train", "--only", "sft_text_mas"],
+     ["--stage", "eval", "--only", "single"], ["--stage", "eval", "--only", "text_mas"],
+     ["--stage", "eval", "--only", "latent_mas"], ["--stage", "eval", "--only", "text_mas_sft"],
+     ["--stage", "gsm8k"]],
 ]
 
 
 def run_streams() -> None:
-    """Run the two streams side by side (1 thread each); all training ends before any evaluation."""
+    """Run the streams side by side (1 thread each), each one's stages in order."""
     import subprocess
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    failed = []
+
+    def needs(args) -> list[Path]:
+        if args[1] not in ("eval", "sweep"):
+            return []
+        names = args[args.index("--only") + 1].split(",") if "--only" in args else ["diffmas"]
+        return [OUT / "adapters" / EVALS[n][1] / "training_summary.json" for n in names if EVALS[n][1]]
 
     def chain(stages):
-        for args in stages:
-            subprocess.run([sys.executable, __file__, *args, "--threads", "1"], env=env, check=True)
+        try:
+            for args in stages:
+                while not all(p.is_file() for p in needs(args)):  # an adapter the other stream trains
+                    if failed:
+                        return
+                    time.sleep(10)
+                subprocess.run([sys.executable, __file__, *args, "--threads", "1"], env=env, check=True)
+        except BaseException:
+            failed.append(stages)
+            raise
 
-    for phase in (0, 1):  # every adapter exists before its evaluation
-        with ThreadPoolExecutor(len(STREAMS)) as pool:
-            list(pool.map(chain, [stream[phase] for stream in STREAMS]))
+    with ThreadPoolExecutor(len(STREAMS)) as pool:
+        list(pool.map(chain, STREAMS))
 
 
 GSM8K_METHODS = ("single", "text_mas", "latent_mas")
