@@ -172,6 +172,12 @@ def default_topology(kind: TopologyKind = "sequential", n_agents: int | None = N
     return Topology(kind=kind, roles=(*upstream, final))
 
 
+def build_topology(kind: str = "sequential", n_agents: int | None = None,
+                   roles: str | Path | None = None) -> Topology:
+    """The topology a config names: its roles file when given, else the default of that kind and size."""
+    return load_topology(roles) if roles else default_topology(kind, n_agents)  # type: ignore[arg-type]
+
+
 def _resize(upstream: list[Role], n: int) -> list[Role]:
     if n < 0:
         raise RoleError("n_agents must be at least 1 (the final agent)")

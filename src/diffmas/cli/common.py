@@ -13,7 +13,6 @@ from rich.table import Table
 from diffmas.backbone import DEFAULT_MODEL
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig, MethodError, list_methods
-from diffmas.roles import Topology, default_topology, load_topology
 
 if TYPE_CHECKING:
     from diffmas.evaluate.runner import EvalConfig
@@ -60,12 +59,6 @@ def check_methods(names: list[str]) -> None:
             close = difflib.get_close_matches(name, list_methods(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise MethodError(f"unknown method {name!r}{hint}; choose one of {', '.join(list_methods())}")
-
-
-def build_topology(kind: str, n_agents: Optional[int], roles: Optional[Path]) -> Topology:
-    if roles is not None:
-        return load_topology(roles)
-    return default_topology(kind, n_agents)  # type: ignore[arg-type]
 
 
 def parse_chat_kwargs(text: Optional[str]) -> dict:

@@ -37,9 +37,10 @@ def run(
     """Answer one question with one method; print the answer and its cost."""
     from diffmas.backbone import load_backbone
     from diffmas.methods import get_method
+    from diffmas.roles import build_topology
 
     c.check_methods([method])
-    topo = c.build_topology(topology, agents, roles)
+    topo = build_topology(topology, agents, roles)
     config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
                             upstream_temperature, chat_template_kwargs)
     backbone = load_backbone(model, dtype=dtype, device=device)

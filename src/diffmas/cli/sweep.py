@@ -75,7 +75,7 @@ def sweep(
     # Every option but the sweep's own goes unchanged into each run's EvalConfig.
     options = {k: v for k, v in locals().items() if k not in ("latent_steps", "out", "agents_sweep", "agents")}
     from diffmas.evaluate import runner
-    from diffmas.roles import default_topology, load_topology
+    from diffmas.roles import build_topology
 
     steps = parse_steps(latent_steps)
     counts = parse_steps(agents_sweep, "--agents-sweep", minimum=1) if agents_sweep else [agents]
@@ -94,8 +94,7 @@ def sweep(
         if built is not None:
             # same backbone; this run's m and agents (methods read both at every batch)
             built.config = config.method_config
-            built.topology = (load_topology(config.roles) if config.roles
-                              else default_topology(config.topology, config.n_agents))
+            built.topology = build_topology(config.topology, config.n_agents, config.roles)
         summaries.append(runner.evaluate(config, run_dir, method=built))
     if not all(summaries):  # not the main process of a sharded run
         return

@@ -192,9 +192,9 @@ def build_method(config: EvalConfig):
     """Backbone (+ adapter) + topology + method, from the config."""
     from diffmas.backbone import load_backbone
     from diffmas.methods import get_method
-    from diffmas.roles import default_topology, load_topology
+    from diffmas.roles import build_topology
 
-    topology = load_topology(config.roles) if config.roles else default_topology(config.topology, config.n_agents)
+    topology = build_topology(config.topology, config.n_agents, config.roles)
     backbone = load_backbone(config.model, dtype=config.dtype, device=config.device)
     adapters = None
     if config.adapter:

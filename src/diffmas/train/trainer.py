@@ -116,7 +116,7 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     """
     from diffmas.backbone import load_backbone
     from diffmas.methods import MethodConfig, get_method
-    from diffmas.roles import default_topology, load_topology
+    from diffmas.roles import build_topology
     from diffmas.train.adapters import add_trainable_adapters
     from diffmas.train.data import attach_text_contexts, data_hash, load_items
     from diffmas.train.trajectory import TrajectoryModel
@@ -127,7 +127,7 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     torch.manual_seed(config.seed)  # LoRA initialisation
     backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
     backbone.gradient_checkpointing = config.gradient_checkpointing
-    topology = load_topology(config.roles) if config.roles else default_topology(config.topology, config.n_agents)
+    topology = build_topology(config.topology, config.n_agents, config.roles)
     items = load_items(config)
     context_start = time.perf_counter()
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once (cached on disk)
