@@ -72,11 +72,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_registry_lists_every_task():
     assert list_tasks() == sorted(
         ["gsm8k", "math500", "aime24", "aime25", "gpqa_diamond", "arc_easy", "arc_challenge",
-         "commonsenseqa", "medqa", "humaneval", "mbpp", "mbppplus"]
+         "commonsenseqa", "medqa", "humaneval", "mbpp", "mbppplus",
+         "relay_word", "relay_code", "relay_chain", "relay_sum"]
     )
     for name in list_tasks():
         task = get_task(name)
-        assert task.name == name and task.answer_type in ("math", "choice", "code")
+        assert task.name == name and task.answer_type in ("math", "choice", "code", "exact")
         assert task.format_instruction
 
 

@@ -24,7 +24,7 @@ from diffmas.channel import latent_steps, prefill, text_context
 from diffmas.errors import DiffmasError
 from diffmas.generate import DecodeConfig, Decoded, continuation_logprobs, decode
 from diffmas.roles import Role, Topology, default_topology, render_prompt
-from diffmas.trace import LatentTrace
+from diffmas.trace import READS, LatentTrace, Reads
 
 
 class MethodError(DiffmasError):
@@ -40,10 +40,15 @@ class MethodConfig:
     # deterministic, so k samples of a question share it and differ only in the final answer.
     upstream_temperature: float | None = None
     chat_kwargs: dict = field(default_factory=dict)  # extra chat-template args, e.g. enable_thinking
+    # Which entries of earlier agents each agent attends to: all (the paper's trace), latent (only
+    # their latent steps) or none (no communication). text_mas: none drops the messages.
+    reads: Reads = "all"
 
     def __post_init__(self):
         if isinstance(self.decode, dict):
             self.decode = DecodeConfig(**self.decode)
+        if self.reads not in READS:
+            raise MethodError(f"reads={self.reads!r}: choose one of {', '.join(READS)}")
         if self.latent_steps < 0:
             raise MethodError(f"latent_steps must be >= 0, got {self.latent_steps}")
         if self.upstream_max_new_tokens < 1:
@@ -160,6 +165,23 @@ class OptionQuery:
 OPTION_CONTEXT = "{context}Question: {question}\nAnswer:"  # plain text, no chat template
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One question as every agent receives it: the shared text and each role's own input."""
+
+    question: str
+    private: Mapping[str, str] = field(default_factory=dict)  # role name -> that role's own input
+
+    def key(self) -> tuple:
+        return (self.question, tuple(sorted(self.private.items())))
+
+
+def asks_of(questions: Sequence[str], privates: Sequence[Mapping[str, str]] | None = None) -> list[Ask]:
+    """Questions (and their per-role inputs, if any) as `Ask`s."""
+    privates = privates if privates is not None else [{}] * len(questions)
+    return [Ask(q, dict(p)) for q, p in zip(questions, privates)]
+
+
 class Method:
     name: ClassVar[str]
 
@@ -172,44 +194,48 @@ class Method:
 
     # -- one call per batch of questions
     def run_batch(self, questions: Sequence[str], format: str = "", seeds: Sequence[int] | None = None,
-                  options: Sequence[OptionQuery] | None = None) -> list[RunResult]:
+                  options: Sequence[OptionQuery] | None = None,
+                  privates: Sequence[Mapping[str, str]] | None = None) -> list[RunResult]:
         """questions: task-formatted question texts; format: the task's answer instruction;
         seeds: one per question (sampling), default all `config.decode.seed`;
         options: per question, also score these option texts by likelihood after the upstream
-            agents (on a copy of the trace) and store them in `RunResult.option_logprobs`."""
+            agents (on a copy of the trace) and store them in `RunResult.option_logprobs`;
+        privates: per question, role name -> that role's own input (`{private}` in its template)."""
         if not questions:
             return []
         seeds = list(seeds) if seeds is not None else [self.config.decode.seed] * len(questions)
-        if len(seeds) != len(questions) or (options is not None and len(options) != len(questions)):
-            raise MethodError(f"got {len(seeds)} seeds and {len(options or [])} option sets "
-                              f"for {len(questions)} questions")
+        privates = list(privates) if privates is not None else [{}] * len(questions)
+        if len(seeds) != len(questions) or (options is not None and len(options) != len(questions)) \
+                or len(privates) != len(questions):
+            raise MethodError(f"got {len(seeds)} seeds, {len(options or [])} option sets and "
+                              f"{len(privates)} private inputs for {len(questions)} questions")
         device = self.backbone.device
         with torch.no_grad(), MemoryMeter(device) as memory:
             clock = Stopwatch(device).start()
-            questions = list(questions)
+            asks = asks_of(questions, privates)
             # Everything before sampling is computed once per distinct question where it cannot
             # depend on the seed (k samples of a question), then handed to every row that asks.
-            rows = self._distinct_rows(questions)
-            owners = sorted(set(rows)) if rows else list(range(len(questions)))
+            rows = self._distinct_rows(asks)
+            owners = sorted(set(rows)) if rows else list(range(len(asks)))
             picks = [owners.index(r) for r in rows] if rows else None
-            up = self.build_upstream([questions[i] for i in owners], [seeds[i] for i in owners])
+            up = self.build_upstream([asks[i] for i in owners], [seeds[i] for i in owners])
             scored = self._score_options(up, [options[i] for i in owners]) if options is not None else None
-            final_records, out, up = self._final_agent(up, [questions[i] for i in owners], format, seeds, picks)
+            final_records, out, up = self._final_agent(up, [asks[i] for i in owners], format, seeds, picks)
             wall = clock.elapsed()
         if picks is not None and scored is not None:
             scored = [scored[p] for p in picks]
         return self._results([*up.agents, final_records], out, up.traces, wall, memory.peak_bytes, scored)
 
-    def _distinct_rows(self, questions: list[str]) -> list[int] | None:
+    def _distinct_rows(self, asks: list["Ask"]) -> list[int] | None:
         """For each question, the row of its first occurrence — when the upstream may be shared.
 
         k samples of one question then share its upstream trace and its option scores; only the
         final agent's decoding differs, and results equal building everything per row.
         None: no question repeats, or the upstream depends on the sampling seed.
         """
-        first: dict[str, int] = {}
-        rows = [first.setdefault(q, i) for i, q in enumerate(questions)]
-        if len(first) == len(questions) or not self.upstream_is_deterministic():
+        first: dict[tuple, int] = {}
+        rows = [first.setdefault(ask.key(), i) for i, ask in enumerate(asks)]
+        if len(first) == len(asks) or not self.upstream_is_deterministic():
             return None
         return rows
 
@@ -217,19 +243,24 @@ class Method:
         """Whether the upstream agents' output ignores the sampling seed (no upstream decoding)."""
         return True
 
-    def build_upstream(self, questions: list[str], seeds: list[int] | None = None) -> Upstream:
+    def build_upstream(self, asks: list["Ask"], seeds: list[int] | None = None) -> Upstream:
         """Run the upstream agents (autograd as the caller set it: training reuses this).
 
         The base method has none: the final agent works alone on a fresh trace."""
-        trace = LatentTrace(self.backbone, len(questions))
-        return Upstream(agents=[], trace=trace, contexts=[""] * len(questions), traces=[trace])
+        trace = self.new_trace(len(asks))
+        return Upstream(agents=[], trace=trace, contexts=[""] * len(asks), traces=[trace])
 
     # -- shared pieces
-    def prompts(self, role: Role, questions, format: str, contexts=None) -> list[str]:
+    def new_trace(self, batch_size: int) -> LatentTrace:
+        """A fresh trace that applies this method's `reads` to every agent writing on it."""
+        return LatentTrace(self.backbone, batch_size, reads=self.config.reads)
+
+    def prompts(self, role: Role, asks: Sequence["Ask"], format: str, contexts=None) -> list[str]:
         """The role's chat prompt for each question (with earlier agents' text, if any)."""
-        contexts = contexts or [""] * len(questions)
-        return [render_prompt(self.backbone.tokenizer, role, q, c, format, self.config.chat_kwargs)
-                for q, c in zip(questions, contexts)]
+        contexts = contexts or [""] * len(asks)
+        return [render_prompt(self.backbone.tokenizer, role, a.question, c, format, self.config.chat_kwargs,
+                              a.private.get(role.name, ""))
+                for a, c in zip(asks, contexts)]
 
     def adapter_for(self, role: Role):
         """Context in which `role` runs: its adapter, or the bare backbone if it has none."""
@@ -244,7 +275,7 @@ class Method:
             out = decode(trace, role.name, hidden, config, seeds)
         return _records(trace, role.name, clock.elapsed(), out), out
 
-    def _final_agent(self, up: Upstream, questions, format, seeds, picks: list[int] | None = None
+    def _final_agent(self, up: Upstream, asks, format, seeds, picks: list[int] | None = None
                      ) -> tuple[list[AgentRecord], Decoded, Upstream]:
         """The final agent's prompt on the trace, then decoding with one seed per row.
 
@@ -253,7 +284,7 @@ class Method:
         Returns the records, the decoded answers and the (row-expanded) upstream.
         """
         final = self.topology.final
-        prompts = self.prompts(final, questions, format, up.contexts)
+        prompts = self.prompts(final, asks, format, up.contexts)
         clock = Stopwatch(self.backbone.device).start()
         with self.adapter_for(final):
             hidden = prefill(up.trace, final.name, prompts)
@@ -329,26 +360,34 @@ class TextMAS(Method):
     def upstream_is_deterministic(self) -> bool:
         return self.config.upstream_decode().greedy  # upstream agents decode text
 
-    def build_upstream(self, questions, seeds=None):
-        seeds = seeds if seeds is not None else [self.config.decode.seed] * len(questions)
+    def build_upstream(self, asks, seeds=None):
+        seeds = seeds if seeds is not None else [self.config.decode.seed] * len(asks)
         upstream_cfg = self.config.upstream_decode()
-        messages: list[list[tuple[str, str]]] = [[] for _ in questions]
+        messages: list[list[tuple[str, str]]] = [[] for _ in asks]
         agents, traces = [], []
         for i, role in enumerate(self.topology.upstream):
-            hidden = set(self.topology.hidden_from(i))
-            contexts = [text_context([m for m in msgs if m[0] not in hidden]) for msgs in messages]
-            trace = LatentTrace(self.backbone, len(questions))
+            contexts = [self._readable(msgs, i) for msgs in messages]
+            trace = self.new_trace(len(asks))
             # Distinct sampling streams per agent, still determined by the question's seed.
             agent_seeds = [s * 1009 + i + 1 for s in seeds]
-            records, out = self._decode_agent(trace, role, self.prompts(role, questions, "", contexts),
+            records, out = self._decode_agent(trace, role, self.prompts(role, asks, "", contexts),
                                               upstream_cfg, agent_seeds)
             agents.append(records)
             traces.append(trace)
             for msgs, text in zip(messages, out.texts):
                 msgs.append((role.name, text))
-        final_trace = LatentTrace(self.backbone, len(questions))
-        return Upstream(agents=agents, trace=final_trace, contexts=[text_context(m) for m in messages],
+        final_trace = self.new_trace(len(asks))
+        final = len(self.topology.roles) - 1
+        return Upstream(agents=agents, trace=final_trace, contexts=[self._readable(m, final) for m in messages],
                         traces=[*traces, final_trace])
+
+    def _readable(self, messages: list[tuple[str, str]], index: int) -> str:
+        """The earlier messages agent `index` reads: none under reads=none, else those its
+        topology lets it see (the message *is* the text channel, so reads=latent keeps it)."""
+        if self.config.reads == "none":
+            return ""
+        hidden = set(self.topology.hidden_from(index))
+        return text_context([m for m in messages if m[0] not in hidden])
 
 
 @register_method("latent_mas")
@@ -356,17 +395,17 @@ class LatentMAS(Method):
     """Upstream agents write prompts + m latent steps to one shared trace; only the final agent
     decodes, attending to the whole trace. With m=0 the upstream prompts stay in the trace."""
 
-    def build_upstream(self, questions, seeds=None):
-        trace = LatentTrace(self.backbone, len(questions))
+    def build_upstream(self, asks, seeds=None):
+        trace = self.new_trace(len(asks))
         agents = []
         for i, role in enumerate(self.topology.upstream):
             clock = Stopwatch(self.backbone.device).start()
             hidden_agents = self.topology.hidden_from(i)
             with self.adapter_for(role):
-                hidden = prefill(trace, role.name, self.prompts(role, questions, ""), hidden_agents)
+                hidden = prefill(trace, role.name, self.prompts(role, asks, ""), hidden_agents)
                 latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
             agents.append(_records(trace, role.name, clock.elapsed()))
-        return Upstream(agents=agents, trace=trace, contexts=[""] * len(questions), traces=[trace])
+        return Upstream(agents=agents, trace=trace, contexts=[""] * len(asks), traces=[trace])
 
 
 @register_method("diffmas")

@@ -1,15 +1,18 @@
 """Agents as data: roles (name + prompt templates) and topologies (who reads whom).
 
-A role's templates may use three fields:
+A role's templates may use four fields:
   {question} the task's question text (options included for multiple choice)
   {context}  what earlier agents handed over as text (text_mas); empty on the latent channel,
              where the earlier agents' messages are in the trace instead
   {format}   the task's answer-format instruction (normally used by the final agent only)
+  {private}  this role's own input, if the task gives one (`Example.private`); empty otherwise
 
 Topologies:
   sequential    every agent reads everything written before it (Planner -> Critic -> Refiner -> Solver)
   hierarchical  independent specialists each write to the trace without seeing one another;
                 the final aggregator reads all of it
+  chain         each agent reads only the agent just before it (sender -> relay ... -> reader):
+                what reaches the last agent must have crossed every hop
 The last role of a topology is the final agent: the only one that decodes text in latent_mas.
 """
 
@@ -22,8 +25,9 @@ from typing import Literal
 
 from diffmas.errors import DiffmasError
 
-TopologyKind = Literal["sequential", "hierarchical"]
-TOPOLOGY_KINDS = ("sequential", "hierarchical")
+TopologyKind = Literal["sequential", "hierarchical", "chain"]
+TOPOLOGY_KINDS = ("sequential", "hierarchical", "chain")
+TEMPLATE_FIELDS = ("question", "context", "format", "private")
 
 
 class RoleError(DiffmasError):
@@ -34,24 +38,25 @@ class RoleError(DiffmasError):
 class Role:
     name: str  # unique within a topology; also the per-role adapter name
     system: str  # system message
-    user: str  # user message template with {question}, {context}, {format}
+    user: str  # user message template with {question}, {context}, {format}, {private}
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").isalnum():
             raise RoleError(f"role name {self.name!r} must be a non-empty identifier (letters, digits, _)")
         try:
-            self.user.format(question="", context="", format="")
+            self.user.format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
         except (KeyError, IndexError, ValueError) as exc:
+            fields = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
             raise RoleError(
                 f"role {self.name!r}: user template has an unknown or broken field ({exc}); "
-                "allowed fields are {question}, {context}, {format} (write {{ }} for literal braces)"
+                f"allowed fields are {fields} (write {{{{ }}}} for literal braces)"
             ) from exc
         if "{question}" not in self.user:
             raise RoleError(f"role {self.name!r}: user template must contain {{question}}")
 
-    def messages(self, question: str, context: str = "", format: str = "") -> list[dict]:
+    def messages(self, question: str, context: str = "", format: str = "", private: str = "") -> list[dict]:
         """Chat messages for this agent."""
-        user = self.user.format(question=question, context=context, format=format)
+        user = self.user.format(question=question, context=context, format=format, private=private)
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user.strip()}]
 
 
@@ -81,7 +86,10 @@ class Topology:
         """Names of earlier agents that agent `index` must not read.
 
         Hierarchical specialists are independent of one another; the final agent reads all.
+        In a chain every agent reads only its predecessor.
         """
+        if self.kind == "chain":
+            return tuple(r.name for r in self.roles[: max(index - 1, 0)])
         if self.kind == "sequential" or index == len(self.roles) - 1:
             return ()
         return tuple(r.name for r in self.roles[:index])
@@ -159,7 +167,7 @@ def default_topology(kind: TopologyKind = "sequential", n_agents: int | None = N
     n_agents: total agents including the final one (fewer drops middle roles; more repeats
         the middle role with numbered names).
     """
-    if kind == "sequential":
+    if kind in ("sequential", "chain"):
         upstream = [PLANNER, CRITIC, REFINER]
         final = SOLVER
     elif kind == "hierarchical":
@@ -173,9 +181,13 @@ def default_topology(kind: TopologyKind = "sequential", n_agents: int | None = N
 
 
 def build_topology(kind: str = "sequential", n_agents: int | None = None,
-                   roles: str | Path | None = None) -> Topology:
-    """The topology a config names: its roles file when given, else the default of that kind and size."""
-    return load_topology(roles) if roles else default_topology(kind, n_agents)  # type: ignore[arg-type]
+                   roles: str | Path | None = None, task=None) -> Topology:
+    """The topology a config names: its roles file when given, else the task's own roles (tasks
+    such as the communication benchmark bring them), else the default of that kind and size."""
+    if roles:
+        return load_topology(roles)
+    own = task.topology(n_agents) if task is not None else None
+    return own or default_topology(kind, n_agents)  # type: ignore[arg-type]
 
 
 def _resize(upstream: list[Role], n: int) -> list[Role]:
@@ -206,10 +218,10 @@ def load_topology(path: str | Path) -> Topology:
 
 
 def render_prompt(tokenizer, role: Role, question: str, context: str = "", format: str = "",
-                  chat_kwargs: dict | None = None) -> str:
+                  chat_kwargs: dict | None = None, private: str = "") -> str:
     """The agent's chat, rendered with the tokenizer's chat template, ready for the assistant turn."""
     return tokenizer.apply_chat_template(
-        role.messages(question, context, format),
+        role.messages(question, context, format, private),
         tokenize=False,
         add_generation_prompt=True,
         **(chat_kwargs or {}),

@@ -36,6 +36,12 @@ from transformers.cache_utils import DynamicLayer
 from diffmas.errors import DiffmasError
 
 SegmentKind = Literal["prompt", "latent", "generated"]
+# Who reads what of the *other* agents' entries (an agent always sees its own):
+#   all     everything: the paper's non-overwritten trace
+#   latent  only their latent steps: information can pass only through the latent channel
+#   none    nothing: each agent alone with its own prompt (the no-communication control)
+Reads = Literal["all", "latent", "none"]
+READS = ("all", "latent", "none")
 
 
 class TraceOverflowError(DiffmasError):
@@ -76,11 +82,17 @@ class LatentTrace:
     """Append-only KV trace for a batch of B sequences.
 
     backbone: the `Backbone` whose decoder writes the entries (see `append`).
+    reads: which entries of other agents an appended chunk attends to (see `Reads`); the trace
+        applies it to every append, so prefill, latent steps, decoding, option scoring and the
+        training loss all see the same visibility.
     """
 
-    def __init__(self, backbone, batch_size: int):
+    def __init__(self, backbone, batch_size: int, reads: Reads = "all"):
+        if reads not in READS:
+            raise DiffmasError(f"reads={reads!r}: choose one of {', '.join(READS)}")
         self.backbone = backbone
         self.batch_size = batch_size
+        self.reads = reads
         device = backbone.device
         self.cache = DynamicCache(config=backbone.base_model().config)
         self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
@@ -139,7 +151,7 @@ class LatentTrace:
         # Positions count real entries only; padded slots get a dummy position (they are masked).
         offsets = (chunk_mask.cumsum(dim=1) - 1).clamp_min(0)
         position_ids = self.next_position[:, None] + offsets  # (B, T)
-        visible = self._visible_mask(set(hidden_agents))
+        visible = self.visible_mask(agent, hidden_agents)
         full_mask = torch.cat([visible, chunk_mask], dim=1)  # (B, L + T)
 
         def run(embeds: torch.Tensor) -> torch.Tensor:
@@ -176,13 +188,20 @@ class LatentTrace:
             for layer in layers:
                 layer.replay_length = None
 
-    def _visible_mask(self, hidden_agents: set[str]) -> torch.Tensor:
-        if not hidden_agents:
+    def visible_mask(self, agent: str, hidden_agents: Iterable[str] = ()) -> torch.Tensor:
+        """(B, L) mask of the trace columns a chunk written by `agent` attends to.
+
+        Padding is never visible; `hidden_agents` are never visible; other agents' segments are
+        visible as `reads` allows; the agent's own segments always are.
+        """
+        hidden = set(hidden_agents)
+        blocked = [seg for seg in self.segments if seg.agent != agent and (
+            seg.agent in hidden or self.reads == "none" or (self.reads == "latent" and seg.kind != "latent"))]
+        if not blocked:
             return self.attention_mask
         mask = self.attention_mask.clone()
-        for seg in self.segments:
-            if seg.agent in hidden_agents:
-                mask[:, seg.start : seg.end] = 0
+        for seg in blocked:
+            mask[:, seg.start : seg.end] = 0
         return mask
 
     def _record(self, agent: str, kind: SegmentKind, start: int, end: int, n_tokens: list[int]) -> None:
@@ -221,6 +240,7 @@ class LatentTrace:
         other = LatentTrace.__new__(LatentTrace)
         other.backbone = self.backbone
         other.batch_size = len(rows)
+        other.reads = self.reads
         config = self.backbone.base_model().config
         if self.length == 0:
             other.cache = DynamicCache(config=config)

@@ -24,7 +24,8 @@ ModelOpt = typer.Option(DEFAULT_MODEL, "--model", help="Embedded name, local mod
 DtypeOpt = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
 DeviceOpt = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ...")
 LatentStepsOpt = typer.Option(10, "--latent-steps", "-m", help="Latent steps per upstream agent.")
-TopologyOpt = typer.Option("sequential", help="sequential or hierarchical.")
+TopologyOpt = typer.Option("sequential", help="sequential, hierarchical or chain (each agent reads only "
+                           "the one before it).")
 AgentsOpt = typer.Option(None, "--agents", help="Number of agents including the final one.")
 RolesOpt = typer.Option(None, "--roles", help="YAML/JSON file with {kind, roles: [{name, system, user}]}.")
 MaxNewOpt = typer.Option(256, "--max-new-tokens", help="Decode budget of the final agent.")
@@ -37,6 +38,8 @@ TopPOpt = typer.Option(1.0, "--top-p")
 ChatKwargsOpt = typer.Option(None, "--chat-template-kwargs",
                              help='JSON object for the chat template, e.g. \'{"enable_thinking": false}\' (Qwen3).')
 SeedOpt = typer.Option(0)
+ReadsOpt = typer.Option("all", "--reads", help="What each agent sees of earlier agents: all (the whole "
+                        "trace), latent (only their latent steps) or none (no communication).")
 
 # Options of the commands that write run directories (eval, sweep); `eval_config` turns them into an EvalConfig.
 SplitOpt = typer.Option("test", help="Dataset split.")
@@ -77,13 +80,14 @@ def parse_chat_kwargs(text: Optional[str]) -> dict:
 def build_config(latent_steps: int, max_new_tokens: int, upstream_max_new_tokens: int,
                  temperature: float, top_p: float, seed: int,
                  upstream_temperature: Optional[float] = None,
-                 chat_template_kwargs: Optional[str] = None) -> MethodConfig:
+                 chat_template_kwargs: Optional[str] = None, reads: str = "all") -> MethodConfig:
     return MethodConfig(
         latent_steps=latent_steps,
         decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
         upstream_max_new_tokens=upstream_max_new_tokens,
         upstream_temperature=upstream_temperature,
         chat_kwargs=parse_chat_kwargs(chat_template_kwargs),
+        reads=reads,
     )
 
 
@@ -93,7 +97,7 @@ def eval_config(*, task: str, method: str, split: str, model: str, limit: Option
                 data_dir: Optional[Path], dtype: str, device: str, latent_steps: int, max_new_tokens: int,
                 upstream_max_new_tokens: int, temperature: float, top_p: float,
                 upstream_temperature: Optional[float] = None,
-                chat_template_kwargs: Optional[str] = None) -> EvalConfig:
+                chat_template_kwargs: Optional[str] = None, reads: str = "all") -> EvalConfig:
     """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
     from diffmas.evaluate.runner import EvalConfig
 
@@ -104,7 +108,7 @@ def eval_config(*, task: str, method: str, split: str, model: str, limit: Option
         option_likelihood=option_likelihood, data_dir=str(data_dir) if data_dir else None,
         dtype=dtype, device=device,
         method_config=build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
-                                   upstream_temperature, chat_template_kwargs),
+                                   upstream_temperature, chat_template_kwargs, reads),
     )
 
 

@@ -36,6 +36,7 @@ def eval_(
     upstream_temperature: Optional[float] = c.UpstreamTemperatureOpt,
     top_p: float = c.TopPOpt,
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
+    reads: str = c.ReadsOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,

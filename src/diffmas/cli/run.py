@@ -28,6 +28,7 @@ def run(
     upstream_temperature: Optional[float] = c.UpstreamTemperatureOpt,
     top_p: float = c.TopPOpt,
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
+    reads: str = c.ReadsOpt,
     adapter: Optional[Path] = c.AdapterOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
@@ -42,7 +43,7 @@ def run(
     c.check_methods([method])
     topo = build_topology(topology, agents, roles)
     config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
-                            upstream_temperature, chat_template_kwargs)
+                            upstream_temperature, chat_template_kwargs, reads)
     backbone = load_backbone(model, dtype=dtype, device=device)
     adapters = None
     if adapter:

@@ -67,6 +67,7 @@ def sweep(
     upstream_temperature: Optional[float] = c.UpstreamTemperatureOpt,
     top_p: float = c.TopPOpt,
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
+    reads: str = c.ReadsOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,

@@ -43,7 +43,8 @@ def _run_jobs(method, task, jobs, base_seed, scored: bool) -> list[dict]:
     seeds = [sample_seed(base_seed, ex.id, k) for ex, k in jobs]
     options = [OptionQuery(ex.question, tuple(task.option_texts(ex))) for ex, _ in jobs] if scored else None
     try:
-        results = method.run_batch(prompts, task.format_instruction, seeds, options)
+        results = method.run_batch(prompts, task.format_instruction, seeds, options,
+                                   privates=[ex.private for ex, _ in jobs])
     except DiffmasError as exc:
         if len(jobs) == 1:
             ex, k = jobs[0]

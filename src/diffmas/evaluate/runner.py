@@ -194,7 +194,9 @@ def build_method(config: EvalConfig):
     from diffmas.methods import get_method
     from diffmas.roles import build_topology
 
-    topology = build_topology(config.topology, config.n_agents, config.roles)
+    from diffmas.tasks import get_task
+
+    topology = build_topology(config.topology, config.n_agents, config.roles, get_task(config.task))
     backbone = load_backbone(config.model, dtype=config.dtype, device=config.device)
     adapters = None
     if config.adapter:

@@ -1,4 +1,4 @@
-"""The one place that scores generations: math answers, multiple choice and code.
+"""The one place that scores generations: math answers, multiple choice, code and exact answers.
 
 Tasks delegate to these functions; methods never score. Code runs only in the sandbox
 (`diffmas.scoring.sandbox`), never in the calling process.
@@ -12,6 +12,7 @@ from diffmas.scoring.code import (
     mbppplus_program,
     score_code,
 )
+from diffmas.scoring.exact import extract_exact, score_exact
 from diffmas.scoring.math import extract_math_answer, gsm8k_gold, math_equal, score_math
 from diffmas.scoring.sandbox import SandboxError, SandboxResult, isolation, run_in_sandbox
 
@@ -20,6 +21,7 @@ __all__ = [
     "SandboxResult",
     "extract_choice",
     "extract_code",
+    "extract_exact",
     "extract_math_answer",
     "gsm8k_gold",
     "humaneval_program",
@@ -30,5 +32,6 @@ __all__ = [
     "run_in_sandbox",
     "score_choice",
     "score_code",
+    "score_exact",
     "score_math",
 ]

@@ -12,6 +12,7 @@ from diffmas.tasks.base import AnswerType, Example, Score
 from diffmas.tasks.data import TaskError
 from diffmas.tasks.registry import Task, get_task, list_tasks, register_task
 from diffmas.tasks.families import ChoiceTask, CodeTask, MathTask, jsonl_task  # registers the built-in tasks
+from diffmas.tasks.relay import RelayTask  # registers the communication tasks
 
 __all__ = [
     "AnswerType",
@@ -19,6 +20,7 @@ __all__ = [
     "CodeTask",
     "Example",
     "MathTask",
+    "RelayTask",
     "Score",
     "Task",
     "TaskError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AnswerType = Literal["math", "choice", "code"]
+AnswerType = Literal["math", "choice", "code", "exact"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class Example:
     target: str | None = None  # a worked solution text usable as a training target, if the source has one
     tests: dict[str, Any] = field(default_factory=dict)  # code tasks: what the sandbox needs to run tests
     meta: dict[str, Any] = field(default_factory=dict)  # anything else from the source row
+    # role name -> text only that role receives (its `{private}` template field); e.g. the secret a
+    # sender holds in the communication tasks. Empty for ordinary benchmarks.
+    private: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

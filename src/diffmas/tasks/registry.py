@@ -106,12 +106,33 @@ class Task:
         """A supervised training target that ends in the answer format `score` reads."""
         raise NotImplementedError
 
+    def topology(self, n_agents: int | None = None):
+        """The roles this task brings (a `diffmas.roles.Topology`), or None for the defaults.
+
+        Tasks whose agents hold different inputs (the communication tasks) need their own."""
+        return None
+
+    def configured(self, query: dict[str, str]) -> "Task":
+        """This task with parameters (`name?key=value`); only parametrised tasks accept any."""
+        raise TaskError(f"task {self.name!r} takes no parameters (got {query})")
+
     def option_texts(self, example: Example) -> list[str]:
         """Multiple choice only: the continuations to rank by likelihood."""
         raise TaskError(f"{self.name} is a {self.answer_type} task; option_texts is for multiple-choice")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.answer_type!r}, splits={sorted(self.sources)})"
+
+
+def _parse_query(name: str, query: str) -> dict[str, str]:
+    """key=value&key=value -> dict, or a TaskError naming the bad part."""
+    pairs = {}
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise TaskError(f"task {name!r}: expected key=value parameters after '?', got {part!r}")
+        pairs[key] = value
+    return pairs
 
 
 def check_limit(limit: int | None) -> None:
@@ -163,7 +184,10 @@ def get_task(name: str) -> Task:
         return jsonl_task_from_spec(name)
     if name in _REGISTRY:
         return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+    base, _, query = name.partition("?")
+    if query and base in _REGISTRY:  # a parametrised task, e.g. relay_word?k=32
+        return _REGISTRY[base].configured(_parse_query(name, query))
+    close = difflib.get_close_matches(base, list(_REGISTRY), n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise TaskError(
         f"unknown task {name!r}.{hint} Valid tasks: {', '.join(list_tasks())}, "

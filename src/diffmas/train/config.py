@@ -32,6 +32,7 @@ class TrainConfig:
     roles: str | None = None  # YAML/JSON roles file
     adapters: Literal["shared", "per-role"] = "shared"  # one LoRA for all agents, or one per role
     upstream_grad: Literal["full", "none"] = "full"  # backprop through upstream agents, or stop-gradient
+    reads: Literal["all", "latent", "none"] = "all"  # what agents see of earlier agents (MethodConfig.reads)
     upstream_max_new_tokens: int = 256  # sft_text_mas: the frozen model's upstream text budget
     chat_kwargs: dict = field(default_factory=dict)  # chat-template args (e.g. enable_thinking); eval must match
     # -- LoRA (paper: r=8, alpha=16)
@@ -62,6 +63,8 @@ class TrainConfig:
             raise TrainConfigError(f"unknown training method {self.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
         if self.adapters not in ("shared", "per-role"):
             raise TrainConfigError(f"adapters must be 'shared' or 'per-role', got {self.adapters!r}")
+        if self.reads not in ("all", "latent", "none"):
+            raise TrainConfigError(f"reads must be 'all', 'latent' or 'none', got {self.reads!r}")
         if self.upstream_grad not in ("full", "none"):
             raise TrainConfigError(f"upstream_grad must be 'full' or 'none', got {self.upstream_grad!r}")
         if self.adapters == "per-role" and self.method != "diffmas":

@@ -30,7 +30,7 @@ def load_items(config) -> list[dict]:
             raise TrainDataError(f"no target for example {ex.id!r}"
                                  + (f" in {config.targets}" if config.targets else f" in task {task.name}"))
         items.append({"id": ex.id, "question": task.prompt(ex), "target": target,
-                      "format": task.format_instruction})
+                      "format": task.format_instruction, "private": dict(ex.private)})
     if not items:
         raise TrainDataError(f"task {config.task!r} split {config.split!r} gave no training examples")
     return items
@@ -56,7 +56,10 @@ def data_hash(items: list[dict]) -> str:
     """Hash of exactly what is trained on (ids, prompts, targets)."""
     h = hashlib.sha256()
     for item in items:
-        h.update(json.dumps([item["id"], item["question"], item["target"]]).encode())
+        fields = [item["id"], item["question"], item["target"]]
+        if item.get("private"):  # only when present, so hashes of earlier runs stay the same
+            fields.append(item["private"])
+        h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -65,6 +68,7 @@ def attach_text_contexts(items: list[dict], method, cache_path: Path, batch_size
 
     `method` is a text_mas Method on the bare backbone; items gain a "context" field.
     """
+    from diffmas.methods import asks_of
     cached = {}
     if cache_path.is_file():
         for line in cache_path.read_text().splitlines():
@@ -75,9 +79,9 @@ def attach_text_contexts(items: list[dict], method, cache_path: Path, batch_size
     with open(cache_path, "a") as sink:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            questions = [it["question"] for it in batch]
+            asks = asks_of([it["question"] for it in batch], [it.get("private", {}) for it in batch])
             with torch.no_grad():
-                up = method.build_upstream(questions)
+                up = method.build_upstream(asks)
             for it, context in zip(batch, up.contexts):
                 cached[it["id"]] = context
                 sink.write(json.dumps({"id": it["id"], "context": context}) + "\n")

@@ -54,6 +54,7 @@ def collate(rows: list[dict]) -> dict:
         "formats": [r["format"] for r in rows],
         "contexts": [r.get("context", "") for r in rows],
         "ids": [r["id"] for r in rows],
+        "privates": [r.get("private", {}) for r in rows],
     }
 
 
@@ -117,6 +118,7 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     from diffmas.backbone import load_backbone
     from diffmas.methods import MethodConfig, get_method
     from diffmas.roles import build_topology
+    from diffmas.tasks import get_task
     from diffmas.train.adapters import add_trainable_adapters
     from diffmas.train.data import attach_text_contexts, data_hash, load_items
     from diffmas.train.trajectory import TrajectoryModel
@@ -127,18 +129,20 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     torch.manual_seed(config.seed)  # LoRA initialisation
     backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
     backbone.gradient_checkpointing = config.gradient_checkpointing
-    topology = build_topology(config.topology, config.n_agents, config.roles)
+    topology = build_topology(config.topology, config.n_agents, config.roles, get_task(config.task))
     items = load_items(config)
     context_start = time.perf_counter()
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once (cached on disk)
         frozen = get_method("text_mas", backbone, topology, MethodConfig(
-            upstream_max_new_tokens=config.upstream_max_new_tokens, chat_kwargs=config.chat_kwargs))
+            upstream_max_new_tokens=config.upstream_max_new_tokens, chat_kwargs=config.chat_kwargs,
+            reads=config.reads))
         attach_text_contexts(items, frozen, out / "text_mas_contexts.jsonl", batch_size=max(config.batch_size, 4))
     context_seconds = time.perf_counter() - context_start
     mapping = add_trainable_adapters(backbone, config, topology)
     infer = "latent_mas" if config.method == "diffmas" else "single"
     method = get_method(infer, backbone, topology,
-                        MethodConfig(latent_steps=config.latent_steps, chat_kwargs=config.chat_kwargs), mapping)
+                        MethodConfig(latent_steps=config.latent_steps, chat_kwargs=config.chat_kwargs,
+                                     reads=config.reads), mapping)
     model = TrajectoryModel(method, config.method, config.upstream_grad, config.max_target_tokens)
     model.train()
 

@@ -19,8 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from diffmas.methods import Method, Upstream
-from diffmas.trace import LatentTrace
+from diffmas.methods import Ask, Method, Upstream, asks_of
 
 IGNORE = -100
 
@@ -43,23 +42,25 @@ class TrajectoryModel(torch.nn.Module):
         self.last_stats: dict[str, float] = {}
 
     def forward(self, questions: Sequence[str], targets: Sequence[str], formats: Sequence[str],
-                contexts: Sequence[str] | None = None, ids: Sequence[str] | None = None) -> dict:
+                contexts: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+                privates: Sequence[dict] | None = None) -> dict:
         method = self.method
-        up = self._upstream(list(questions), contexts)
+        asks = asks_of(questions, privates)
+        up = self._upstream(asks, contexts)
         final = method.topology.final
-        prompts = [method.prompts(final, [q], f, [c])[0] for q, f, c in zip(questions, formats, up.contexts)]
+        prompts = [method.prompts(final, [a], f, [c])[0] for a, f, c in zip(asks, formats, up.contexts)]
         with method.adapter_for(final):
             loss, n_tokens = teacher_forced_loss(up.trace, final.name, prompts, targets, self.max_target_tokens)
         self.last_stats = {"n_target_tokens": n_tokens, "trace_len": float(sum(up.trace.n_real())) / len(questions)}
         return {"loss": loss}
 
-    def _upstream(self, questions: list[str], contexts) -> Upstream:
+    def _upstream(self, asks: list[Ask], contexts) -> Upstream:
         if self.train_method == "diffmas":
             grad = contextlib.nullcontext() if self.upstream_grad == "full" else torch.no_grad()
             with grad:
-                return self.method.build_upstream(questions)
-        trace = LatentTrace(self.method.backbone, len(questions))
-        return Upstream(agents=[], trace=trace, contexts=list(contexts or [""] * len(questions)), traces=[trace])
+                return self.method.build_upstream(asks)
+        trace = self.method.new_trace(len(asks))
+        return Upstream(agents=[], trace=trace, contexts=list(contexts or [""] * len(asks)), traces=[trace])
 
 
 def teacher_forced_loss(trace: LatentTrace, agent: str, prompts: Sequence[str], targets: Sequence[str],
