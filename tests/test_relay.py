@@ -85,3 +85,12 @@ def test_mutual_information_bits():
     rng = random.Random(0)
     noise = [rng.choice("abcd") for _ in secrets]
     assert mutual_information_bits(secrets, noise) < 0.03 < mutual_information_bits(secrets, noise, correct_bias=False)
+
+
+def test_above_chance_p():
+    from diffmas.evaluate.information import above_chance_p
+
+    assert above_chance_p(0, 10, 0.5) == 1.0
+    assert above_chance_p(10, 10, 0.5) == pytest.approx(2**-10)
+    assert above_chance_p(3, 8, 0.125) == pytest.approx(1 - sum(math.comb(8, k) * 0.125**k * 0.875 ** (8 - k)
+                                                                 for k in range(3)))

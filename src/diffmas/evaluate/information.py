@@ -48,3 +48,11 @@ def mutual_information_ci(secrets: Sequence[Hashable], answers: Sequence[Hashabl
         stats.append(mutual_information_bits(xs, ys))
     low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2]) if stats else (0.0, 0.0)
     return float(low), float(high)
+
+
+def above_chance_p(n_correct: int, n: int, chance: float) -> float:
+    """One-sided exact binomial p-value of `n_correct` or more right answers out of `n` at `chance`."""
+    if not 0 <= n_correct <= n:
+        raise ValueError(f"n_correct={n_correct} must be within 0..n={n}")
+    tail = sum(math.comb(n, k) * chance**k * (1 - chance) ** (n - k) for k in range(n_correct, n + 1))
+    return min(1.0, tail)

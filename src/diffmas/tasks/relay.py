@@ -37,20 +37,21 @@ NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "I
          "Leo", "Maria", "Nina", "Oscar", "Paul", "Quinn", "Rosa", "Sam", "Tina", "Uma", "Victor", "Wendy",
          "Xavier", "Yara", "Zoe", "Adam", "Bella", "Chris", "Diana", "Ethan", "Fiona")
 
-SYSTEM = "You are one agent in a team that answers a question together."
-SENDER = Role("sender", SYSTEM, "{private}\nYour team will be asked: {question}")
-READER = Role("reader", SYSTEM, "{question}\n{format}")
+# Short prompts on purpose: training cost on a CPU is proportional to the tokens in the trace, and
+# the task needs no more than the fact and the question (an empty system message also keeps
+# chat templates from inserting their default one).
+SYSTEM = ""
+SENDER = Role("sender", SYSTEM, "{private} Your team is asked: {question}")
+READER = Role("reader", SYSTEM, "{question} {format}")
+AGGREGATOR = Role("aggregator", SYSTEM, "{question} {format}")
 
 
 def _relay(index: int) -> Role:
-    return Role(f"relay_{index}", SYSTEM, "Pass on what you were told.\nYour team will be asked: {question}")
+    return Role(f"relay_{index}", SYSTEM, "Pass on what you were told. Your team is asked: {question}")
 
 
 def _holder(index: int) -> Role:
-    return Role(f"holder_{index}", SYSTEM, "{private}\nYour team will be asked: {question}")
-
-
-AGGREGATOR = Role("aggregator", SYSTEM, "{question}\n{format}")
+    return Role(f"holder_{index}", SYSTEM, "{private} Your team is asked: {question}")
 
 
 @lru_cache(maxsize=1)

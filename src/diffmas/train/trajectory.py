@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmas.methods import Ask, Method, Upstream, asks_of
+from diffmas.trace import LatentTrace
 
 IGNORE = -100
 
