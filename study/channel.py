@@ -82,7 +82,7 @@ class Stage:
 
 
 def stages(s: ChannelSettings) -> list[Stage]:
-    """Every stage, most important first (the m grid, then the probes at m = probe_m)."""
+    """Every stage: the m grid, then the probes at m = probe_m (see `work` for the order they run in)."""
     word = f"relay_word?k={s.k}" if s.k != 8 else "relay_word"
     grid = [Stage("grid", word, method, m, grad)
             for m in s.ms
@@ -129,11 +129,30 @@ def done(stage: Stage) -> bool:
     return (OUT / stage.name / "eval" / "summary.json").is_file()
 
 
+def run_order(s: ChannelSettings) -> list[Stage]:
+    """Cheap evaluations first, then trainings by how much each answers: the probe m, the m=0
+    control and m=1 of the grid, one probe of each kind, then the rest of the grid and probes.
+    An interrupted study thus leaves the most telling table cells filled."""
+    every = stages(s)
+    ranked_m = [s.probe_m, 0, 1, *sorted(m for m in s.ms if m not in (s.probe_m, 0, 1))]
+
+    def rank(st: Stage) -> tuple:
+        if not st.trained:
+            return (0,)
+        if st.group == "grid":
+            position = ranked_m.index(st.m)
+            return (1, 0 if position < 3 else 2, position, st.upstream_grad != "full")
+        first_of_group = st == next(x for x in every if x.group == st.group and x.trained)
+        return (1, 1 if first_of_group else 3, 0)
+
+    return sorted(every, key=rank)
+
+
 def work(s: ChannelSettings, only: str | None) -> None:
     """Run every unfinished stage nobody else has claimed (a claim is an atomic mkdir)."""
     claims = OUT / ".claims"
     claims.mkdir(parents=True, exist_ok=True)
-    for stage in stages(s):
+    for stage in run_order(s):
         if done(stage) or (only and only not in stage.name):
             continue
         claim = claims / stage.name.replace("/", "__")

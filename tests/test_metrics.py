@@ -152,7 +152,7 @@ def test_summary_keys_and_empty_input():
             "answer_agreement", "n_option_questions", "option_accuracy", "option_accuracy_ci",
             "option_accuracy_norm", "option_accuracy_norm_ci", "chance", "perplexity", "mean_entropy",
             "tokens", "latency_s", "seconds_per_question", "trace_bytes", "peak_memory_bytes",
-            "truncated_rate", "n_boot"}
+            "truncated_rate", "n_boot", "accuracy_strict", "accuracy_strict_ci", "option_seconds_per_question"}
     assert set(summarize([rec("a")])) == keys
     empty = summarize([skipped("a")])
     assert set(empty) == keys

@@ -7,6 +7,7 @@ reports its own peak rather than the process's lifetime peak.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import sys
@@ -80,3 +81,24 @@ def rss_peak_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class PhaseMeter:
+    """Wall time summed and peak memory maxed over the blocks measured with it, and only those.
+
+    Splits one computation's cost between parties: `with method.measure(): ...`, then
+    `with scoring.measure(): ...` leaves the scoring's time and memory out of the method's figures.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.wall_s = 0.0
+        self.peak_bytes = 0
+
+    @contextlib.contextmanager
+    def measure(self):
+        clock = Stopwatch(self.device).start()
+        with MemoryMeter(self.device) as memory:
+            yield self
+        self.wall_s += clock.elapsed()
+        self.peak_bytes = max(self.peak_bytes, memory.peak_bytes)

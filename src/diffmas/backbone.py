@@ -115,6 +115,9 @@ class Backbone:
     gradient_checkpointing: bool = False
     _adapter_stack: list = field(default_factory=list, repr=False)
 
+    def __post_init__(self):
+        check_cache_layers(self.base_model().config, self.name)
+
     # -- shape facts used by the trace and the accounting
     @property
     def config(self):
@@ -180,8 +183,8 @@ class Backbone:
         return self.input_embeddings()(input_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., d) last hidden states -> (..., V) fp32 logits."""
-        return self.output_embeddings()(hidden).float()
+        """(..., d) last hidden states -> (..., V) fp32 logits, as the model's own forward makes them."""
+        return final_logit_processing(self.config, self.output_embeddings()(hidden).float())
 
     @property
     def realigner(self) -> Realigner:
@@ -249,6 +252,50 @@ class Backbone:
         finally:
             self.model.set_adapter(previous)
             restore()
+
+
+def final_logit_processing(config, logits: torch.Tensor) -> torch.Tensor:
+    """What a model's forward does after its LM head, which the trace calls directly.
+
+    Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma 2/3 soft-cap
+    with `final_logit_softcapping`; without them greedy choices, sampling temperatures and
+    likelihoods would all be off.
+    """
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor:
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_cache_layers(config, name: str) -> None:
+    """Refuse models whose KV cache is not full attention in every layer.
+
+    The trace appends to, selects rows of and replays plain `DynamicLayer`s; a sliding-window layer
+    (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) drops old entries, a linear-attention or
+    hybrid layer (Qwen3-Next, Mamba hybrids) keeps a state instead of entries, and either would
+    silently break what later agents read. Decided from the cache transformers builds for `config`.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    kinds = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers
+                    if type(layer) is not DynamicLayer})
+    if kinds:
+        text = config.get_text_config(decoder=True)
+        window = getattr(text, "sliding_window", None)
+        raise BackboneError(
+            f"model {name!r} ({text.model_type}) has {', '.join(kinds)} cache layers"
+            + (f" (sliding_window={window})" if window else "")
+            + "; the latent trace supports full-attention layers only: use a model whose layers all attend "
+            "to the whole context (Llama, Qwen2/Qwen3 without sliding window, ...)"
+            + ("; a window at least as long as your traces can be switched off with config.sliding_window=None"
+               if window else ""))
 
 
 # ----------------------------------------------------------------------------- loading

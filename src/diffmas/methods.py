@@ -18,7 +18,7 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 
-from diffmas.accounting import MemoryMeter, Stopwatch
+from diffmas.accounting import PhaseMeter, Stopwatch
 from diffmas.backbone import Backbone
 from diffmas.channel import latent_steps, prefill, text_context
 from diffmas.errors import DiffmasError
@@ -90,6 +90,9 @@ class RunResult:
     token_logprobs: list[float] = field(default_factory=list)  # final agent, per generated token
     token_entropies: list[float] = field(default_factory=list)  # final agent, top-k entropy per token
     option_logprobs: list[float] | None = None  # per option: sum log p(option text | context), if asked
+    # option scoring's own cost (whole batch), kept out of wall_s and peak_memory_bytes
+    option_wall_s: float | None = None
+    option_peak_memory_bytes: int | None = None
 
     @property
     def n_tokens(self) -> dict[str, int]:
@@ -209,22 +212,31 @@ class Method:
                 or len(privates) != len(questions):
             raise MethodError(f"got {len(seeds)} seeds, {len(options or [])} option sets and "
                               f"{len(privates)} private inputs for {len(questions)} questions")
-        device = self.backbone.device
-        with torch.no_grad(), MemoryMeter(device) as memory:
-            clock = Stopwatch(device).start()
-            asks = asks_of(questions, privates)
-            # Everything before sampling is computed once per distinct question where it cannot
-            # depend on the seed (k samples of a question), then handed to every row that asks.
-            rows = self._distinct_rows(asks)
-            owners = sorted(set(rows)) if rows else list(range(len(asks)))
-            picks = [owners.index(r) for r in rows] if rows else None
-            up = self.build_upstream([asks[i] for i in owners], [seeds[i] for i in owners])
-            scored = self._score_options(up, [options[i] for i in owners]) if options is not None else None
-            final_records, out, up = self._final_agent(up, [asks[i] for i in owners], format, seeds, picks)
-            wall = clock.elapsed()
+        # The method's cost leaves out option scoring (its copies of the trace included), which
+        # is measured on its own: cost figures compare methods, not how they were scored.
+        cost, option_cost = PhaseMeter(self.backbone.device), PhaseMeter(self.backbone.device)
+        scored = None
+        with torch.no_grad():
+            with cost.measure():
+                asks = asks_of(questions, privates)
+                # Everything before sampling is computed once per distinct question where it cannot
+                # depend on the seed (k samples of a question), then handed to every row that asks.
+                rows = self._distinct_rows(asks)
+                owners = sorted(set(rows)) if rows else list(range(len(asks)))
+                picks = [owners.index(r) for r in rows] if rows else None
+                up = self.build_upstream([asks[i] for i in owners], [seeds[i] for i in owners])
+            if options is not None:
+                with option_cost.measure():
+                    scored = self._score_options(up, [options[i] for i in owners])
+            with cost.measure():
+                final_records, out, up = self._final_agent(up, [asks[i] for i in owners], format, seeds, picks)
         if picks is not None and scored is not None:
             scored = [scored[p] for p in picks]
-        return self._results([*up.agents, final_records], out, up.traces, wall, memory.peak_bytes, scored)
+        results = self._results([*up.agents, final_records], out, up.traces, cost.wall_s, cost.peak_bytes, scored)
+        if options is not None:
+            for r in results:
+                r.option_wall_s, r.option_peak_memory_bytes = option_cost.wall_s, option_cost.peak_bytes
+        return results
 
     def _distinct_rows(self, asks: list["Ask"]) -> list[int] | None:
         """For each question, the row of its first occurrence — when the upstream may be shared.
@@ -372,6 +384,7 @@ class TextMAS(Method):
             agent_seeds = [s * 1009 + i + 1 for s in seeds]
             records, out = self._decode_agent(trace, role, self.prompts(role, asks, "", contexts),
                                               upstream_cfg, agent_seeds)
+            trace.release()  # only its text is read on; keeping its keys and values would hold every agent's
             agents.append(records)
             traces.append(trace)
             for msgs, text in zip(messages, out.texts):

@@ -87,6 +87,8 @@ class LatentTrace:
         training loss all see the same visibility.
     """
 
+    released = False  # see `release`
+
     def __init__(self, backbone, batch_size: int, reads: Reads = "all"):
         if reads not in READS:
             raise DiffmasError(f"reads={reads!r}: choose one of {', '.join(READS)}")
@@ -123,6 +125,15 @@ class LatentTrace:
         bb = self.backbone
         return bb.n_layers * 2 * bb.n_kv_heads * bb.head_dim * torch.finfo(bb.dtype).bits // 8
 
+    def release(self) -> None:
+        """Free the keys and values and keep the accounting (mask, positions, segments).
+
+        For a trace no agent reads again (text_mas: an upstream agent's own trace once it has
+        decoded): its length is still reported, its memory is not held. Nothing can be appended after.
+        """
+        self.cache = DynamicCache(config=self.backbone.base_model().config)
+        self.released = True
+
     # ------------------------------------------------------------------ writing
     def append(
         self,
@@ -140,6 +151,8 @@ class LatentTrace:
             specialists in a hierarchical topology); later chunks still see them.
         Returns the last hidden states (B, T, d), post final norm.
         """
+        if self.released:
+            raise DiffmasError("this trace was released (its keys and values freed); append to a live trace")
         chunk_mask = chunk_mask.to(self.attention_mask)
         n_new = chunk_mask.sum(dim=1)
         furthest = int((self.next_position + n_new).max()) if n_new.numel() else 0
@@ -242,7 +255,8 @@ class LatentTrace:
         other.batch_size = len(rows)
         other.reads = self.reads
         config = self.backbone.base_model().config
-        if self.length == 0:
+        other.released = self.released
+        if self.length == 0 or self.released:
             other.cache = DynamicCache(config=config)
         else:
             other.cache = DynamicCache(

@@ -170,3 +170,42 @@ def summary_table(summary: dict, out) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+# CLI option -> the TrainConfig field an adapter records it as (diffmas.train.adapters.TRAINED_SETTINGS)
+_ADAPTER_OPTIONS = {"latent_steps": "latent_steps", "topology": "topology", "agents": "n_agents",
+                    "roles": "roles", "chat_template_kwargs": "chat_kwargs", "reads": "reads"}
+
+
+def with_adapter_settings(ctx: typer.Context, options: dict) -> dict:
+    """The command's options with the adapter's trained settings for those not set on the command
+    line, and a warning for each set to another value than the adapter was trained with."""
+    if not options.get("adapter"):
+        return options
+    import warnings
+
+    from diffmas.train.adapters import AdapterSettingsWarning, read_metadata, reconcile_settings, trained_settings
+
+    names = [o for o in _ADAPTER_OPTIONS if o in options]
+
+    def as_field(option: str, value):
+        if option == "chat_template_kwargs":
+            return json.loads(value) if value else {}
+        return str(value) if option == "roles" and value is not None else value
+
+    current = {_ADAPTER_OPTIONS[o]: as_field(o, options[o]) for o in names}
+    given = {_ADAPTER_OPTIONS[o]: current[_ADAPTER_OPTIONS[o]] for o in names
+             if getattr(ctx.get_parameter_source(o), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")}
+    trained = trained_settings(read_metadata(options["adapter"]), list(current))
+    settings, notes = reconcile_settings(trained, given, current, list(current))
+    for note in notes:
+        warnings.warn(f"{options['adapter']}: {note}", AdapterSettingsWarning, stacklevel=2)
+    out = dict(options)
+    for o in names:
+        value = settings[_ADAPTER_OPTIONS[o]]
+        if o == "chat_template_kwargs":
+            value = json.dumps(value) if value else None
+        elif o == "roles" and value is not None:
+            value = Path(value)
+        out[o] = value
+    return out

@@ -14,6 +14,7 @@ from diffmas.cli import common as c
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     task: str = typer.Option(..., "--task", help="Task name (diffmas tasks) or jsonl:PATH?..."),
     method: str = typer.Option("latent_mas", help="single, text_mas, latent_mas or diffmas."),
     out: Path = typer.Option(..., "--out", help="Run directory; rerun the same command to resume."),
@@ -43,10 +44,11 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead of a table."),
 ) -> None:
     """Evaluate a method on a task; writes config.json, samples.jsonl and summary.json."""
-    options = {k: v for k, v in locals().items() if k not in ("out", "as_json")}
+    options = {k: v for k, v in locals().items() if k not in ("out", "as_json", "ctx")}
     from diffmas.evaluate.runner import evaluate
 
     c.check_methods([method])
+    options = c.with_adapter_settings(ctx, options)  # trained latent steps, topology, roles, chat kwargs
     summary = evaluate(c.eval_config(**options), out)
     if not summary:  # not the main process of a sharded run
         return

@@ -14,6 +14,7 @@ from diffmas.cli import common as c
 
 @app.command()
 def run(
+    ctx: typer.Context,
     question: str = typer.Argument(..., help="The question to answer."),
     method: str = typer.Option("latent_mas", help="single, text_mas, latent_mas or diffmas."),
     latent_steps: int = c.LatentStepsOpt,
@@ -41,6 +42,11 @@ def run(
     from diffmas.roles import build_topology
 
     c.check_methods([method])
+    trained = c.with_adapter_settings(ctx, {"adapter": adapter, "latent_steps": latent_steps, "topology": topology,
+                                       "agents": agents, "roles": roles, "chat_template_kwargs": chat_template_kwargs,
+                                       "reads": reads})
+    latent_steps, topology, agents, roles, chat_template_kwargs, reads = (
+        trained[k] for k in ("latent_steps", "topology", "agents", "roles", "chat_template_kwargs", "reads"))
     topo = build_topology(topology, agents, roles)
     config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
                             upstream_temperature, chat_template_kwargs, reads)

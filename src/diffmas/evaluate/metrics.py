@@ -71,6 +71,11 @@ def is_correct(record: dict) -> bool:
     return record.get("status") == "ok" and record.get("correct") is True
 
 
+def is_correct_strict(record: dict) -> bool:
+    """True only for an answered record whose strict-match extraction is correct."""
+    return record.get("status") == "ok" and record.get("correct_strict") is True
+
+
 def question_scores(records: Iterable[dict]) -> dict[str, float]:
     """Per question: the mean correctness over its samples (skipped = wrong)."""
     return {qid: sum(map(is_correct, recs)) / len(recs) for qid, recs in by_question(records).items()}
@@ -123,13 +128,15 @@ def summarize(records: Iterable[dict], n_boot: int = 1000, seed: int = 0) -> dic
 
     Keys: n_questions, n_records, n_samples_per_question (k), n_skipped, skip_reasons
     ({reason: count}); accuracy (pass@1: mean over questions of the mean correctness of its
-    samples, skipped = wrong), accuracy_ci ([lo, hi]), accuracy_answered (over non-skipped
+    samples, skipped = wrong; flexible extraction), accuracy_ci ([lo, hi]), accuracy_strict(_ci)
+    (the same under strict-match extraction; None for tasks without one), accuracy_answered (over non-skipped
     records); majority_vote_accuracy, self_consistency (share of questions with >= 3/4 of samples
     correct), answer_agreement (mean share of samples giving the modal answer) -- None when k = 1;
     n_option_questions, option_accuracy(_ci), option_accuracy_norm(_ci), chance -- None without
     option likelihoods; perplexity (mean over records of exp(mean_nll)), mean_entropy; tokens
     ({per_role: {role: {prompt, latent, generated}}, per_question: {prompt, latent, generated,
     total}, total: {...}}); latency_s ({p50, p95} of batch wall time); seconds_per_question;
+    option_seconds_per_question (option scoring, not part of the method's cost);
     trace_bytes ({mean, max}); peak_memory_bytes; truncated_rate; n_boot. Undefined values are None.
     """
     records = list(records)
@@ -145,6 +152,7 @@ def summarize(records: Iterable[dict], n_boot: int = 1000, seed: int = 0) -> dic
         "n_skipped": len(skipped),
         "skip_reasons": dict(Counter(str(r.get("reason")) for r in skipped).most_common()),
         **_accuracy("accuracy", scores, n_boot, seed),
+        **_strict_accuracy(groups, n_boot, seed),
         "accuracy_answered": _mean([is_correct(r) for r in ok]),
         **_agreement(groups, k),
         **_option_accuracy(groups, n_boot, seed),
@@ -162,6 +170,15 @@ def _accuracy(key: str, scores: Sequence[float], n_boot: int, seed: int) -> dict
     if not len(scores):
         return {key: None, f"{key}_ci": None}
     return {key: float(np.mean(scores)), f"{key}_ci": list(bootstrap_ci(scores, n_boot, seed))}
+
+
+def _strict_accuracy(groups: dict[str, list[dict]], n_boot: int, seed: int) -> dict:
+    """accuracy under strict-match extraction, beside `accuracy` (flexible-extract), for runs whose
+    records have it (choice tasks); skipped records and empty generations count as wrong."""
+    if not any("correct_strict" in r for recs in groups.values() for r in recs):
+        return {"accuracy_strict": None, "accuracy_strict_ci": None}
+    scores = [sum(map(is_correct_strict, recs)) / len(recs) for recs in groups.values()]
+    return _accuracy("accuracy_strict", scores, n_boot, seed)
 
 
 def _agreement(groups: dict[str, list[dict]], k: int) -> dict:
@@ -231,6 +248,8 @@ def _cost(ok: list[dict]) -> dict:
     wall = np.array([r["wall_s"] for r in timed], dtype=float)
     # Records of one batch share its wall time, so wall_s / batch_size sums to each batch's time once.
     shares = [r["wall_s"] / r["batch_size"] for r in timed if r.get("batch_size")]
+    option_shares = [r["option_likelihood"]["wall_s"] / r["batch_size"] for r in ok
+                     if (r.get("option_likelihood") or {}).get("wall_s") is not None and r.get("batch_size")]
     trace = [r["trace_bytes"] for r in ok if r.get("trace_bytes") is not None]
     peak = [r["peak_memory_bytes"] for r in ok if r.get("peak_memory_bytes") is not None]
     return {
@@ -238,6 +257,7 @@ def _cost(ok: list[dict]) -> dict:
         "latency_s": ({"p50": float(np.percentile(wall, 50)), "p95": float(np.percentile(wall, 95))}
                       if wall.size else None),
         "seconds_per_question": _mean(shares),
+        "option_seconds_per_question": _mean(option_shares),
         "trace_bytes": {"mean": _mean(trace), "max": int(max(trace))} if trace else None,
         "peak_memory_bytes": int(max(peak)) if peak else None,
         "truncated_rate": _mean([bool(r.get("truncated")) for r in ok]),

@@ -55,7 +55,9 @@ def _run_jobs(method, task, jobs, base_seed, scored: bool) -> list[dict]:
     for (ex, k), r in zip(jobs, results):
         record = answer_record(ex, k, r, _score(task, ex, r))
         if r.option_logprobs is not None:
-            record["option_likelihood"] = option_record(ex, task.option_texts(ex), r.option_logprobs)
+            record["option_likelihood"] = {**option_record(ex, task.option_texts(ex), r.option_logprobs),
+                                           # the scoring's own cost (whole batch), not in the method's
+                                           "wall_s": r.option_wall_s, "peak_memory_bytes": r.option_peak_memory_bytes}
         records.append(record)
     return records
 
@@ -90,6 +92,9 @@ def answer_record(example: Example, sample: int, result: RunResult, score: Score
         "extracted": score.extracted,
         "correct": bool(score.correct),
         "reason": score.reason,
+        # strict-match beside the flexible `extracted` / `correct` (choice tasks)
+        **({"extracted_strict": score.extracted_strict, "correct_strict": bool(score.correct_strict)}
+           if score.correct_strict is not None else {}),
         "truncated": result.truncated,
         "agents": [asdict(a) for a in result.agents],
         "n_tokens": result.n_tokens,

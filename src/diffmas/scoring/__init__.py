@@ -4,7 +4,7 @@ Tasks delegate to these functions; methods never score. Code runs only in the sa
 (`diffmas.scoring.sandbox`), never in the calling process.
 """
 
-from diffmas.scoring.choice import extract_choice, score_choice
+from diffmas.scoring.choice import extract_choice, extract_choice_strict, score_choice
 from diffmas.scoring.code import (
     extract_code,
     humaneval_program,
@@ -20,6 +20,7 @@ __all__ = [
     "SandboxError",
     "SandboxResult",
     "extract_choice",
+    "extract_choice_strict",
     "extract_code",
     "extract_exact",
     "extract_math_answer",

@@ -15,6 +15,13 @@ first; the first rule that finds a label wins, and within a rule the last mentio
 5. a marked label in running text: "(B)", "[B]", "**B**", "option B" / "choice B";
 6. a bare label ending the text: "... so it's B.".
 
+A restated option list ("A. <option A>\nB. <option B>\n...") is no answer: rule 3 counts a label
+restating its own option only when no other label does too.
+
+`extract_choice` is the flexible extraction (lm-evaluation-harness: flexible-extract);
+`extract_choice_strict` reads only rules 1-2, an answer given as asked or stated as the answer
+(strict-match). `score_choice` reports both.
+
 A bare label counts only when it is clearly an answer token: a label followed by a lowercase
 word ("A plant needs ...", "B cells") reads as prose and is skipped, unless the word is one that
 continues an answer ("B because ...", "A is correct"). Letter labels match either case in rules
@@ -143,14 +150,16 @@ def _from_labelled_option(text: str, labels: Sequence[str], choices: Sequence[st
     """A line "A. <text of option A>" (or "(A) ...", "A) ..."): the label and its own option agree."""
     regex = re.compile(rf"^[ \t]*[(\[*]*[ \t]*(?P<label>{_label_pattern(labels)})[ \t]*[)\].:]+[ \t]*\**[ \t]*"
                        rf"(?P<rest>\S.*)$", re.MULTILINE | re.IGNORECASE)
-    for match in reversed(list(regex.finditer(text))):
+    restated = []
+    for match in regex.finditer(text):
         label = _canonical(match.group("label"), labels)
         if label is None:
             continue
         rest, option = _normalise_text(match.group("rest")), _normalise_text(choices[labels.index(label)])
         if option and (rest == option or rest.startswith(option)):
-            return label
-    return None
+            restated.append(label)
+    # several labels each restating their own option: the option list copied out, not a choice
+    return restated[-1] if len(set(restated)) == 1 else None
 
 
 def _from_option_text(text: str, labels: Sequence[str], choices: Sequence[str]) -> str | None:
@@ -187,6 +196,14 @@ def extract_choice(text: str, labels: Sequence[str], choices: Sequence[str] = ()
             or _apply(weak, text, labels))
 
 
+def extract_choice_strict(text: str, labels: Sequence[str], choices: Sequence[str] = ()) -> str | None:
+    """strict-match: the label of an explicit answer only, `\\boxed{B}` (the format the tasks ask
+    for) or an answer statement ("The answer is (B)"); None for anything the flexible rules guess."""
+    labels = _check_labels(labels, choices)
+    statement = _label_rules(labels)[0][:1]
+    return _from_boxed(text, labels, choices) or _apply(statement, text, labels)
+
+
 def score_choice(text: str, gold_label: str, labels: Sequence[str],
                  choices: Sequence[str] = ()) -> Score:
     """Extract the chosen label and compare it with `gold_label`."""
@@ -196,7 +213,10 @@ def score_choice(text: str, gold_label: str, labels: Sequence[str],
         raise ValueError(f"gold label {gold_label!r} is not one of the labels {labels!r}; pass "
                          "the correct option's label (e.g. 'B'), not its text or position")
     extracted = extract_choice(text, labels, choices)
+    strict = extract_choice_strict(text, labels, choices)
     if extracted is None:
-        return Score(correct=False, extracted=None, reason="no answer")
+        return Score(correct=False, extracted=None, reason="no answer", extracted_strict=strict,
+                     correct_strict=strict == gold)
     correct = extracted == gold
-    return Score(correct=correct, extracted=extracted, reason=None if correct else "wrong answer")
+    return Score(correct=correct, extracted=extracted, reason=None if correct else "wrong answer",
+                 extracted_strict=strict, correct_strict=strict == gold)

@@ -34,3 +34,7 @@ class Score:
     correct: bool
     extracted: str | None  # what was read from the generation (None: no answer found)
     reason: str | None = None  # why it failed / was skipped (e.g. "no answer", "timeout")
+    # strict-match beside the flexible extraction above, as lm-evaluation-harness reports both;
+    # None where the scorer has no strict form
+    extracted_strict: str | None = None
+    correct_strict: bool | None = None

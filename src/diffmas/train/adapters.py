@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
@@ -20,19 +21,60 @@ from diffmas.roles import Topology
 
 DIFFMAS_CONFIG = "diffmas_config.json"
 SHARED = "default"  # peft's name for a single adapter; saved at the directory root
+# Settings of the trained multi-agent system that inference with the adapter should share (names of
+# TrainConfig fields). A run that leaves one unset gets the trained value; one that sets another is warned
+# (`reconcile_settings`; the CLI decides what was set, see cli.common.with_adapter_settings).
+TRAINED_SETTINGS = ("latent_steps", "topology", "n_agents", "roles", "chat_kwargs", "reads")
+
+
+class AdapterSettingsWarning(UserWarning):
+    """An adapter is used with settings other than the ones it was trained with."""
 
 
 def base_fingerprint(backbone: Backbone) -> str:
-    """Identifies base weights: architecture numbers plus a hash of the input embeddings.
-
-    The embeddings are frozen and differ between any two trained models, so an adapter trained on
-    another base model (even one of the same shape) is caught.
-    """
+    """The base model's architecture numbers: the same in every dtype it is loaded in."""
     cfg = backbone.config
+    return f"{cfg.model_type}-L{cfg.num_hidden_layers}-d{cfg.hidden_size}-V{cfg.vocab_size}"
+
+
+def embedding_probe(backbone: Backbone) -> list[float]:
+    """A strided sample of the frozen input embeddings (64 rows x 4 columns spread over the matrix).
+
+    They differ between any two trained models, even of the same shape, so an adapter trained on
+    another base model is caught; they are compared with a tolerance (`_same_probe`), because one
+    model loaded in bf16, fp16 or fp32 holds them rounded differently.
+    """
+    emb = backbone.input_embeddings().weight.detach()  # (V, d)
+    rows = emb[:: max(1, emb.shape[0] // 64)][:64]
+    sample = rows[:, :: max(1, emb.shape[1] // 4)][:, :4].float().cpu().flatten()
+    return [float(f"{x:.6g}") for x in sample.tolist()]
+
+
+# bf16 keeps 8 significant bits (relative error <= 2^-9); fp16 loses absolute precision below 6e-5
+_PROBE_RTOL, _PROBE_ATOL = 2.0 ** -7, 1e-6
+
+
+def _same_probe(saved: list[float], current: list[float]) -> bool:
+    return len(saved) == len(current) and all(
+        abs(a - b) <= _PROBE_RTOL * max(abs(a), abs(b)) + _PROBE_ATOL for a, b in zip(saved, current))
+
+
+def _legacy_fingerprint(backbone: Backbone) -> str:
+    """The fingerprint adapters written before the probe carry (it depended on the dtype)."""
     emb = backbone.input_embeddings().weight.detach()
-    sample = emb[:: max(1, emb.shape[0] // 64)].float().cpu().contiguous()  # 64 rows spread over the vocab
+    sample = emb[:: max(1, emb.shape[0] // 64)].float().cpu().contiguous()
     digest = hashlib.sha256(sample.numpy().round(4).tobytes()).hexdigest()[:16]
-    return f"{cfg.model_type}-L{cfg.num_hidden_layers}-d{cfg.hidden_size}-V{cfg.vocab_size}-{digest}"
+    return f"{base_fingerprint(backbone)}-{digest}"
+
+
+def trained_for(trained_on: dict, backbone: Backbone) -> bool:
+    """Whether the base model an adapter records (`base_model` of its metadata) is this backbone."""
+    if not trained_on.get("fingerprint"):
+        return True  # a plain peft adapter: nothing recorded to check
+    if "embedding_probe" not in trained_on:
+        return trained_on["fingerprint"] == _legacy_fingerprint(backbone)
+    return (trained_on["fingerprint"] == base_fingerprint(backbone)
+            and _same_probe(trained_on["embedding_probe"], embedding_probe(backbone)))
 
 
 def lora_config(config):
@@ -75,7 +117,8 @@ def write_metadata(out_dir: str | Path, backbone: Backbone, config, topology: To
         "adapters": mapping,
         "topology": topology.to_dict(),
         "latent_steps": config.latent_steps,
-        "base_model": {"name": config.model, "fingerprint": base_fingerprint(backbone)},
+        "base_model": {"name": config.model, "fingerprint": base_fingerprint(backbone),
+                       "embedding_probe": embedding_probe(backbone)},
         "data_hash": data_hash,
         "train_config": config.to_dict(),
         "versions": package_versions(),
@@ -96,6 +139,30 @@ def read_metadata(path: str | Path) -> dict:
     raise BackboneError(f"{path} is not an adapter directory (no {DIFFMAS_CONFIG} or adapter_config.json)")
 
 
+def trained_settings(meta: dict, keys: Sequence[str] = TRAINED_SETTINGS) -> dict:
+    """The adapter's trained values of `keys` (from its metadata; none for a plain peft adapter)."""
+    config = meta.get("train_config") or {}
+    return {k: config[k] for k in keys if k in config}
+
+
+def reconcile_settings(trained: Mapping, given: Mapping, defaults: Mapping,
+                       keys: Sequence[str] = TRAINED_SETTINGS) -> tuple[dict, list[str]]:
+    """Inference settings for an adapter: per key, the given value; where none was given (None),
+    the trained value, else the default. Returns (settings, one warning per key given a value
+    other than the trained one)."""
+    settings, notes = {}, []
+    for key in keys:
+        value = given.get(key)
+        if value is None:
+            settings[key] = trained.get(key, defaults.get(key))
+            continue
+        settings[key] = value
+        if key in trained and trained[key] != value:
+            notes.append(f"the adapter was trained with {key}={trained[key]!r} but runs with {key}={value!r}; "
+                         f"its results may not carry over (leave {key} unset to use the trained value)")
+    return settings, notes
+
+
 def attach_adapter(backbone: Backbone, path: str | Path, topology: Topology) -> dict[str, str]:
     """Load a trained adapter onto the backbone; return {role name: adapter name} for a method.
 
@@ -106,11 +173,11 @@ def attach_adapter(backbone: Backbone, path: str | Path, topology: Topology) -> 
     path = Path(path)
     meta = read_metadata(path)
     trained_on = meta.get("base_model", {})
-    if trained_on.get("fingerprint") and trained_on["fingerprint"] != base_fingerprint(backbone):
+    if not trained_for(trained_on, backbone):
         raise BackboneError(
             f"adapter {str(path)!r} was trained for base model {trained_on.get('name')!r} "
-            f"({trained_on['fingerprint']}), not for {backbone.name!r} ({base_fingerprint(backbone)}); "
-            "load it with the model it was trained on")
+            f"({trained_on['fingerprint']}), not for {backbone.name!r} ({base_fingerprint(backbone)}, "
+            "or these are other weights of that shape); load it with the model it was trained on")
     if meta["apply_to"] == "per-role":
         trained = list(meta["adapters"])
         roles = [r.name for r in topology.roles]

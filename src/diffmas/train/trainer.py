@@ -66,6 +66,22 @@ class TrajectoryTrainer(Trainer):
         self.backbone, self.topology, self.mapping = backbone, topology, mapping
         self.train_config, self.data_hash = train_config, data_hash
         self._window = {"tokens": 0, "trace": 0.0, "n": 0, "start": time.perf_counter()}
+        # compute_loss divides by the target tokens of the whole optimizer step (num_items_in_batch),
+        # so the Trainer must not divide by the accumulation steps again
+        self.model_accepts_loss_kwargs = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step and their target-token count (all processes).
+
+        The Trainer counts `labels`, which the string batches here do not have; without a count
+        each micro-batch's mean would weigh the same however many target tokens it has.
+        """
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        model = self.accelerator.unwrap_model(self.model)
+        count = torch.tensor(sum(model.count_target_tokens(b["targets"]) for b in batches), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batches, count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(**inputs)
@@ -73,7 +89,14 @@ class TrajectoryTrainer(Trainer):
         self._window["tokens"] += stats["n_target_tokens"]
         self._window["trace"] += stats["trace_len"]
         self._window["n"] += 1
-        return (out["loss"], out) if return_outputs else out["loss"]
+        loss = _step_loss(out, num_items_in_batch, self._token_averaging_processes())
+        return (loss, out) if return_outputs else loss
+
+    def _token_averaging_processes(self) -> int:
+        """DDP averages gradients over processes; a loss divided by the tokens of all of them is scaled back."""
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            return self.accelerator.num_processes
+        return 1
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         w = self._window
@@ -94,6 +117,15 @@ class TrajectoryTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter_weights(self.backbone.model, resume_from_checkpoint, self.mapping)
+
+
+def _step_loss(out: dict, num_items_in_batch, n_processes: int = 1) -> torch.Tensor:
+    """This micro-batch's share of the step loss: its summed cross-entropy over the target tokens of
+    the whole optimizer step, so that accumulated micro-batches add up to the mean over tokens
+    (the batch's own mean when the count is unknown, e.g. outside `train`)."""
+    if num_items_in_batch is None:
+        return out["loss"]
+    return out["loss_sum"] / num_items_in_batch * n_processes
 
 
 class _StopAt(TrainerCallback):
@@ -127,7 +159,7 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_config(out, config)
     torch.manual_seed(config.seed)  # LoRA initialisation
-    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
+    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=process_device(config.device))
     backbone.gradient_checkpointing = config.gradient_checkpointing
     topology = build_topology(config.topology, config.n_agents, config.roles, get_task(config.task))
     items = load_items(config)
@@ -176,6 +208,18 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
         return {}  # other ranks of a multi-process run: the main process reports
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def process_device(device: str) -> str:
+    """Where this process loads the model: under torchrun / `accelerate launch`, its own GPU.
+
+    "auto" (or "cuda") alone would put every rank's copy on GPU 0 until the Trainer moves it there
+    (8 x Qwen3-8B: about 128 GB on one GPU). LOCAL_RANK is what the launchers set per process.
+    """
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local_rank)}"
 
 
 def _training_args(config: TrainConfig, out: Path, report_to) -> TrainingArguments:

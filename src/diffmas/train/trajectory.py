@@ -51,9 +51,15 @@ class TrajectoryModel(torch.nn.Module):
         final = method.topology.final
         prompts = [method.prompts(final, [a], f, [c])[0] for a, f, c in zip(asks, formats, up.contexts)]
         with method.adapter_for(final):
-            loss, n_tokens = teacher_forced_loss(up.trace, final.name, prompts, targets, self.max_target_tokens)
+            loss_sum, n_tokens = teacher_forced_loss(up.trace, final.name, prompts, targets, self.max_target_tokens)
         self.last_stats = {"n_target_tokens": n_tokens, "trace_len": float(sum(up.trace.n_real())) / len(questions)}
-        return {"loss": loss}
+        # loss: this batch's mean; loss_sum / n_target_tokens let the Trainer weight micro-batches by tokens
+        return {"loss": loss_sum / max(n_tokens, 1), "loss_sum": loss_sum, "n_target_tokens": n_tokens}
+
+    def count_target_tokens(self, targets: Sequence[str]) -> int:
+        """The number of tokens the loss of these targets is taken over (before running anything)."""
+        tok = self.method.backbone.tokenizer
+        return sum(len(target_ids(tok, t, self.max_target_tokens)) for t in targets)
 
     def _upstream(self, asks: list[Ask], contexts) -> Upstream:
         if self.train_method == "diffmas":
@@ -64,21 +70,30 @@ class TrajectoryModel(torch.nn.Module):
         return Upstream(agents=[], trace=trace, contexts=list(contexts or [""] * len(asks)), traces=[trace])
 
 
+def target_ids(tokenizer, target: str, max_target_tokens: int) -> list[int]:
+    """The target's token ids, cut at `max_target_tokens`; EOS is appended only to a whole target,
+    since one after a cut would teach the model to stop mid-answer."""
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_target_tokens:
+        return ids[:max_target_tokens]
+    return ids + [tokenizer.eos_token_id]
+
+
 def teacher_forced_loss(trace: LatentTrace, agent: str, prompts: Sequence[str], targets: Sequence[str],
                         max_target_tokens: int = 512) -> tuple[torch.Tensor, int]:
-    """Append prompt + target for each row in one chunk; mean cross-entropy on the target tokens.
+    """Append prompt + target for each row in one chunk; summed cross-entropy on the target tokens.
 
     Each row's chunk is [padding, prompt, target, EOS]: the same positions and mask the final agent
-    has when it decodes the target at inference. Returns (loss, number of target tokens).
+    has when it decodes the target at inference (no EOS after a target cut at max_target_tokens).
+    Returns (summed loss, number of target tokens): the caller divides, by this batch's count or by
+    the count over all micro-batches of an optimizer step.
     """
     bb = trace.backbone
     tok = bb.tokenizer
-    eos = tok.eos_token_id
     rows = []
     for prompt, target in zip(prompts, targets):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        t_ids = tok(target, add_special_tokens=False)["input_ids"][:max_target_tokens] + [eos]
-        rows.append((p_ids, t_ids))
+        rows.append((p_ids, target_ids(tok, target, max_target_tokens)))
     width = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -94,4 +109,4 @@ def teacher_forced_loss(trace: LatentTrace, agent: str, prompts: Sequence[str], 
     chosen = labels != IGNORE
     logits = bb.logits(hidden[chosen])  # (N, V): only the target positions reach the LM head
     n_tokens = int(chosen.sum())
-    return F.cross_entropy(logits, labels[chosen]), n_tokens
+    return F.cross_entropy(logits, labels[chosen], reduction="sum"), n_tokens
