@@ -122,13 +122,17 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     from diffmas.train.trajectory import TrajectoryModel
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(out, config)
-    torch.manual_seed(config.seed)  # LoRA initialisation
-    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
-    backbone.gradient_checkpointing = config.gradient_checkpointing
+    # Everything that can fail on the user's input fails before `out` is touched, so that the
+    # corrected command starts cleanly instead of meeting a half-written run.
+    _check_config(out, config)
     topology = build_topology(config.topology, config.n_agents, config.roles)
     items = load_items(config)
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
+    _check_target_modules(backbone, config)
+    backbone.gradient_checkpointing = config.gradient_checkpointing
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out, config)
     context_start = time.perf_counter()
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once (cached on disk)
         frozen = get_method("text_mas", backbone, topology, MethodConfig(
@@ -205,17 +209,37 @@ def _training_args(config: TrainConfig, out: Path, report_to) -> TrainingArgumen
     )
 
 
-def _check_or_write_config(out: Path, config: TrainConfig) -> None:
+def _check_config(out: Path, config: TrainConfig) -> None:
+    """A saved training run in `out` must have the same settings (read only)."""
     path = out / TRAIN_CONFIG
-    wanted = config.to_dict()
-    if path.is_file():
-        diff = config_diff(json.loads(path.read_text()), wanted, dataclass_defaults(TrainConfig))
-        if diff:
-            raise TrainRunConflictError(f"{out} holds a training run with other settings ({'; '.join(diff)}); "
-                                        "resume with the same settings or choose another --out")
+    if not path.is_file():
         return
-    if int(os.environ.get("RANK", "0")) == 0:
-        path.write_text(json.dumps(wanted, indent=2) + "\n")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TrainRunConflictError(f"{path} is not valid JSON ({exc}); restore it or choose another --out") from None
+    diff = config_diff(saved, config.to_dict(), dataclass_defaults(TrainConfig))
+    if diff:
+        raise TrainRunConflictError(f"{out} holds a training run with other settings ({'; '.join(diff)}); "
+                                    "resume with the same settings or choose another --out")
+
+
+def _write_config(out: Path, config: TrainConfig) -> None:
+    path = out / TRAIN_CONFIG
+    if not path.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def _check_target_modules(backbone, config: TrainConfig) -> None:
+    """peft's own error for a --target-modules name the model lacks comes as a traceback, later."""
+    names = [name for name, _ in backbone.model.named_modules()]
+    # peft's rule for a list of names: a module matches a target equal to its name or a suffix of it
+    missing = [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise DiffmasError(f"--target-modules {','.join(missing)}: not in model {backbone.name!r}; "
+                           f"its linear layers are {', '.join(linear)}")
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
