@@ -197,15 +197,17 @@ def load_topology(path: str | Path) -> Topology:
     path = Path(path)
     if not path.is_file():
         raise RoleError(f"roles file {str(path)!r} does not exist")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RoleError(f"roles file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    data = _parse_roles_text(path, text)
-    if not isinstance(data, dict):
+        line = data[: exc.start].count(b"\n") + 1
+        raise RoleError(f"roles file {str(path)!r} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    parsed = _parse_roles_text(path, text)
+    if not isinstance(parsed, dict):
         raise RoleError(f"{path}: expected a mapping with 'kind' and 'roles'")
-    _check_role_fields(path, data.get("roles"))
-    return Topology.from_dict(data)
+    _check_role_fields(path, parsed.get("roles"))
+    return Topology.from_dict(parsed)
 
 
 def _parse_roles_text(path: Path, text: str):
@@ -229,15 +231,16 @@ def _parse_roles_text(path: Path, text: str):
 def _check_role_fields(path: Path, roles) -> None:
     """Roles as a list of {name, system, user} strings (YAML turns `name: 1` or `user:` into others)."""
     if not isinstance(roles, list) or not roles:
-        raise RoleError(f"{path}: 'roles' must be a non-empty list of {{name, system, user}} mappings")
+        raise RoleError(f"roles file {str(path)!r}: 'roles' must be a non-empty list of "
+                        "{name, system, user} mappings")
     for i, role in enumerate(roles, start=1):
         if not isinstance(role, dict):
-            raise RoleError(f"{path}: role {i} must be a mapping with name, system and user, "
+            raise RoleError(f"roles file {str(path)!r}: role {i} must be a mapping with name, system and user, "
                             f"got {type(role).__name__}")
         for key in ("name", "system", "user"):
             if key in role and not isinstance(role[key], str):
-                raise RoleError(f"{path}: role {i} field {key!r} must be a string, got {type(role[key]).__name__} "
-                                "(quote it in YAML)")
+                raise RoleError(f"roles file {str(path)!r}: role {i} field {key!r} must be a string, "
+                                f"got {type(role[key]).__name__} (quote it in YAML)")
 
 
 def render_prompt(tokenizer, role: Role, question: str, context: str = "", format: str = "",
