@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_cli import tiny_model_dir  # noqa: F401  (a fixture)
+from conftest import make_model, make_tokenizer
 
 EVAL = ["--latent-steps", "1", "--max-new-tokens", "4", "--agents", "2"]
 TRAIN = ["--split", "test", "--agents", "2", "--latent-steps", "1", "--batch-size", "2", "--grad-accum", "1",
@@ -47,6 +47,14 @@ def error_line(proc) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    make_model(tied=False).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -66,7 +74,7 @@ def bad_roles(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model_dir, qa, tmp_path_factory) -> Path:  # noqa: F811
+def adapter(tiny_model_dir, qa, tmp_path_factory) -> Path:
     """A trained 2-agent adapter of the tiny model (one optimizer step)."""
     from diffmas.train import TrainConfig
     from diffmas.train.trainer import train
@@ -87,8 +95,7 @@ def eval_args(model_dir, qa, out, *extra) -> list[str]:
 
 
 @pytest.mark.parametrize("option", ["--model", "--roles", "--adapter"])
-def test_eval_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_dir, qa, bad_roles, tmp_path,  # noqa: F811
-                                                                 option):
+def test_eval_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_dir, qa, bad_roles, tmp_path, option):
     bad = {"--model": "/no/such/model", "--roles": str(bad_roles), "--adapter": str(tmp_path / "no-adapter")}[option]
     expected = {
         "--model": "error: model path '/no/such/model' is not a model directory (no config.json there)",
@@ -109,7 +116,7 @@ def test_eval_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_
     assert json.loads((out / "summary.json").read_text())["n_records"] == 2
 
 
-def test_eval_growing_with_a_bad_model_leaves_the_run_as_it_was(cli, tiny_model_dir, qa, tmp_path):  # noqa: F811
+def test_eval_growing_with_a_bad_model_leaves_the_run_as_it_was(cli, tiny_model_dir, qa, tmp_path):
     out = tmp_path / "run"
     assert cli(*eval_args(tiny_model_dir, qa, out)).returncode == 0
     files = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -126,7 +133,7 @@ def test_eval_growing_with_a_bad_model_leaves_the_run_as_it_was(cli, tiny_model_
 
 
 @pytest.mark.parametrize("option", ["--model", "--roles"])
-def test_train_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_dir, qa, bad_roles, tmp_path,  # noqa: F811
+def test_train_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_dir, qa, bad_roles, tmp_path,
                                                                   option):
     out = tmp_path / "ad"
     good = ["train", "--task", f"jsonl:{qa}?type=math", "--model", str(tiny_model_dir), "--out", str(out), *TRAIN]
@@ -145,7 +152,7 @@ def test_train_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_summary.json").is_file()
 
 
-def test_train_with_an_unknown_target_module_writes_nothing(cli, tiny_model_dir, qa, tmp_path):  # noqa: F811
+def test_train_with_an_unknown_target_module_writes_nothing(cli, tiny_model_dir, qa, tmp_path):
     out = tmp_path / "ad"
     proc = cli("train", "--task", f"jsonl:{qa}?type=math", "--model", str(tiny_model_dir), "--out", str(out),
                *TRAIN, "--target-modules", "q_proj,qkv")
@@ -220,7 +227,7 @@ def test_utf8_with_byte_order_mark_is_read(tmp_path):
 
 
 @NO_CUDA
-def test_cuda_without_cuda_is_one_line_and_writes_nothing(cli, tiny_model_dir, qa, tmp_path):  # noqa: F811
+def test_cuda_without_cuda_is_one_line_and_writes_nothing(cli, tiny_model_dir, qa, tmp_path):
     out = tmp_path / "run"
     proc = cli(*eval_args(tiny_model_dir, qa, out, "--device", "cuda"))
     assert error_line(proc) == ("error: --device cuda: no CUDA device is available here "
@@ -263,8 +270,8 @@ def damage(adapter: Path, tmp_path: Path, how: str) -> Path:
     ("weights-cut", "adapter_model.safetensors' is not a readable safetensors file"),
     ("weights-missing", "adapter_model.safetensors' is missing; retrain the adapter or restore the file"),
     ("other-layers", "does not fit model"),
-])
-def test_damaged_adapter_is_one_line_and_writes_nothing(cli, tiny_model_dir, qa, adapter, tmp_path, how, problem):  # noqa: F811
+], ids=["metadata-json", "metadata-fields", "adapter-config", "weights-cut", "weights-missing", "other-layers"])
+def test_damaged_adapter_is_one_line_and_writes_nothing(cli, tiny_model_dir, qa, adapter, tmp_path, how, problem):
     broken = damage(adapter, tmp_path, how)
     out = tmp_path / "run"
     line = error_line(cli(*eval_args(tiny_model_dir, qa, out, "--method", "diffmas", "--adapter", str(broken))))
@@ -272,7 +279,7 @@ def test_damaged_adapter_is_one_line_and_writes_nothing(cli, tiny_model_dir, qa,
     assert not out.exists()
 
 
-def test_adapter_that_fits_runs(cli, tiny_model_dir, qa, adapter, tmp_path):  # noqa: F811
+def test_adapter_that_fits_runs(cli, tiny_model_dir, qa, adapter, tmp_path):
     out = tmp_path / "run"
     proc = cli(*eval_args(tiny_model_dir, qa, out, "--method", "diffmas", "--adapter", str(adapter)))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -281,19 +288,18 @@ def test_adapter_that_fits_runs(cli, tiny_model_dir, qa, adapter, tmp_path):  # 
 # ----------------------------------------------------------------------------- runs without answers
 
 
-def test_limit_zero_prints_the_summary_table(cli, tiny_model_dir, qa, tmp_path):  # noqa: F811
+def test_limit_zero_prints_the_summary_table(cli, tiny_model_dir, qa, tmp_path):
     out = tmp_path / "run"
     args = eval_args(tiny_model_dir, qa, out)
     args[args.index("--limit") + 1] = "0"
     proc = cli(*args)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "questions (records, skipped)" in proc.stdout and "0 (0, 0)" in proc.stdout
-    assert (out / "samples.jsonl").read_text() == "" and json.loads((out / "summary.json").read_text())["n_records"] == 0
+    assert (out / "samples.jsonl").read_text() == ""
+    assert json.loads((out / "summary.json").read_text())["n_records"] == 0
 
 
 def test_every_question_skipped_prints_the_summary_table(cli, tmp_path):
-    from conftest import make_model, make_tokenizer
-
     model_dir = tmp_path / "short-context"
     model = make_model(tied=False)
     model.config.max_position_embeddings = 256  # below any agent prompt: every question is skipped
@@ -307,7 +313,7 @@ def test_every_question_skipped_prints_the_summary_table(cli, tmp_path):
     assert json.loads((out / "summary.json").read_text())["n_skipped"] == 2
 
 
-def test_smaller_limit_prints_which_part_is_reported(cli, tiny_model_dir, qa, tmp_path):  # noqa: F811
+def test_smaller_limit_prints_which_part_is_reported(cli, tiny_model_dir, qa, tmp_path):
     out = tmp_path / "run"
     assert cli(*eval_args(tiny_model_dir, qa, out)).returncode == 0
     part = eval_args(tiny_model_dir, qa, out)
@@ -318,3 +324,17 @@ def test_smaller_limit_prints_which_part_is_reported(cli, tiny_model_dir, qa, tm
                                    "covers the limit 1, 1 sample each asked for, and the run's files are left "
                                    "as they are")
     assert "1 (1, 0)" in proc.stdout
+
+
+def test_method_adapter_mismatch_writes_nothing(cli, tiny_model_dir, qa, adapter, tmp_path):
+    """diffmas without an adapter, and an adapter of another base model: refused before --out is made."""
+    out = tmp_path / "run"
+    assert error_line(cli(*eval_args(tiny_model_dir, qa, out, "--method", "diffmas"))) == (
+        "error: method 'diffmas' needs a trained adapter: pass --adapter PATH (train one with `diffmas train`); "
+        "use latent_mas for the untrained channel")
+    other = tmp_path / "other-model"
+    make_model(tied=False, seed=1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    line = error_line(cli(*eval_args(other, qa, out, "--method", "diffmas", "--adapter", adapter)))
+    assert line.startswith(f"error: adapter '{adapter}' was trained for base model"), line
+    assert not out.exists()

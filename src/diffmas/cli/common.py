@@ -186,7 +186,8 @@ def summary_table(summary: dict, out) -> Table:
         rows += [("majority vote acc", _pct(summary["majority_vote_accuracy"])),
                  ("self-consistency", _pct(summary["self_consistency"]))]
     rows += [
-        ("perplexity / top-25 entropy", f"{_num(summary['perplexity'], '.2f')} / {_num(summary['mean_entropy'], '.2f')}"),
+        ("perplexity / top-25 entropy",
+         f"{_num(summary['perplexity'], '.2f')} / {_num(summary['mean_entropy'], '.2f')}"),
         ("tokens / question (prompt, latent, gen)",
          ", ".join(_num(tok.get(kind), ".0f") for kind in ("prompt", "latent", "generated"))),
         ("seconds / question", _num(summary["seconds_per_question"], ".2f")),
