@@ -189,3 +189,28 @@ def test_cut_context_cache_line_is_recomputed(tmp_path, damage):
     assert upstream.asked == ["C"]
     assert [it["context"] for it in items] == ["ctx-A", "ctx-B", "ctx-C"]
     assert [json.loads(line)["id"] for line in cache.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_sweep_grows_every_run_with_one_backbone(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from diffmas.cli import app
+    from diffmas.evaluate import runner
+
+    builds = []
+    build = runner.build_method
+    monkeypatch.setattr(runner, "build_method", lambda config: builds.append(config) or build(config))
+    rows = [{"question": f"What is {i}+1?", "answer": str(i + 1)} for i in range(3)]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "sweep"
+    args = ["sweep", "--task", f"jsonl:{data}?type=math", "--model", str(model_dir), "--out", str(out),
+            "--latent-steps", "0,1", "--agents", "2", "--max-new-tokens", "2", "--limit", "2"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    args[args.index("--limit") + 1] = "3"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(builds) == 2  # one backbone per sweep command, shared by both runs
+    for m in (0, 1):
+        assert len(read_records(out / f"m{m}")) == 3
+        assert read_json(out / f"m{m}" / "config.json")["eval"]["limit"] == 3

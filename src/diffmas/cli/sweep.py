@@ -89,13 +89,14 @@ def sweep(
     built = None  # the method, built on the first run that still has work
     summaries = []
     for config, run_dir in zip(configs, run_dirs):
-        if built is None and not (run_dir / runner.SUMMARY).is_file():
+        if built is None and runner.has_work(config, run_dir):
             built = runner.build_method(config)
         if built is not None:
             # same backbone; this run's m and agents (methods read both at every batch)
             built.config = config.method_config
             built.topology = build_topology(config.topology, config.n_agents, config.roles)
-        summaries.append(runner.evaluate(config, run_dir, method=built))
+        with c.warning_lines(runner.SubsetWarning):
+            summaries.append(runner.evaluate(config, run_dir, method=built))
     if not all(summaries):  # not the main process of a sharded run
         return
     _print_and_report(run_dirs, summaries, out / "report")

@@ -8,8 +8,8 @@ Rerunning the same command resumes: finished (id, sample) pairs are skipped, nev
 line cut short by a kill is cut off before appending and computed again. Rerunning with a larger
 --limit or more --samples grows the run (only the missing records are added, config.json is
 updated); a smaller one reports on that part of the run and leaves the files alone. Nothing is
-written before the settings, data, model, roles and adapter have been checked. Several processes (`accelerate launch` or
-`torchrun`) split the questions round-robin, each appending to its own shard file; the main
+written before the settings, data, model, roles and adapter have been checked. Several
+processes (`accelerate launch` or `torchrun`) split the questions round-robin, each appending to its own shard file; the main
 process merges the shards into samples.jsonl in question order and writes the summary.
 """
 
@@ -140,6 +140,15 @@ def _scope(config: EvalConfig) -> tuple:
     return config.limit, config.samples
 
 
+def has_work(config: EvalConfig, out: str | Path) -> bool:
+    """Whether `evaluate(config, out)` may have records to compute, from the files alone (no data
+    read): false for a finished run at least as large. Sweeps load the model only when true."""
+    out = Path(out)
+    saved = _saved_config(out)
+    if saved is None or not (out / SUMMARY).is_file():
+        return True
+    limit, samples = _saved_scope(saved)
+    return config.samples > samples or (limit is not None and (config.limit is None or config.limit > limit))
 
 
 def _shard_path(out: Path, rank: int) -> Path:
@@ -176,7 +185,7 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     # whether this call spans the whole run (then it writes summary.json and merges shards)
     whole = [ex.id for ex in in_run] == [ex.id for ex in examples] and run.samples == config.samples
     records = _finished(out)
-    _check_belongs(out, records, in_run, run.samples)
+    _check_belongs(out, records, in_run, run)
     done = {(r["id"], r["sample"]) for r in records}
     todo = [ex for ex in examples[rank::world] if any((ex.id, k) not in done for k in range(config.samples))]
     if todo and method is None:
@@ -237,17 +246,18 @@ def _finished(out: Path) -> list[dict]:
     return records
 
 
-def _check_belongs(out: Path, records: list[dict], examples, samples: int) -> None:
+def _check_belongs(out: Path, records: list[dict], examples, run: EvalConfig) -> None:
     """Every saved record is one of the run's (question, sample) pairs; otherwise the data or the
     subset draw changed under the run, and growing it would mix two selections."""
     ids = {ex.id for ex in examples}
-    foreign = [r for r in records if r.get("id") not in ids or not 0 <= r.get("sample", -1) < samples]
+    foreign = [r for r in records if r.get("id") not in ids or not 0 <= r.get("sample", -1) < run.samples]
     if foreign:
+        draw = (" or the --subset-seed draw (diffmas 0.1 drew subsets differently)"
+                if run.subset_seed is not None else "")
         raise RunConflictError(
             f"{out} holds {len(foreign)} records outside this run's questions (first: id {foreign[0].get('id')!r}, "
-            f"sample {foreign[0].get('sample')!r}): the data file or the --subset-seed draw changed since the run "
-            "was written (diffmas 0.1 drew subsets differently); finish it with the version that wrote it "
-            "or choose another --out")
+            f"sample {foreign[0].get('sample')!r}): the data file{draw} changed since the run was written; "
+            "finish it with the version and data that wrote it, or choose another --out")
 
 
 def _in_scope(out: Path, examples, samples: int) -> list[dict]:

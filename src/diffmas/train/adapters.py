@@ -202,11 +202,11 @@ def _check_safetensors(file: Path) -> None:
 
 
 def attach_checked(backbone: Backbone, path: str | Path, topology: Topology) -> dict[str, str]:
-    """`attach_adapter` for user-given directories: checked files, and peft's errors for an
-    adapter that does not fit this model (other layer names or shapes) as one BackboneError."""
+    """`attach_adapter` for user-given directories: peft's errors for an adapter that does not fit
+    this model (other layer names or shapes) as one BackboneError. Check the files first with
+    `check_adapter_dir`, before the model is loaded."""
     from safetensors import SafetensorError
 
-    check_adapter_dir(path)
     try:
         return attach_adapter(backbone, path, topology)
     except (ValueError, RuntimeError, TypeError, KeyError, OSError, SafetensorError) as exc:
