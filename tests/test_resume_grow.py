@@ -214,3 +214,25 @@ def test_sweep_grows_every_run_with_one_backbone(model_dir, tmp_path, monkeypatc
     for m in (0, 1):
         assert len(read_records(out / f"m{m}")) == 3
         assert read_json(out / f"m{m}" / "config.json")["eval"]["limit"] == 3
+
+
+def test_train_resume_refuses_other_examples(tmp_path):
+    """Same settings, other data (an edited file, or a subset drawn by another version): a resumed
+    training run would train on a mix, so it is refused before anything is written."""
+    from conftest import make_backbone
+    from diffmas.train import TrainConfig
+    from diffmas.train.trainer import TrainRunConflictError, train
+
+    data = tmp_path / "qa.jsonl"
+    rows = [{"id": f"q{i}", "question": f"Q{i}?", "answer": "yes"} for i in range(2)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = TrainConfig(task=f"jsonl:{data}?type=math", split="test", n_agents=2, latent_steps=1, batch_size=2,
+                         grad_accum=1, max_steps=2, save_steps=1, device="cpu")
+    out = tmp_path / "ad"
+    assert train(config, out, backbone=make_backbone(tied=False), stop_after=1, report_to=[]) == {"stopped_at": 1}
+    saved = (out / "train_config.json").read_bytes()
+    data.write_text(data.read_text().replace('"yes"', '"no"'))
+    with pytest.raises(TrainRunConflictError, match=r"was trained on other examples \(data hash [0-9a-f]{16}, now "
+                                                    r"[0-9a-f]{16}\): the data file or the --subset-seed draw changed"):
+        train(config, out, backbone=make_backbone(tied=False), report_to=[])
+    assert (out / "train_config.json").read_bytes() == saved

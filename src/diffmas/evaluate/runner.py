@@ -9,8 +9,9 @@ line cut short by a kill is cut off before appending and computed again. Rerunni
 --limit or more --samples grows the run (only the missing records are added, config.json is
 updated); a smaller one reports on that part of the run and leaves the files alone. Nothing is
 written before the settings, data, model, roles and adapter have been checked. Several
-processes (`accelerate launch` or `torchrun`) split the questions round-robin, each appending to its own shard file; the main
-process merges the shards into samples.jsonl in question order and writes the summary.
+processes (`accelerate launch` or `torchrun`) split the questions round-robin, each appending to
+its own shard file; the main process merges the shards into samples.jsonl in question order and
+writes the summary.
 """
 
 from __future__ import annotations

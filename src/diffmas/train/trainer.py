@@ -124,15 +124,17 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     out = Path(out)
     # Everything that can fail on the user's input fails before `out` is touched, so that the
     # corrected command starts cleanly instead of meeting a half-written run.
-    _check_config(out, config)
+    saved = _check_config(out, config)
     topology = build_topology(config.topology, config.n_agents, config.roles)
     items = load_items(config)
+    digest = data_hash(items)
+    _check_data(out, saved, digest)
     torch.manual_seed(config.seed)  # LoRA initialisation
     backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=config.device)
     _check_target_modules(backbone, config)
     backbone.gradient_checkpointing = config.gradient_checkpointing
     out.mkdir(parents=True, exist_ok=True)
-    _write_config(out, config)
+    _write_config(out, config, digest)
     context_start = time.perf_counter()
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once (cached on disk)
         frozen = get_method("text_mas", backbone, topology, MethodConfig(
@@ -152,7 +154,7 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
         train_dataset=_Items(items),
         data_collator=collate,
         backbone=backbone, topology=topology, mapping=mapping, train_config=config,
-        data_hash=data_hash(items),
+        data_hash=digest,
         callbacks=[_StopAt(stop_after)] if stop_after else None,
     )
     last = _last_checkpoint(out / "checkpoints")
@@ -209,25 +211,36 @@ def _training_args(config: TrainConfig, out: Path, report_to) -> TrainingArgumen
     )
 
 
-def _check_config(out: Path, config: TrainConfig) -> None:
-    """A saved training run in `out` must have the same settings (read only)."""
+def _check_config(out: Path, config: TrainConfig) -> dict | None:
+    """A saved training run in `out` must have the same settings (read only); returns what was saved."""
     path = out / TRAIN_CONFIG
     if not path.is_file():
-        return
+        return None
     try:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TrainRunConflictError(f"{path} is not valid JSON ({exc}); restore it or choose another --out") from None
-    diff = config_diff(saved, config.to_dict(), dataclass_defaults(TrainConfig))
+    settings = {k: v for k, v in saved.items() if k != "data_hash"}
+    diff = config_diff(settings, config.to_dict(), dataclass_defaults(TrainConfig))
     if diff:
         raise TrainRunConflictError(f"{out} holds a training run with other settings ({'; '.join(diff)}); "
                                     "resume with the same settings or choose another --out")
+    return saved
 
 
-def _write_config(out: Path, config: TrainConfig) -> None:
+def _check_data(out: Path, saved: dict | None, digest: str) -> None:
+    """Same settings can still mean other examples (an edited data file, or a --subset-seed draw
+    of another diffmas version): resuming would then train on a mix. Runs saved without a hash pass."""
+    if saved and saved.get("data_hash") not in (None, digest):
+        raise TrainRunConflictError(f"{out} was trained on other examples (data hash {saved['data_hash']}, now "
+                                    f"{digest}): the data file or the --subset-seed draw changed; "
+                                    "choose another --out")
+
+
+def _write_config(out: Path, config: TrainConfig, digest: str) -> None:
     path = out / TRAIN_CONFIG
     if not path.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps({**config.to_dict(), "data_hash": digest}, indent=2) + "\n")
 
 
 def _check_target_modules(backbone, config: TrainConfig) -> None:
