@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from diffmas.accounting import MemoryMeter
 from diffmas.errors import DiffmasError
 from diffmas.provenance import config_diff, dataclass_defaults
-from diffmas.train.adapters import load_adapter_weights, write_metadata
+from diffmas.train.adapters import DIFFMAS_CONFIG, load_adapter_weights, write_metadata
 from diffmas.train.config import TrainConfig
 
 TRAIN_CONFIG = "train_config.json"
@@ -230,11 +230,21 @@ def _check_config(out: Path, config: TrainConfig) -> dict | None:
 
 def _check_data(out: Path, saved: dict | None, digest: str) -> None:
     """Same settings can still mean other examples (an edited data file, or a --subset-seed draw
-    of another diffmas version): resuming would then train on a mix. Runs saved without a hash pass."""
-    if saved and saved.get("data_hash") not in (None, digest):
-        raise TrainRunConflictError(f"{out} was trained on other examples (data hash {saved['data_hash']}, now "
+    of another diffmas version): resuming would then train on a mix."""
+    before = _saved_data_hash(out, saved)
+    if before not in (None, digest):
+        raise TrainRunConflictError(f"{out} was trained on other examples (data hash {before}, now "
                                     f"{digest}): the data file or the --subset-seed draw changed; "
                                     "choose another --out")
+
+
+def _saved_data_hash(out: Path, saved: dict | None) -> str | None:
+    """From train_config.json, or for runs saved before it held one, from the last checkpoint's metadata."""
+    if saved and saved.get("data_hash"):
+        return saved["data_hash"]
+    last = _last_checkpoint(out / "checkpoints")
+    meta = last / DIFFMAS_CONFIG if last else None
+    return json.loads(meta.read_text()).get("data_hash") if meta and meta.is_file() else None
 
 
 def _write_config(out: Path, config: TrainConfig, digest: str) -> None:
