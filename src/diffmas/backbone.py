@@ -307,7 +307,24 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BackboneError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    check_device(dev)
+    return dev
+
+
+def check_device(dev: torch.device) -> None:
+    """A CUDA device that this machine has, so that a wrong --device fails before any work."""
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise BackboneError(f"--device {dev}: no CUDA device is available here (torch.cuda.is_available() "
+                            "is False); use --device cpu or --device auto")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackboneError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0; use --device cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -201,20 +201,58 @@ def _resize(upstream: list[Role], n: int) -> list[Role]:
 
 
 def load_topology(path: str | Path) -> Topology:
-    """Read a topology from YAML or JSON ({kind, roles: [{name, system, user}]})."""
+    """Read a topology from YAML or JSON ({kind, roles: [{name, system, user}]}).
+
+    Every problem with the file (missing, not UTF-8, a syntax error, a field of the wrong type) is
+    a RoleError naming the file and, where the parser knows it, the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise RoleError(f"roles file {str(path)!r} does not exist")
-    text = path.read_text()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RoleError(f"roles file {str(path)!r} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    parsed = _parse_roles_text(path, text)
+    if not isinstance(parsed, dict):
+        raise RoleError(f"{path}: expected a mapping with 'kind' and 'roles'")
+    _check_role_fields(path, parsed.get("roles"))
+    return Topology.from_dict(parsed)
+
+
+def _parse_roles_text(path: Path, text: str):
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise RoleError(f"{path}: expected a mapping with 'kind' and 'roles'")
-    return Topology.from_dict(data)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise RoleError(f"roles file {str(path)!r} is not valid YAML{where} ({problem})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RoleError(f"roles file {str(path)!r} is not valid JSON at line {exc.lineno}, column {exc.colno} "
+                        f"({exc.msg}); YAML files need a .yaml or .yml suffix") from None
+
+
+def _check_role_fields(path: Path, roles) -> None:
+    """Roles as a list of {name, system, user} strings (YAML turns `name: 1` or `user:` into others)."""
+    if not isinstance(roles, list) or not roles:
+        raise RoleError(f"roles file {str(path)!r}: 'roles' must be a non-empty list of "
+                        "{name, system, user} mappings")
+    for i, role in enumerate(roles, start=1):
+        if not isinstance(role, dict):
+            raise RoleError(f"roles file {str(path)!r}: role {i} must be a mapping with name, system and user, "
+                            f"got {type(role).__name__}")
+        for key in ("name", "system", "user"):
+            if key in role and not isinstance(role[key], str):
+                raise RoleError(f"roles file {str(path)!r}: role {i} field {key!r} must be a string, "
+                                f"got {type(role[key]).__name__} (quote it in YAML)")
 
 
 def render_prompt(tokenizer, role: Role, question: str, context: str = "", format: str = "",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -112,6 +114,24 @@ def eval_config(*, task: str, method: str, split: str, model: str, limit: Option
     )
 
 
+@contextlib.contextmanager
+def warning_lines(category: type[Warning]):
+    """Warnings of `category` raised inside print as one `warning: ...` line on stderr, when they
+    happen and without Python's source-line dump; other warnings are shown as usual."""
+    show = warnings.showwarning
+
+    def one_line(message, kind, filename, lineno, file=None, line=None):
+        if issubclass(kind, category):
+            err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            show(message, kind, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", category)
+        warnings.showwarning = one_line
+        yield
+
+
 def mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MiB"
 
@@ -140,13 +160,23 @@ def _ci(ci) -> str:
     return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+def _num(x, fmt: str, unit: str = "") -> str:
+    return "—" if x is None else f"{x:{fmt}}{unit}"
+
+
+def _mib_or_dash(n_bytes) -> str:
+    return "—" if n_bytes is None else mib(int(n_bytes))
+
+
 def summary_table(summary: dict, out) -> Table:
-    """The headline numbers of one eval run (summary.json)."""
+    """The headline numbers of one eval run (summary.json). A run without an answered record
+    (--limit 0, or every question skipped) has no costs: those rows show "—"."""
     table = Table(title=f"{summary['task']} / {summary['method']} (m={summary['latent_steps']}) -> {out}",
                   title_justify="left", show_header=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    tok = summary["tokens"]["per_question"]
+    tok = summary["tokens"]["per_question"] or {}
+    latency = summary["latency_s"] or {}
     rows = [
         ("questions (records, skipped)",
          f"{summary['n_questions']} ({summary['n_records']}, {summary['n_skipped']})"),
@@ -160,12 +190,14 @@ def summary_table(summary: dict, out) -> Table:
         rows += [("majority vote acc", _pct(summary["majority_vote_accuracy"])),
                  ("self-consistency", _pct(summary["self_consistency"]))]
     rows += [
-        ("perplexity / top-25 entropy", f"{summary['perplexity'] or 0:.2f} / {summary['mean_entropy'] or 0:.2f}"),
-        ("tokens / question (prompt, latent, gen)", f"{tok['prompt']:.0f}, {tok['latent']:.0f}, {tok['generated']:.0f}"),
-        ("seconds / question", f"{summary['seconds_per_question']:.2f}"),
-        ("latency p50 / p95 (batch)", f"{summary['latency_s']['p50']:.2f} / {summary['latency_s']['p95']:.2f} s"),
-        ("trace (mean)", mib(int(summary["trace_bytes"]["mean"] or 0))),
-        ("peak memory", mib(int(summary["peak_memory_bytes"] or 0))),
+        ("perplexity / top-25 entropy",
+         f"{_num(summary['perplexity'], '.2f')} / {_num(summary['mean_entropy'], '.2f')}"),
+        ("tokens / question (prompt, latent, gen)",
+         ", ".join(_num(tok.get(kind), ".0f") for kind in ("prompt", "latent", "generated"))),
+        ("seconds / question", _num(summary["seconds_per_question"], ".2f")),
+        ("latency p50 / p95 (batch)", f"{_num(latency.get('p50'), '.2f')} / {_num(latency.get('p95'), '.2f', ' s')}"),
+        ("trace (mean)", _mib_or_dash((summary["trace_bytes"] or {}).get("mean"))),
+        ("peak memory", _mib_or_dash(summary["peak_memory_bytes"])),
     ]
     for name, value in rows:
         table.add_row(name, value)

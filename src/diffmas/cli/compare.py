@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import typer
@@ -15,14 +14,10 @@ from diffmas.cli import common as c
 
 def load_runs(run_dirs: list[Path]) -> list:
     """Read run directories; a cut-off last sample line is dropped with a one-line warning on stderr."""
-    from diffmas.evaluate.rundir import load_runs as load
+    from diffmas.evaluate.rundir import TruncatedRunWarning, load_runs as load
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runs = load(run_dirs)
-    for warning in caught:
-        c.err_console.print(f"warning: {warning.message}", markup=False, highlight=False, soft_wrap=True)
-    return runs
+    with c.warning_lines(TruncatedRunWarning):
+        return load(run_dirs)
 
 
 @app.command()

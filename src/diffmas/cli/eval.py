@@ -45,11 +45,12 @@ def eval_(
 ) -> None:
     """Evaluate a method on a task; writes config.json, samples.jsonl and summary.json."""
     options = {k: v for k, v in locals().items() if k not in ("out", "as_json", "ctx")}
-    from diffmas.evaluate.runner import evaluate
+    from diffmas.evaluate.runner import SubsetWarning, evaluate
 
     c.check_methods([method])
-    options = c.with_adapter_settings(ctx, options)  # trained latent steps, topology, roles, chat kwargs
-    summary = evaluate(c.eval_config(**options), out)
+    options = c.with_adapter_settings(ctx, options)  # trained latent steps, topology, roles, chat kwargs, reads
+    with c.warning_lines(SubsetWarning):  # a smaller --limit than the run in --out: which part is reported
+        summary = evaluate(c.eval_config(**options), out)
     if not summary:  # not the main process of a sharded run
         return
     if as_json:

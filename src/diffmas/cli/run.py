@@ -10,6 +10,7 @@ import typer
 
 from diffmas.cli import app
 from diffmas.cli import common as c
+from diffmas.errors import DiffmasError
 
 
 @app.command()
@@ -37,10 +38,11 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the full result record as JSON."),
 ) -> None:
     """Answer one question with one method; print the answer and its cost."""
-    from diffmas.backbone import load_backbone
-    from diffmas.methods import get_method
+    from diffmas.evaluate.runner import load_method
     from diffmas.roles import build_topology
 
+    if not question.strip():
+        raise DiffmasError("the question is empty; pass the question to answer, e.g. diffmas run 'What is 2+2?'")
     c.check_methods([method])
     trained = c.with_adapter_settings(ctx, {"adapter": adapter, "latent_steps": latent_steps, "topology": topology,
                                        "agents": agents, "roles": roles, "chat_template_kwargs": chat_template_kwargs,
@@ -50,13 +52,8 @@ def run(
     topo = build_topology(topology, agents, roles)
     config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
                             upstream_temperature, chat_template_kwargs, reads)
-    backbone = load_backbone(model, dtype=dtype, device=device)
-    adapters = None
-    if adapter:
-        from diffmas.train.adapters import attach_adapter
-
-        adapters = attach_adapter(backbone, adapter, topo)
-    result = get_method(method, backbone, topo, config, adapters).run_batch([question], format=format)[0]
+    built = load_method(method, topo, config, model=model, dtype=dtype, device=device, adapter=adapter)
+    result = built.run_batch([question], format=format)[0]
     if as_json:
         record = {"question": question, "model": model, "adapter": str(adapter) if adapter else None,
                   "topology": topo.to_dict(),

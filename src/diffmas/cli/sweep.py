@@ -77,6 +77,7 @@ def sweep(
     options = {k: v for k, v in locals().items() if k not in ("latent_steps", "out", "agents_sweep", "agents")}
     from diffmas.evaluate import runner
     from diffmas.roles import build_topology
+    from diffmas.tasks import get_task
 
     steps = parse_steps(latent_steps)
     counts = parse_steps(agents_sweep, "--agents-sweep", minimum=1) if agents_sweep else [agents]
@@ -90,13 +91,14 @@ def sweep(
     built = None  # the method, built on the first run that still has work
     summaries = []
     for config, run_dir in zip(configs, run_dirs):
-        if built is None and not (run_dir / runner.SUMMARY).is_file():
+        if built is None and runner.has_work(config, run_dir):
             built = runner.build_method(config)
         if built is not None:
             # same backbone; this run's m and agents (methods read both at every batch)
             built.config = config.method_config
-            built.topology = build_topology(config.topology, config.n_agents, config.roles)
-        summaries.append(runner.evaluate(config, run_dir, method=built))
+            built.topology = build_topology(config.topology, config.n_agents, config.roles, get_task(config.task))
+        with c.warning_lines(runner.SubsetWarning):
+            summaries.append(runner.evaluate(config, run_dir, method=built))
     if not all(summaries):  # not the main process of a sharded run
         return
     _print_and_report(run_dirs, summaries, out / "report")

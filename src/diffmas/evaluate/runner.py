@@ -5,22 +5,28 @@
     runs/NAME/summary.json    metrics, written atomically at the end
 
 Rerunning the same command resumes: finished (id, sample) pairs are skipped, never duplicated; a
-line cut short by a kill is cut off before appending. Several processes (`accelerate launch` or
-`torchrun`) split the questions round-robin, each appending to its own shard file; the main
-process merges the shards into samples.jsonl in question order and writes the summary.
+line cut short by a kill is cut off before appending and computed again. Rerunning with a larger
+--limit or more --samples grows the run (only the missing records are added, config.json is
+updated); a smaller one reports on that part of the run and leaves the files alone. Nothing is
+written before the settings, data, model, roles and adapter have been checked. Several
+processes (`accelerate launch` or `torchrun`) split the questions round-robin, each appending to
+its own shard file; the main process merges the shards into samples.jsonl in question order and
+writes the summary.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 from diffmas.backbone import DEFAULT_MODEL
 from diffmas.errors import DiffmasError
+from diffmas.jsonl import read_records
 from diffmas.methods import MethodConfig
 from diffmas.provenance import config_diff, dataclass_defaults, git_commit, package_versions
 
@@ -29,6 +35,8 @@ CONFIG = "config.json"
 SUMMARY = "summary.json"
 # Settings that change how fast a run goes, never its results (batched == one-by-one is tested).
 RUNTIME_ONLY = ("batch_size",)
+# Settings a rerun may change: a larger scope grows the run, a smaller one reports on part of it.
+SCOPE = ("limit", "samples")
 
 
 class RunConflictError(DiffmasError):
@@ -59,6 +67,8 @@ class EvalConfig:
     def __post_init__(self):
         if isinstance(self.method_config, dict):
             self.method_config = MethodConfig(**self.method_config)
+        if self.limit is not None and self.limit < 0:
+            raise DiffmasError(f"limit must be >= 0 (0: no questions) or None (all questions), got {self.limit}")
         if self.samples < 1:
             raise DiffmasError(f"samples must be >= 1, got {self.samples}")
         if self.batch_size < 1:
@@ -74,39 +84,72 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- run directory
 
 
-def _read_records(path: Path, repair: bool = False) -> list[dict]:
-    """Complete JSON lines of `path`; with repair, a line cut short by a kill is cut off the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
-    if repair and end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-
-
 def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def _check_or_write_config(out: Path, config: EvalConfig, is_main: bool) -> None:
+def _saved_config(out: Path) -> dict | None:
+    """config.json of the run in `out` (None for a new run); read only."""
     path = out / CONFIG
-    wanted = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_ONLY}
-    if path.is_file():
-        saved = json.loads(path.read_text()).get("eval", {})
-        saved = {k: v for k, v in saved.items() if k not in RUNTIME_ONLY}
-        diff = config_diff(saved, wanted, dataclass_defaults(EvalConfig))
-        if diff:
-            raise RunConflictError(
-                f"{out} holds a run with other settings ({'; '.join(diff)}); "
-                "resume with the same settings or choose another --out")
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunConflictError(f"{path} is not valid JSON ({exc}); restore it or choose another --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("eval"), dict):
+        raise RunConflictError(f"{path} holds no 'eval' settings; it was not written by `diffmas eval`, "
+                               "choose another --out")
+    return saved
+
+
+def _run_scope(out: Path, config: EvalConfig, saved: dict | None) -> EvalConfig:
+    """The run's settings after this call: the saved ones, grown to this call's limit and samples.
+
+    Any other difference is a RunConflictError; a smaller limit or fewer samples leave the run as it is.
+    """
+    if saved is None:
+        return config
+    ignored = RUNTIME_ONLY + SCOPE
+    old = {k: v for k, v in saved["eval"].items() if k not in ignored}
+    new = {k: v for k, v in config.to_dict().items() if k not in ignored}
+    diff = config_diff(old, new, dataclass_defaults(EvalConfig))
+    if diff:
+        raise RunConflictError(
+            f"{out} holds a run with other settings ({'; '.join(diff)}); "
+            "resume with the same settings or choose another --out")
+    old_limit, old_samples = _saved_scope(saved)
+    limit = None if None in (old_limit, config.limit) else max(old_limit, config.limit)
+    return replace(config, limit=limit, samples=max(old_samples, config.samples))
+
+
+def _saved_scope(saved: dict) -> tuple:
+    return saved["eval"].get("limit"), saved["eval"].get("samples", 1)
+
+
+def _write_config(out: Path, run: EvalConfig, saved: dict | None) -> None:
+    """config.json for a new run, or a grown one (its limit/samples updated, provenance kept)."""
+    if saved is not None and _saved_scope(saved) == _scope(run):
         return
-    if is_main:
-        _write_json_atomic(path, {"eval": config.to_dict(), "versions": package_versions(),
-                                  "git_commit": git_commit()})
+    payload = saved if saved is not None else {"versions": package_versions(), "git_commit": git_commit()}
+    _write_json_atomic(out / CONFIG, {**payload, "eval": run.to_dict()})
+
+
+def _scope(config: EvalConfig) -> tuple:
+    return config.limit, config.samples
+
+
+def has_work(config: EvalConfig, out: str | Path) -> bool:
+    """Whether `evaluate(config, out)` may have records to compute, from the files alone (no data
+    read): false for a finished run at least as large. Sweeps load the model only when true."""
+    out = Path(out)
+    saved = _saved_config(out)
+    if saved is None or not (out / SUMMARY).is_file():
+        return True
+    limit, samples = _saved_scope(saved)
+    return config.samples > samples or (limit is not None and (config.limit is None or config.limit > limit))
 
 
 def _shard_path(out: Path, rank: int) -> Path:
@@ -118,28 +161,46 @@ def _shard_path(out: Path, rank: int) -> Path:
 
 def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool = True,
              on_record: Callable[[dict], None] | None = None) -> dict:
-    """Run (or resume) an evaluation into `out`; return the summary.
+    """Run (or resume, or grow) an evaluation into `out`; return the summary of what `config` asks for.
 
     method: an already built Method (tests, sweeps); built from the config when None.
+
+    Everything that can be checked is checked before `out` is touched (data, settings against a
+    saved run, and, when there is work to do, model, roles, device and adapter by building the
+    method), so a failed command leaves `out` as it was and the corrected command just runs.
+    A larger --limit or more --samples than the saved run adds only the missing records; a smaller
+    one reports on that part of the run and changes nothing on disk (see docs/design.md).
     """
     from diffmas.evaluate.metrics import summarize
     from diffmas.evaluate.records import run_examples
     from diffmas.tasks import get_task
 
     rank, world, barrier = _distributed()
+    out = Path(out)
+    saved = _saved_config(out)
+    run = _run_scope(out, config, saved)
     # Data first: a missing file or bad row fails before anything is written.
     task = get_task(config.task)
-    examples = task.load(config.split, data_dir=config.data_dir, limit=config.limit, seed=config.subset_seed)
-    out = Path(out)
+    examples = _load(task, config)
+    in_run = examples if _scope(run) == _scope(config) else _load(task, run)
+    # whether this call spans the whole run (then it writes summary.json and merges shards)
+    whole = [ex.id for ex in in_run] == [ex.id for ex in examples] and run.samples == config.samples
+    records = _finished(out)
+    _check_belongs(out, records, in_run, run)
+    done = {(r["id"], r["sample"]) for r in records}
+    todo = [ex for ex in examples[rank::world] if any((ex.id, k) not in done for k in range(config.samples))]
+    if todo and method is None:
+        method = build_method(config)  # model, roles, device, adapter: all fail here, before any write
+    # From here on `out` is written.
     out.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(out, config, rank == 0)
-    mine = examples[rank::world]
+    if rank == 0:
+        _write_config(out, run, saved)
     shard = _shard_path(out, rank) if world > 1 else out / SAMPLES
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["id"], r["sample"]) for r in _finished(out, world, rank, repair=True)}
-    todo = [ex for ex in mine if any((ex.id, k) not in done for k in range(config.samples))]
+    read_records(shard, repair=True)  # a line cut short by a kill is cut off before appending
+    if world == 1:
+        shard.touch()  # a run of no questions (--limit 0) still has its samples.jsonl
     if todo:
-        method = method or build_method(config)
+        shard.parent.mkdir(parents=True, exist_ok=True)
         with open(shard, "a") as sink, _progress(progress and rank == 0, len(todo) * config.samples) as advance:
             for record in run_examples(method, task, todo, config.batch_size, config.samples, config.seed,
                                        option_likelihood=config.option_likelihood, skip=done):
@@ -152,58 +213,102 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     barrier()
     if rank != 0:
         return {}
-    records = _merge(out, examples, config.samples, world)
+    in_scope = _in_scope(out, examples, config.samples)
     summary = {"task": config.task, "method": config.method, "latent_steps": config.method_config.latent_steps,
-               **summarize(records)}
-    _write_json_atomic(out / SUMMARY, summary)
+               **summarize(in_scope)}
+    if whole:
+        _merge(out, in_scope)
+        _write_json_atomic(out / SUMMARY, summary)
+    else:
+        warnings.warn(f"{out} holds a larger run ({_describe(run)}); this summary covers the "
+                      f"{_describe(config)} asked for, and the run's files are left as they are",
+                      SubsetWarning, stacklevel=2)
     return summary
 
 
-def _finished(out: Path, world: int, rank: int, repair: bool) -> list[dict]:
-    """Records already written for this run: the merged file and every shard file."""
-    records = _read_records(out / SAMPLES, repair=repair and world == 1)
-    shard_dir = out / "shards"
-    if shard_dir.is_dir():
-        for path in sorted(shard_dir.glob("rank*.jsonl")):
-            records += _read_records(path, repair=repair and path == _shard_path(out, rank))
+class SubsetWarning(UserWarning):
+    """A rerun asked for part of a larger run: its summary covers that part only."""
+
+
+def _describe(config: EvalConfig) -> str:
+    limit = "all questions" if config.limit is None else f"limit {config.limit}"
+    return f"{limit}, {config.samples} sample{'s' if config.samples != 1 else ''} each"
+
+
+def _load(task, config: EvalConfig) -> list:
+    return task.load(config.split, data_dir=config.data_dir, limit=config.limit, seed=config.subset_seed)
+
+
+def _finished(out: Path) -> list[dict]:
+    """Records already written for this run: the merged file and every shard file (read only)."""
+    records = read_records(out / SAMPLES)
+    for path in sorted((out / "shards").glob("rank*.jsonl")) if (out / "shards").is_dir() else ():
+        records += read_records(path)
     return records
 
 
-def _merge(out: Path, examples, samples: int, world: int) -> list[dict]:
-    """One record per (id, sample), in question order; shards folded into samples.jsonl."""
+def _check_belongs(out: Path, records: list[dict], examples, run: EvalConfig) -> None:
+    """Every saved record is one of the run's (question, sample) pairs; otherwise the data or the
+    subset draw changed under the run, and growing it would mix two selections."""
+    ids = {ex.id for ex in examples}
+    foreign = [r for r in records if r.get("id") not in ids or not 0 <= r.get("sample", -1) < run.samples]
+    if foreign:
+        draw = (" or the --subset-seed draw (diffmas 0.1 drew subsets differently)"
+                if run.subset_seed is not None else "")
+        raise RunConflictError(
+            f"{out} holds {len(foreign)} records outside this run's questions (first: id {foreign[0].get('id')!r}, "
+            f"sample {foreign[0].get('sample')!r}): the data file{draw} changed since the run was written; "
+            "finish it with the version and data that wrote it, or choose another --out")
+
+
+def _in_scope(out: Path, examples, samples: int) -> list[dict]:
+    """One record per asked (id, sample), in question order."""
     by_key = {}
-    for r in _finished(out, world, 0, repair=False):
+    for r in _finished(out):
         by_key.setdefault((r["id"], r["sample"]), r)
     ordered = [by_key[(ex.id, k)] for ex in examples for k in range(samples) if (ex.id, k) in by_key]
     if len(ordered) != len(examples) * samples:
         missing = len(examples) * samples - len(ordered)
         raise DiffmasError(f"{missing} records are missing from {out}; rerun the same command to finish")
-    if world > 1 or (out / "shards").is_dir():
-        tmp = out / f".{SAMPLES}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
-        os.replace(tmp, out / SAMPLES)
-        for path in (out / "shards").glob("rank*.jsonl"):
-            path.unlink()
-        (out / "shards").rmdir()
     return ordered
+
+
+def _merge(out: Path, ordered: list[dict]) -> None:
+    """Fold the shards of a multi-process run into samples.jsonl, in question order."""
+    if not (out / "shards").is_dir():
+        return
+    tmp = out / f".{SAMPLES}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    os.replace(tmp, out / SAMPLES)
+    for path in (out / "shards").glob("rank*.jsonl"):
+        path.unlink()
+    (out / "shards").rmdir()
 
 
 def build_method(config: EvalConfig):
     """Backbone (+ adapter) + topology + method, from the config."""
-    from diffmas.backbone import load_backbone
-    from diffmas.methods import get_method
     from diffmas.roles import build_topology
 
     from diffmas.tasks import get_task
 
     topology = build_topology(config.topology, config.n_agents, config.roles, get_task(config.task))
-    backbone = load_backbone(config.model, dtype=config.dtype, device=config.device)
-    adapters = None
-    if config.adapter:
-        from diffmas.train.adapters import attach_adapter
+    return load_method(config.method, topology, config.method_config, model=config.model, dtype=config.dtype,
+                       device=config.device, adapter=config.adapter)
 
-        adapters = attach_adapter(backbone, config.adapter, topology)
-    return get_method(config.method, backbone, topology, config.method_config, adapters)
+
+def load_method(name: str, topology, method_config: MethodConfig, *, model: str, dtype: str = "auto",
+                device: str = "auto", adapter: str | Path | None = None):
+    """A method on a freshly loaded backbone, under a trained adapter when given. The adapter's
+    files are checked before the model is loaded, its fit to the model after."""
+    from diffmas.backbone import load_backbone
+    from diffmas.methods import get_method
+    from diffmas.train.adapters import attach_checked, check_adapter_dir
+
+    if adapter:
+        check_adapter_dir(adapter)
+    backbone = load_backbone(model, dtype=dtype, device=device)
+    adapters = attach_checked(backbone, adapter, topology) if adapter else None
+    return get_method(name, backbone, topology, method_config, adapters)
 
 
 def _distributed():

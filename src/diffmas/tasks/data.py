@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -159,33 +160,45 @@ def _read(path: Path, source: Source) -> list[Row]:
 # ----------------------------------------------------------------------------- readers
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 is a TaskError naming the line (utf-8-sig: a
+    byte-order mark, as some editors on Windows write, is dropped)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise TaskError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                        "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_jsonl(path: Path) -> list[Row]:
     """One JSON object a line; blank lines are skipped, anything else malformed is an error."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                problem = f"not valid JSON ({error.msg} at column {error.colno})"
-                raise TaskError(f"{path}:{line_no}: {problem}") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"{path}:{line_no}", row))
+    # split on "\n" only, as reading the file line by line did: str.splitlines would also split
+    # inside strings at U+2028 and other characters JSON allows unescaped
+    for line_no, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            problem = f"not valid JSON ({error.msg} at column {error.colno})"
+            raise TaskError(f"{path}:{line_no}: {problem}") from None
+        if not isinstance(row, dict):
+            raise TaskError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{path}:{line_no}", row))
     return rows
 
 
 def read_csv(path: Path) -> list[Row]:
     """A CSV with a header row; fields may span lines, so `where` names each record's first line."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        start = 2  # line 1 is the header
-        for row in reader:
-            rows.append((f"{path}:{start}", dict(row)))
-            start = reader.line_num + 1
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    start = 2  # line 1 is the header
+    for row in reader:
+        rows.append((f"{path}:{start}", dict(row)))
+        start = reader.line_num + 1
     return rows
 
 

@@ -47,7 +47,8 @@ class Task:
         """The examples of one split, in file order.
 
         limit: keep the first `limit` rows; with `seed`, `limit` rows drawn at random (same seed, same
-            rows), still in file order. `seed` without `limit` changes nothing.
+            rows; a larger limit keeps those of a smaller one), still in file order. `seed` without
+            `limit` changes nothing.
         data_dir: directory holding the task's file; see `diffmas.tasks.data` for the search order.
         """
         check_limit(limit)
@@ -67,6 +68,8 @@ class Task:
                 example = self.parse(row, index, split)
             except RowError as error:
                 raise TaskError(f"{where}: {self.name}: {error}") from None
+            if not example.question.strip():  # the agents would answer their own prompt templates
+                raise TaskError(f"{where}: {self.name}: the question is empty; fill it in or remove the row")
             if example.id in seen:
                 raise TaskError(f"{where}: {self.name}: id {example.id!r} already used at {seen[example.id]}")
             seen[example.id] = where
@@ -141,12 +144,20 @@ def check_limit(limit: int | None) -> None:
 
 
 def select_examples(examples: list[Example], limit: int | None, seed: int | None) -> list[Example]:
+    """The first `limit` examples, or with `seed` `limit` drawn at random; always in file order.
+
+    The random draw is nested: all positions are shuffled with the seed and the first `limit` are
+    kept, so a larger limit holds every example of a smaller one (a run grown with a larger
+    --limit keeps its records). diffmas 0.1 drew `sorted(random.Random(seed).sample(range(n),
+    limit))` instead, which picks other examples for the same seed (see docs/design.md).
+    """
     if limit is None or limit >= len(examples):
         return examples
     if seed is None:
         return examples[:limit]
-    picked = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in picked]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:limit])]
 
 
 # ----------------------------------------------------------------------------- registry

@@ -215,3 +215,68 @@ def load_adapter_weights(model, checkpoint: str | Path, mapping: dict[str, str])
 def lora_parameters(model, adapter: str) -> dict[str, torch.Tensor]:
     """The LoRA tensors of one adapter (tests and checks)."""
     return {n: p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n}
+
+
+# ----------------------------------------------------------------------------- checks before use
+
+
+def check_adapter_dir(path: str | Path) -> dict:
+    """Read an adapter directory's metadata and check that its files can be read, without a model.
+
+    Returns the metadata (as `read_metadata`). A BackboneError names the first file that is
+    missing, is not valid JSON or is not a readable safetensors file, so that eval and run fail
+    on a damaged adapter before loading a model or writing anything.
+    """
+    path = Path(path)
+    if (path / DIFFMAS_CONFIG).is_file():
+        meta = _json_object(path / DIFFMAS_CONFIG)
+        if meta.get("apply_to") not in ("all", "final", "per-role") or not isinstance(meta.get("adapters"), dict):
+            raise BackboneError(f"{path / DIFFMAS_CONFIG} lacks 'apply_to' (all, final or per-role) or "
+                                "'adapters'; it was not written by `diffmas train`, retrain or restore it")
+    else:
+        meta = read_metadata(path)  # a plain peft adapter, or the error for a non-adapter directory
+    folders = [path / role for role in meta["adapters"]] if meta["apply_to"] == "per-role" else [path]
+    for folder in folders:
+        _json_object(folder / "adapter_config.json")
+        _check_safetensors(folder / "adapter_model.safetensors")
+    return meta
+
+
+def _json_object(file: Path) -> dict:
+    if not file.is_file():
+        raise BackboneError(f"adapter file {str(file)!r} is missing; retrain the adapter or restore the file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BackboneError(f"adapter file {str(file)!r} is not valid JSON ({exc}); retrain the adapter "
+                            "or restore the file") from None
+    if not isinstance(data, dict):
+        raise BackboneError(f"adapter file {str(file)!r} should hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_safetensors(file: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise BackboneError(f"adapter file {str(file)!r} is missing; retrain the adapter or restore the file")
+    try:
+        with safe_open(str(file), framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as exc:
+        raise BackboneError(f"adapter file {str(file)!r} is not a readable safetensors file ({exc}); "
+                            "retrain the adapter or restore the file") from None
+
+
+def attach_checked(backbone: Backbone, path: str | Path, topology: Topology) -> dict[str, str]:
+    """`attach_adapter` for user-given directories: peft's errors for an adapter that does not fit
+    this model (other layer names or shapes) as one BackboneError. Check the files first with
+    `check_adapter_dir`, before the model is loaded."""
+    from safetensors import SafetensorError
+
+    try:
+        return attach_adapter(backbone, path, topology)
+    except (ValueError, RuntimeError, TypeError, KeyError, OSError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneError(f"adapter {str(path)!r} does not fit model {backbone.name!r}: {first[:300]}; "
+                            "use the model it was trained on") from None

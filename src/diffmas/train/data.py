@@ -68,13 +68,15 @@ def attach_text_contexts(items: list[dict], method, cache_path: Path, batch_size
 
     `method` is a text_mas Method on the bare backbone; items gain a "context" field.
     """
+    from diffmas.jsonl import read_records
     from diffmas.methods import asks_of
+
     cached = {}
-    if cache_path.is_file():
-        for line in cache_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                cached[row["id"]] = row["context"]
+    for row in read_records(cache_path, repair=True):  # a line cut short by a kill is computed again
+        if not isinstance(row.get("id"), str) or not isinstance(row.get("context"), str):
+            raise TrainDataError(f"{cache_path}: a row without string 'id' and 'context'; delete the file "
+                                 "to write the upstream texts again")
+        cached[row["id"]] = row["context"]
     todo = [it for it in items if it["id"] not in cached]
     with open(cache_path, "a") as sink:
         for start in range(0, len(todo), batch_size):

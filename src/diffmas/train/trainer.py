@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from diffmas.accounting import MemoryMeter
 from diffmas.errors import DiffmasError
 from diffmas.provenance import config_diff, dataclass_defaults
-from diffmas.train.adapters import load_adapter_weights, write_metadata
+from diffmas.train.adapters import DIFFMAS_CONFIG, load_adapter_weights, write_metadata
 from diffmas.train.config import TrainConfig
 
 TRAIN_CONFIG = "train_config.json"
@@ -156,13 +156,19 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     from diffmas.train.trajectory import TrajectoryModel
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(out, config)
-    torch.manual_seed(config.seed)  # LoRA initialisation
-    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=process_device(config.device))
-    backbone.gradient_checkpointing = config.gradient_checkpointing
+    # Everything that can fail on the user's input fails before `out` is touched, so that the
+    # corrected command starts cleanly instead of meeting a half-written run.
+    saved = _check_config(out, config)
     topology = build_topology(config.topology, config.n_agents, config.roles, get_task(config.task))
     items = load_items(config)
+    digest = data_hash(items)
+    _check_data(out, saved, digest)
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=process_device(config.device))
+    _check_target_modules(backbone, config)
+    backbone.gradient_checkpointing = config.gradient_checkpointing
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out, config, digest)
     context_start = time.perf_counter()
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once (cached on disk)
         frozen = get_method("text_mas", backbone, topology, MethodConfig(
@@ -184,7 +190,7 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
         train_dataset=_Items(items),
         data_collator=collate,
         backbone=backbone, topology=topology, mapping=mapping, train_config=config,
-        data_hash=data_hash(items),
+        data_hash=digest,
         callbacks=[_StopAt(stop_after)] if stop_after else None,
     )
     last = _last_checkpoint(out / "checkpoints")
@@ -253,17 +259,58 @@ def _training_args(config: TrainConfig, out: Path, report_to) -> TrainingArgumen
     )
 
 
-def _check_or_write_config(out: Path, config: TrainConfig) -> None:
+def _check_config(out: Path, config: TrainConfig) -> dict | None:
+    """A saved training run in `out` must have the same settings (read only); returns what was saved."""
     path = out / TRAIN_CONFIG
-    wanted = config.to_dict()
-    if path.is_file():
-        diff = config_diff(json.loads(path.read_text()), wanted, dataclass_defaults(TrainConfig))
-        if diff:
-            raise TrainRunConflictError(f"{out} holds a training run with other settings ({'; '.join(diff)}); "
-                                        "resume with the same settings or choose another --out")
-        return
-    if int(os.environ.get("RANK", "0")) == 0:
-        path.write_text(json.dumps(wanted, indent=2) + "\n")
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TrainRunConflictError(f"{path} is not valid JSON ({exc}); restore it or choose another --out") from None
+    settings = {k: v for k, v in saved.items() if k != "data_hash"}
+    diff = config_diff(settings, config.to_dict(), dataclass_defaults(TrainConfig))
+    if diff:
+        raise TrainRunConflictError(f"{out} holds a training run with other settings ({'; '.join(diff)}); "
+                                    "resume with the same settings or choose another --out")
+    return saved
+
+
+def _check_data(out: Path, saved: dict | None, digest: str) -> None:
+    """Same settings can still mean other examples (an edited data file, or a --subset-seed draw
+    of another diffmas version): resuming would then train on a mix."""
+    before = _saved_data_hash(out, saved)
+    if before not in (None, digest):
+        raise TrainRunConflictError(f"{out} was trained on other examples (data hash {before}, now "
+                                    f"{digest}): the data file or the --subset-seed draw changed; "
+                                    "choose another --out")
+
+
+def _saved_data_hash(out: Path, saved: dict | None) -> str | None:
+    """From train_config.json, or for runs saved before it held one, from the last checkpoint's metadata."""
+    if saved and saved.get("data_hash"):
+        return saved["data_hash"]
+    last = _last_checkpoint(out / "checkpoints")
+    meta = last / DIFFMAS_CONFIG if last else None
+    return json.loads(meta.read_text()).get("data_hash") if meta and meta.is_file() else None
+
+
+def _write_config(out: Path, config: TrainConfig, digest: str) -> None:
+    path = out / TRAIN_CONFIG
+    if not path.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        path.write_text(json.dumps({**config.to_dict(), "data_hash": digest}, indent=2) + "\n")
+
+
+def _check_target_modules(backbone, config: TrainConfig) -> None:
+    """peft's own error for a --target-modules name the model lacks comes as a traceback, later."""
+    names = [name for name, _ in backbone.model.named_modules()]
+    # peft's rule for a list of names: a module matches a target equal to its name or a suffix of it
+    missing = [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise DiffmasError(f"--target-modules {','.join(missing)}: not in model {backbone.name!r}; "
+                           f"its linear layers are {', '.join(linear)}")
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
