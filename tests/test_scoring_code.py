@@ -313,7 +313,9 @@ def test_network_bypassing_the_prelude_finds_no_network(listener: socket.socket)
     raw = ("import _socket\nS = _socket.socket.__mro__[1]  # the real class under the guard\n"
            f"s = S(_socket.AF_INET, _socket.SOCK_STREAM)\ns.connect(('127.0.0.1', {port}))\n")
     result = run_in_sandbox(raw)
-    assert result.status == "failed" and "Network is unreachable" in result.stderr_tail
+    # seccomp refuses the socket; without it, the namespace has no route
+    assert result.status == "failed" and ("Operation not permitted" in result.stderr_tail
+                                          or "Network is unreachable" in result.stderr_tail)
     assert run_in_sandbox("print(open('/proc/net/dev').read())").stdout_tail.count(":") == 1  # lo
     _assert_no_connection(listener)
 
@@ -335,16 +337,19 @@ def test_writing_outside_the_sandbox_is_refused(public_dir: Path) -> None:
                 f"import os\nos.rename({str(public_dir)!r}, {str(public_dir)!r} + '2')"]
     for program in programs:
         result = run_in_sandbox(program)
-        assert result.status == "failed" and "not allowed" in result.stderr_tail, program
+        # the prelude refuses, or (bubblewrap) the directory is not there at all
+        assert result.status == "failed" and ("not allowed" in result.stderr_tail
+                                              or "No such file" in result.stderr_tail), program
     assert public_dir.is_dir() and list(public_dir.iterdir()) == []
 
 
 def test_writing_outside_while_bypassing_the_prelude(public_dir: Path) -> None:
-    if not isolation().readonly_filesystem:
+    if not isolation().private_filesystem:
         pytest.skip("no mount namespace on this machine: only the prelude guards writes")
     victim = public_dir / "victim.txt"
     result = run_in_sandbox(f"import _io\n_io.FileIO({str(victim)!r}, 'w').write(b'x')")
-    assert result.status == "failed" and "Read-only file system" in result.stderr_tail
+    assert result.status == "failed" and ("Read-only file system" in result.stderr_tail
+                                          or "No such file" in result.stderr_tail)
     assert not victim.exists()
 
 
@@ -374,7 +379,7 @@ def test_home_and_environment_are_not_the_users(tmp_path: Path,
         "print(sorted(os.environ))\n"
         "try:\n"
         f"    print(open({str(secret_key)!r}).read())\n"
-        "except PermissionError as e:\n"
+        "except OSError as e:  # PermissionError (prelude) or not there at all (bubblewrap)\n"
         "    print('refused:', e)\n"
     )
     result = run_in_sandbox(program)
@@ -395,13 +400,17 @@ def test_other_processes_cannot_be_signalled() -> None:
         f"kill({os.getpid()}, signal.SIGKILL)\n"
     )
     result = run_in_sandbox(real_kill)
-    assert result.status == "failed" and "Operation not permitted" in result.stderr_tail
+    # another uid may not signal it; in a PID namespace it is not even there
+    assert result.status == "failed" and ("Operation not permitted" in result.stderr_tail
+                                          or "No such process" in result.stderr_tail)
 
 
 def test_prelude_only_fallback(monkeypatch: pytest.MonkeyPatch, public_dir: Path,
                                listener: socket.socket) -> None:
-    # a machine that allows no kernel layer (e.g. a container without namespaces)
-    monkeypatch.setattr(sandbox, "_isolation", Isolation(False, False, False, False))
+    # a machine that allows no kernel layer (e.g. a container without namespaces), accepted
+    monkeypatch.setattr(sandbox, "_isolation", Isolation())
+    monkeypatch.setattr(sandbox, "_plan", None)
+    monkeypatch.setattr(sandbox, "_required", "weak")
     assert run_in_sandbox("import math\nprint(math.sqrt(16))").stdout_tail == "4.0\n"
     victim = public_dir / "victim.txt"
     port = listener.getsockname()[1]
