@@ -10,6 +10,7 @@ or a stronger one (CI sets it to 'full'): then the run fails instead. The level 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -323,3 +324,63 @@ def test_reading_other_processes_environment(level: str, decoy: subprocess.Popen
     result = run_in_sandbox(program)
     assert result.passed, result.stderr_tail
     assert "found []" in result.stdout_tail and SECRET not in result.stdout_tail
+
+
+# ---------------------------------------------------------------- runs record their isolation
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from conftest import make_model, make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    make_model(tied=False).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def _code_config(tmp_path: Path, model: Path):
+    from diffmas.evaluate.runner import EvalConfig
+    from diffmas.generate import DecodeConfig
+    from diffmas.methods import MethodConfig
+
+    data = tmp_path / "code.jsonl"
+    data.write_text(json.dumps({"id": "c1", "question": "Write f() returning 1.",
+                                "tests": ["assert f() == 1"]}) + "\n")
+    return EvalConfig(task=f"jsonl:{data}?type=code", method="single", model=str(model),
+                      batch_size=1, method_config=MethodConfig(decode=DecodeConfig(max_new_tokens=4)))
+
+
+def test_code_runs_record_their_isolation(tmp_path: Path, tiny_model: Path) -> None:
+    from diffmas.evaluate.runner import evaluate
+
+    summary = evaluate(_code_config(tmp_path, tiny_model), tmp_path / "run", progress=False)
+    expected = sandbox.isolation().to_dict()
+    assert summary["sandbox"] == expected and expected["level"] in LEVELS
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sandbox"] == expected
+
+
+def test_code_runs_refuse_a_weak_sandbox_before_generating(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffmas.cli import common
+    from diffmas.evaluate.runner import evaluate
+
+    monkeypatch.setattr(sandbox, "_isolation", Isolation())
+    monkeypatch.setattr(sandbox, "_plan", None)
+    config = _code_config(tmp_path, tiny_model)
+    with pytest.raises(sandbox.SandboxError, match="--allow-weak-sandbox"):
+        evaluate(config, tmp_path / "weak", progress=False)
+    assert not (tmp_path / "weak" / "samples.jsonl").exists()
+    monkeypatch.setattr(sandbox, "_required", sandbox._required)  # restored after the test
+    common.allow_weak_sandbox(True)  # what --allow-weak-sandbox does
+    summary = evaluate(config, tmp_path / "weak", progress=False)
+    assert summary["sandbox"] == {"level": "weak", "layers": []}
+
+
+def test_eval_has_the_allow_weak_sandbox_flag() -> None:
+    from typer.testing import CliRunner
+
+    from diffmas.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+    assert "--allow-weak-sandbox" in result.output

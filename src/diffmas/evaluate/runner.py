@@ -109,6 +109,24 @@ def _check_or_write_config(out: Path, config: EvalConfig, is_main: bool) -> None
                                   "git_commit": git_commit()})
 
 
+def _sandbox_isolation(task) -> dict | None:
+    """Code tasks: the sandbox's isolation level and layers (SandboxError when below the
+    required level, see scoring.sandbox.require_isolation); None for other tasks."""
+    if task.answer_type != "code":
+        return None
+    from diffmas.scoring.sandbox import check_isolation
+
+    return check_isolation().to_dict()
+
+
+def _record_sandbox(path: Path, sandbox: dict) -> None:
+    """config.json keeps the isolation the code ran under, apart from the settings compared on
+    resume (a run may be resumed on another machine: the latest is recorded)."""
+    saved = json.loads(path.read_text())
+    if saved.get("sandbox") != sandbox:
+        _write_json_atomic(path, {**saved, "sandbox": sandbox})
+
+
 def _shard_path(out: Path, rank: int) -> Path:
     return out / "shards" / f"rank{rank}.jsonl"
 
@@ -130,9 +148,12 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     # Data first: a missing file or bad row fails before anything is written.
     task = get_task(config.task)
     examples = task.load(config.split, data_dir=config.data_dir, limit=config.limit, seed=config.subset_seed)
+    sandbox = _sandbox_isolation(task)  # code tasks: refused before generating when too weak
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_config(out, config, rank == 0)
+    if sandbox and rank == 0:
+        _record_sandbox(out / CONFIG, sandbox)
     mine = examples[rank::world]
     shard = _shard_path(out, rank) if world > 1 else out / SAMPLES
     shard.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +176,8 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     records = _merge(out, examples, config.samples, world)
     summary = {"task": config.task, "method": config.method, "latent_steps": config.method_config.latent_steps,
                **summarize(records)}
+    if sandbox:
+        summary["sandbox"] = sandbox
     _write_json_atomic(out / SUMMARY, summary)
     return summary
 
