@@ -464,9 +464,27 @@ def _real_home() -> str:
     return "" if home == "/" else home
 
 
-def _hidden_homes() -> list[str]:
-    """What the fallback mount namespace covers: the usual homes and the caller's."""
-    return sorted({h for h in (*_HOME_ROOTS, _real_home()) if h and os.path.isdir(h)})
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _hidden_dirs(workdir: str) -> list[str]:
+    """What the fallback mount namespace covers with an empty tmpfs: the usual homes and the
+    caller's, and above the interpreter's prefixes and the sandbox dir, the first directory
+    others may not search (the throwaway uid has no capability to pass it; the runner makes
+    the way again inside the tmpfs and binds the prefixes back)."""
+    homes = {h for h in (*_HOME_ROOTS, _real_home()) if h and os.path.isdir(h)}
+    hidden = set(homes)
+    for path in (*_interpreter_roots(), workdir):
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:i])
+            if any(_within(ancestor, h) for h in homes):
+                break
+            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                hidden.add(ancestor)
+                break
+    return sorted(hidden)
 
 
 def _child_env(workdir: str) -> dict[str, str]:
@@ -683,7 +701,7 @@ def _command(plan: _Plan, workdir: str, fds: tuple[int, int, int], probe: bool) 
                    str(low + secrets.randbelow(high - low)), _real_home(), "1" if probe else "0",
                    f"{_EXIT_FAILED},{_EXIT_SYNTAX},{_EXIT_SETUP}", *map(str, fds),
                    seccomp_filter() if "seccomp" in plan.features else "",
-                   str(_SANDBOX_DIR_BYTES), ":".join(_hidden_homes())]
+                   str(_SANDBOX_DIR_BYTES), ":".join(_hidden_dirs(workdir))]
     prefix = _bwrap_args(plan.bwrap, workdir) if plan.bwrap else []
     return [*prefix, sys.executable, "-I", "-B", "-c", _RUNNER, *runner_args]
 
