@@ -268,8 +268,8 @@ def test_processes_and_threads(level: str) -> None:
 
 
 @pytest.mark.parametrize("loop", ["while True:\n    pass\n", "sum(range(10 ** 13))\n",
-                                  "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
-                                  "while True:\n    pass\n"],
+                                  ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+                                   "while True:\n    pass\n")],
                          ids=["python-loop", "c-loop", "ignores-sigxcpu"])
 def test_running_forever(level: str, loop: str) -> None:
     result = run_in_sandbox(loop, timeout_s=1.0)

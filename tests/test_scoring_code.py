@@ -533,8 +533,8 @@ def test_mbppplus_looping_completion_is_rejected_within_seconds() -> None:
 def test_mbppplus_outputs_with_an_always_true_equality_fail() -> None:
     row = _mbppplus_row("Mbpp/3")
     cheats = [
-        "class Yes:\n    def __init__(self, *args):\n        pass\n"
-        "    def __eq__(self, other):\n        return True\n",
+        ("class Yes:\n    def __init__(self, *args):\n        pass\n"
+         "    def __eq__(self, other):\n        return True\n"),
         "class Yes(int):\n    def __eq__(self, other):\n        return True\n",
     ]
     for cheat in cheats:
