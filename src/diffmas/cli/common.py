@@ -175,6 +175,8 @@ def summary_table(summary: dict, out) -> Table:
         ("trace (mean)", mib(int(summary["trace_bytes"]["mean"] or 0))),
         ("peak memory", mib(int(summary["peak_memory_bytes"] or 0))),
     ]
+    if summary.get("sandbox"):  # code tasks: the isolation generated code ran under
+        rows.append(("code sandbox", summary["sandbox"]["level"]))
     for name, value in rows:
         table.add_row(name, value)
     return table

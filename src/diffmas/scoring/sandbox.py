@@ -701,7 +701,7 @@ def _command(plan: _Plan, workdir: str, fds: tuple[int, int, int], probe: bool) 
                    str(low + secrets.randbelow(high - low)), _real_home(), "1" if probe else "0",
                    f"{_EXIT_FAILED},{_EXIT_SYNTAX},{_EXIT_SETUP}", *map(str, fds),
                    seccomp_filter() if "seccomp" in plan.features else "",
-                   str(_SANDBOX_DIR_BYTES), ":".join(_hidden_dirs(workdir))]
+                   str(_SANDBOX_DIR_BYTES), "" if plan.bwrap else ":".join(_hidden_dirs(workdir))]
     prefix = _bwrap_args(plan.bwrap, workdir) if plan.bwrap else []
     return [*prefix, sys.executable, "-I", "-B", "-c", _RUNNER, *runner_args]
 
@@ -714,7 +714,6 @@ def _execute(program: str, timeout_s: float, memory_mb: int, plan: _Plan,
     try:
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
-        os.chmod(workdir, 0o755)  # bubblewrap as root binds program.py for the throwaway uid
         os.write(token_w, token)
         os.close(token_w)
         token_w = -1
