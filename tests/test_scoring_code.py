@@ -6,10 +6,12 @@ DIFFMAS_FULL_CORPUS=1 runs all of MBPP (task ids 11-510) and MBPP+ (399 tasks, a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -313,7 +315,9 @@ def test_network_bypassing_the_prelude_finds_no_network(listener: socket.socket)
     raw = ("import _socket\nS = _socket.socket.__mro__[1]  # the real class under the guard\n"
            f"s = S(_socket.AF_INET, _socket.SOCK_STREAM)\ns.connect(('127.0.0.1', {port}))\n")
     result = run_in_sandbox(raw)
-    assert result.status == "failed" and "Network is unreachable" in result.stderr_tail
+    # seccomp refuses the socket; without it, the namespace has no route
+    assert result.status == "failed" and ("Operation not permitted" in result.stderr_tail
+                                          or "Network is unreachable" in result.stderr_tail)
     assert run_in_sandbox("print(open('/proc/net/dev').read())").stdout_tail.count(":") == 1  # lo
     _assert_no_connection(listener)
 
@@ -335,16 +339,20 @@ def test_writing_outside_the_sandbox_is_refused(public_dir: Path) -> None:
                 f"import os\nos.rename({str(public_dir)!r}, {str(public_dir)!r} + '2')"]
     for program in programs:
         result = run_in_sandbox(program)
-        assert result.status == "failed" and "not allowed" in result.stderr_tail, program
+        # the prelude refuses, the kernel does, or (bubblewrap) the directory is not there
+        assert result.status == "failed" and any(
+            e in result.stderr_tail for e in ("not allowed", "Permission denied", "No such file")
+        ), program
     assert public_dir.is_dir() and list(public_dir.iterdir()) == []
 
 
 def test_writing_outside_while_bypassing_the_prelude(public_dir: Path) -> None:
-    if not isolation().readonly_filesystem:
+    if not isolation().private_filesystem:
         pytest.skip("no mount namespace on this machine: only the prelude guards writes")
     victim = public_dir / "victim.txt"
     result = run_in_sandbox(f"import _io\n_io.FileIO({str(victim)!r}, 'w').write(b'x')")
-    assert result.status == "failed" and "Read-only file system" in result.stderr_tail
+    assert result.status == "failed" and any(e in result.stderr_tail for e in (
+        "Read-only file system", "Permission denied", "No such file"))
     assert not victim.exists()
 
 
@@ -374,7 +382,7 @@ def test_home_and_environment_are_not_the_users(tmp_path: Path,
         "print(sorted(os.environ))\n"
         "try:\n"
         f"    print(open({str(secret_key)!r}).read())\n"
-        "except PermissionError as e:\n"
+        "except OSError as e:  # PermissionError (prelude) or not there at all (bubblewrap)\n"
         "    print('refused:', e)\n"
     )
     result = run_in_sandbox(program)
@@ -395,13 +403,17 @@ def test_other_processes_cannot_be_signalled() -> None:
         f"kill({os.getpid()}, signal.SIGKILL)\n"
     )
     result = run_in_sandbox(real_kill)
-    assert result.status == "failed" and "Operation not permitted" in result.stderr_tail
+    # another uid may not signal it; in a PID namespace it is not even there
+    assert result.status == "failed" and ("Operation not permitted" in result.stderr_tail
+                                          or "No such process" in result.stderr_tail)
 
 
 def test_prelude_only_fallback(monkeypatch: pytest.MonkeyPatch, public_dir: Path,
                                listener: socket.socket) -> None:
-    # a machine that allows no kernel layer (e.g. a container without namespaces)
-    monkeypatch.setattr(sandbox, "_isolation", Isolation(False, False, False, False))
+    # a machine that allows no kernel layer (e.g. a container without namespaces), accepted
+    monkeypatch.setattr(sandbox, "_isolation", Isolation())
+    monkeypatch.setattr(sandbox, "_plan", None)
+    monkeypatch.setattr(sandbox, "_required", "weak")
     assert run_in_sandbox("import math\nprint(math.sqrt(16))").stdout_tail == "4.0\n"
     victim = public_dir / "victim.txt"
     port = listener.getsockname()[1]
@@ -495,3 +507,108 @@ def test_mbppplus_wrong_solutions_fail() -> None:
     results = _run_all(wrong, timeout_s=60, memory_mb=4096)
     # Mbpp/164 ("are_equivalent") has a special oracle that accepts any output, as in evalplus
     assert [r["task_id"] for r, res in zip(rows, results) if res.passed] in ([], ["Mbpp/164"])
+
+
+# --------------------------------------------------------------- MBPP+ time limits and parity
+
+
+def _mbppplus_row(task_id: str) -> dict:
+    return next(r for r in _rows("mbppplus_test.jsonl") if r["task_id"] == task_id)
+
+
+def _plus_program_for(row: dict, code: str) -> str:
+    return mbppplus_program(code, row["entry_point"], row["base_input"], row["plus_input"],
+                            row["atol"], row["canonical_solution"], task_id=row["task_id"])
+
+
+def test_mbppplus_looping_completion_is_rejected_within_seconds() -> None:
+    # evalplus's limit per input, max(1 s, 4 x the reference's time), not the task's 60 s
+    row = _mbppplus_row("Mbpp/3")
+    looping = f"def {row['entry_point']}(*args):\n    while True:\n        pass\n"
+    result = run_in_sandbox(_plus_program_for(row, looping), timeout_s=60, memory_mb=4096)
+    assert result.status == "timeout" and result.wall_s < 5
+    assert "over its time limit" in result.stderr_tail
+
+
+def test_mbppplus_outputs_with_an_always_true_equality_fail() -> None:
+    row = _mbppplus_row("Mbpp/3")
+    cheats = [
+        ("class Yes:\n    def __init__(self, *args):\n        pass\n"
+         "    def __eq__(self, other):\n        return True\n"),
+        "class Yes(int):\n    def __eq__(self, other):\n        return True\n",
+    ]
+    for cheat in cheats:
+        code = cheat + f"def {row['entry_point']}(*args):\n    return Yes(0)\n"
+        result = run_in_sandbox(_plus_program_for(row, code), timeout_s=60, memory_mb=4096)
+        assert result.status == "failed" and "solution.Yes object" in result.stderr_tail
+    mock_any = f"from unittest import mock\ndef {row['entry_point']}(*args):\n    return mock.ANY\n"
+    assert not run_in_sandbox(_plus_program_for(row, mock_any), timeout_s=60).passed
+
+
+_MUTATIONS = [(" + ", " - "), (" < ", " <= "), (" == ", " != "), (" > ", " >= "), ("[0]", "[-1]"),
+              ("return ", "return not ")]
+
+
+def _mutant(code: str) -> str:
+    """The first mutation that applies (a wrong, usually still running, program)."""
+    for old, new in _MUTATIONS:
+        if old in code:
+            return code.replace(old, new, 1)
+    return code + "\n\ndef _unused():\n    pass\n"
+
+
+def _parity_candidates(row: dict, mbpp_code: str | None) -> dict[str, str]:
+    entry = row["entry_point"]
+    wrap = row["canonical_solution"] + f"\n_orig = {entry}\n"
+    candidates = {
+        "canonical": row["canonical_solution"],
+        "mutant": _mutant(row["canonical_solution"]),
+        "none": f"def {entry}(*args):\n    return None\n",
+        "as-float": wrap + f"def {entry}(*args):\n    r = _orig(*args)\n"
+                    "    return float(r) if type(r) is int else r\n",
+        "as-tuple": wrap + f"def {entry}(*args):\n    r = _orig(*args)\n"
+                    "    return tuple(r) if type(r) is list else r\n",
+        "exit-early": "import sys\nsys.exit(0)\n" + row["canonical_solution"],
+    }
+    if mbpp_code:
+        candidates["mbpp"] = mbpp_code
+    return candidates
+
+
+def _evalplus_verdict(evalplus_eval, row: dict, code: str) -> bool:
+    """evalplus 0.3.1's own verdict: expected outputs and times as its get_groundtruth makes
+    them (trusted_exec on the canonical solution), then untrusted_check on base and plus."""
+    namespace: dict = {}
+    exec(row["canonical_solution"], namespace)
+    reference = namespace[row["entry_point"]]
+    verdicts = []
+    for inputs in (row["base_input"], row["plus_input"]):
+        inputs = mbppplus_deserialize_inputs(row["task_id"], list(inputs))
+        expected, seconds = [], []
+        for args in inputs:
+            args = copy.deepcopy(args)
+            start = time.time()
+            expected.append(reference(*args))
+            seconds.append(time.time() - start)
+        if row["entry_point"] in {"check_str", "text_match_three", "text_starta_endb"}:
+            expected = [e is not None for e in expected]
+        status, _ = evalplus_eval.untrusted_check("mbpp", code, inputs, row["entry_point"],
+                                                  expected, row["atol"], seconds,
+                                                  fast_check=True)
+        verdicts.append(status == "pass")
+    return all(verdicts)
+
+
+def test_mbppplus_verdicts_agree_with_evalplus() -> None:
+    evalplus_eval = pytest.importorskip("evalplus.eval")  # make setup installs evalplus 0.3.1
+    mbpp = {r["task_id"]: r["code"] for r in _rows("mbpp.jsonl")}
+    rows = [r for r in _rows("mbppplus_test.jsonl")[3::20] if r["task_id"] not in _SLOW_MBPPPLUS]
+    cases = [(row, name, code) for row in rows for name, code in _parity_candidates(
+        row, mbpp.get(int(row["task_id"].split("/")[1]))).items()]
+    ours = _run_all([_plus_program_for(row, code) for row, _, code in cases], timeout_s=60,
+                    memory_mb=4096)
+    theirs = [_evalplus_verdict(evalplus_eval, row, code) for row, _, code in cases]
+    disagree = [(row["task_id"], name, res.status, ev) for (row, name, _), res, ev
+                in zip(cases, ours, theirs) if res.passed != ev]
+    assert disagree == [], disagree
+    assert len(cases) > 100 and 0 < sum(theirs) < len(cases)  # both verdicts are exercised

@@ -53,6 +53,18 @@ AdapterOpt = typer.Option(None, "--adapter", help="Trained adapter directory (di
 OptionLikelihoodOpt = typer.Option(True, help="Multiple choice: also rank options by likelihood.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task's data files.")
 EvalMaxNewOpt = typer.Option(512, "--max-new-tokens", help="Decode budget of the final agent.")
+AllowWeakSandboxOpt = typer.Option(
+    False, "--allow-weak-sandbox",
+    help="Code tasks: run generated code even where the sandbox is weaker than 'kernel' isolation "
+    "(no bubblewrap, namespaces or seccomp; see `diffmas env`).")
+
+
+def allow_weak_sandbox(allowed: bool) -> None:
+    """--allow-weak-sandbox: lower the isolation that code scoring requires in this process."""
+    if allowed:
+        from diffmas.scoring.sandbox import require_isolation
+
+        require_isolation("weak")
 
 
 def check_methods(names: list[str]) -> None:
@@ -199,6 +211,8 @@ def summary_table(summary: dict, out) -> Table:
         ("trace (mean)", _mib_or_dash((summary["trace_bytes"] or {}).get("mean"))),
         ("peak memory", _mib_or_dash(summary["peak_memory_bytes"])),
     ]
+    if summary.get("sandbox"):  # code tasks: the isolation generated code ran under
+        rows.append(("code sandbox", summary["sandbox"]["level"]))
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -12,6 +12,7 @@ def env() -> None:
 
     from diffmas.backbone import EMBEDDED_MODELS, diffmas_home, resolve_device, resolve_dtype
     from diffmas.provenance import device_description, git_commit, package_versions
+    from diffmas.scoring.sandbox import isolation
 
     device = resolve_device("auto")
     lines = ["- diffmas environment"]
@@ -22,6 +23,7 @@ def env() -> None:
         f"- default dtype: {str(resolve_dtype('auto', device)).replace('torch.', '')}",
         f"- torch threads: {torch.get_num_threads()}",
         f"- DIFFMAS_HOME: {diffmas_home()}",
+        f"- code sandbox: {isolation().describe()}",
     ]
     for name in EMBEDDED_MODELS:
         cached = (diffmas_home() / "models" / name / "config.json").is_file()

@@ -42,9 +42,11 @@ def eval_(
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead of a table."),
+    allow_weak_sandbox: bool = c.AllowWeakSandboxOpt,
 ) -> None:
     """Evaluate a method on a task; writes config.json, samples.jsonl and summary.json."""
     options = {k: v for k, v in locals().items() if k not in ("out", "as_json", "ctx")}
+    c.allow_weak_sandbox(options.pop("allow_weak_sandbox"))
     from diffmas.evaluate.runner import SubsetWarning, evaluate
 
     c.check_methods([method])

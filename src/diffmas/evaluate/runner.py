@@ -152,6 +152,24 @@ def has_work(config: EvalConfig, out: str | Path) -> bool:
     return config.samples > samples or (limit is not None and (config.limit is None or config.limit > limit))
 
 
+def _sandbox_isolation(task) -> dict | None:
+    """Code tasks: the sandbox's isolation level and layers (SandboxError when below the
+    required level, see scoring.sandbox.require_isolation); None for other tasks."""
+    if task.answer_type != "code":
+        return None
+    from diffmas.scoring.sandbox import check_isolation
+
+    return check_isolation().to_dict()
+
+
+def _record_sandbox(path: Path, sandbox: dict) -> None:
+    """config.json keeps the isolation the code ran under, apart from the settings compared on
+    resume (a run may be resumed on another machine: the latest is recorded)."""
+    saved = json.loads(path.read_text())
+    if saved.get("sandbox") != sandbox:
+        _write_json_atomic(path, {**saved, "sandbox": sandbox})
+
+
 def _shard_path(out: Path, rank: int) -> Path:
     return out / "shards" / f"rank{rank}.jsonl"
 
@@ -182,6 +200,7 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     # Data first: a missing file or bad row fails before anything is written.
     task = get_task(config.task)
     examples = _load(task, config)
+    sandbox = _sandbox_isolation(task)  # code tasks: refused before generating when too weak
     in_run = examples if _scope(run) == _scope(config) else _load(task, run)
     # whether this call spans the whole run (then it writes summary.json and merges shards)
     whole = [ex.id for ex in in_run] == [ex.id for ex in examples] and run.samples == config.samples
@@ -195,6 +214,8 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         _write_config(out, run, saved)
+        if sandbox:
+            _record_sandbox(out / CONFIG, sandbox)
     shard = _shard_path(out, rank) if world > 1 else out / SAMPLES
     read_records(shard, repair=True)  # a line cut short by a kill is cut off before appending
     if world == 1:
@@ -216,6 +237,8 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     in_scope = _in_scope(out, examples, config.samples)
     summary = {"task": config.task, "method": config.method, "latent_steps": config.method_config.latent_steps,
                **summarize(in_scope)}
+    if sandbox:
+        summary["sandbox"] = sandbox
     if whole:
         _merge(out, in_scope)
         _write_json_atomic(out / SUMMARY, summary)

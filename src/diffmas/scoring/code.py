@@ -133,15 +133,35 @@ def mbppplus_deserialize_inputs(task_id: str | int, inputs: list) -> list:
 
 
 # Runs inside the sandbox after the _INPUTS/_ATOL/... assignments that mbppplus_program writes.
-# Mirrors evalplus.eval.unsafe_execute (special oracles from evalplus/eval/_special_oracle.py).
+# Mirrors evalplus 0.3.1's eval.unsafe_execute / untrusted_check (special oracles from
+# evalplus/eval/_special_oracle.py), with its time limits: each input may take max(1 s, 4 x the
+# reference's time on it), the candidate as a whole min(60 s, their sum) + 1 s. One addition:
+# an output holding an object of a class made by Python code (e.g. one whose __eq__ is always
+# true) fails, unless the reference's outputs or the standard library's data types have it.
 _MBPPPLUS_HARNESS = r'''
+import collections as _collections
 import copy as _copy
+import decimal as _decimal
+import fractions as _fractions
 import linecache as _linecache
 import math as _math
+import os as _os
+import resource as _resource
+import signal as _signal
+import sys as _sys
+import time as _time
 
 _OUTPUT_NOT_NONE = {"check_str", "text_match_three", "text_starta_endb"}
 _OUTPUT_SET_EQ = {"similar_elements", "find_char_long", "common_in_nested_lists",
                   "extract_singly", "larg_nnum", "intersection_array", "find_dissimilar", "Diff"}
+_ANY_OUTPUT = {"are_equivalent"} | _OUTPUT_NOT_NONE  # oracles that never call the output's ==
+_MIN_TIME_LIMIT = 1.0  # evalplus.config.DEFAULT_MIN_TIME_LIMIT
+_TIME_LIMIT_FACTOR = 4.0  # evalplus.config.DEFAULT_GT_TIME_LIMIT_FACTOR
+_TIMEOUT_PER_TASK = 60.0  # evalplus's EVALPLUS_TIMEOUT_PER_TASK default
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class created by Python code, not a built-in
+_STDLIB_DATA = {_collections.Counter, _collections.OrderedDict, _collections.defaultdict,
+                _collections.deque, _fractions.Fraction, _decimal.Decimal}
+_CONTAINERS = (list, tuple, set, frozenset, dict, _collections.deque)
 
 
 def _surface_Area(base_edge, height):  # oracle for Mbpp/581
@@ -160,6 +180,65 @@ def _load(source, filename):
     namespace = {"__name__": filename.rsplit(".", 1)[0]}
     exec(compile(source, filename, "exec"), namespace)
     return namespace[_ENTRY_POINT]
+
+
+class _OverTime(Exception):  # an Exception, as evalplus's TimeoutException
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _OverTime()
+
+
+def _timed_call(fn, args, seconds):
+    # evalplus.eval.utils.time_limit: a real-time alarm around the one call
+    _signal.signal(_signal.SIGALRM, _on_alarm)
+    _signal.setitimer(_signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+
+
+def _out_of_time(message):
+    # reported as a timeout: die of SIGXCPU, as the CPU limit below would
+    _sys.stderr.write(f"{message}\n")
+    _sys.stderr.flush()
+    _signal.signal(_signal.SIGXCPU, _signal.SIG_DFL)
+    _os.kill(_os.getpid(), _signal.SIGXCPU)
+
+
+def _limit_cpu(seconds):
+    # The candidate's whole budget, as CPU seconds from now: this also stops a loop inside C
+    # code, which the alarm cannot interrupt.
+    usage = _resource.getrusage(_resource.RUSAGE_SELF)
+    soft = int(usage.ru_utime + usage.ru_stime + seconds) + 1
+    old_soft, old_hard = _resource.getrlimit(_resource.RLIMIT_CPU)
+    if old_hard == _resource.RLIM_INFINITY or soft + 1 <= old_hard:
+        _resource.setrlimit(_resource.RLIMIT_CPU, (soft, soft + 1))
+
+
+def _walk(value):
+    # value and what its containers hold, each object once; only built-in and standard-library
+    # containers are opened (iterating a class made by the candidate would run its code)
+    seen, stack = {}, [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen[id(v)] = v  # kept alive: its id cannot be reused by a later object
+        yield v
+        t = type(v)
+        if t in _CONTAINERS or (t in _STDLIB_DATA and isinstance(v, _CONTAINERS)):
+            stack.extend([*v.keys(), *v.values()] if isinstance(v, dict) else v)
+
+
+def _foreign_type(out, trusted):
+    # the first class in `out` made by Python code and not trusted, else None
+    for v in _walk(out):
+        if type(v).__flags__ & _HEAP_TYPE and type(v) not in trusted:
+            return type(v)
+    return None
 
 
 def _is_floats(x):
@@ -204,14 +283,37 @@ def _matches(args, out, exp):
     return _allclose(out, exp, atol)
 
 
-def _check():
+def _reference_outputs():
+    # evalplus's trusted_exec: the canonical solution on a copy of each input, timed
     reference = _load(_REFERENCE, "reference_solution.py")
-    expected = [reference(*_copy.deepcopy(args)) for args in _INPUTS]
+    expected, seconds = [], []
+    for args in _INPUTS:
+        args = _copy.deepcopy(args)
+        start = _time.time()
+        expected.append(reference(*args))
+        seconds.append(_time.time() - start)
     if _ENTRY_POINT in _OUTPUT_NOT_NONE:
         expected = [e is not None for e in expected]
+    return expected, seconds
+
+
+def _check():
+    expected, reference_s = _reference_outputs()
+    limits = [max(_MIN_TIME_LIMIT, _TIME_LIMIT_FACTOR * t) for t in reference_s]
+    trusted = _STDLIB_DATA | {type(v) for e in expected for v in _walk(e)}
+    _limit_cpu(min(_TIMEOUT_PER_TASK, sum(limits)) + 1)
     candidate = _load(_CANDIDATE, "solution.py")
     for i, (args, exp) in enumerate(zip(_INPUTS, expected)):
-        out = candidate(*_copy.deepcopy(args))
+        try:
+            out = _timed_call(candidate, _copy.deepcopy(args), limits[i])
+        except _OverTime:
+            _out_of_time(f"input #{i} {repr(args)[:200]}: over its time limit of "
+                         f"{limits[i]:.2f} s (max(1 s, 4 x the reference's time))")
+        foreign = None if _ENTRY_POINT in _ANY_OUTPUT else _foreign_type(out, trusted)
+        if foreign is not None:
+            raise AssertionError(f"input #{i} {repr(args)[:200]}: the output holds a "
+                                 f"{foreign.__module__}.{foreign.__qualname__} object; only "
+                                 "built-in data types (and the reference's) are compared")
         if not _matches(_copy.deepcopy(args), out, exp):
             raise AssertionError(f"input #{i} {repr(args)[:200]}: got {repr(out)[:200]}, "
                                  f"expected {repr(exp)[:200]}")
