@@ -12,7 +12,7 @@ EVALPLUS_SPEC ?= evalplus==0.3.1
 export DIFFMAS_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup sandbox-tools demo test test-fast bench constraints clean
+.PHONY: setup sandbox-tools demo test test-fast lint bench constraints clean
 
 setup: $(VENV)/.installed sandbox-tools
 
@@ -46,6 +46,11 @@ test: setup
 bench: setup
 	cd bench && for s in step_cost training_step inference_cost batching trace_growth; do ../$(PY) $$s.py || exit 1; done
 	cd bench && ../$(PY) write_docs.py
+
+# ruff: lint and format check (settings in pyproject.toml); CI runs it before the tests
+lint: setup
+	$(VENV)/bin/ruff check src tests study bench
+	$(VENV)/bin/ruff format --check src tests study bench
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"

@@ -87,29 +87,59 @@ def train_all(s: StudySettings, only: set[str] | None) -> None:
             continue
         print(f"== train {name}", flush=True)
         config = TrainConfig(
-            task=s.task, method=method, model=s.model, limit=s.train_examples, subset_seed=s.train_subset_seed,
-            latent_steps=s.latent_steps, upstream_max_new_tokens=s.upstream_max_new_tokens,
-            lora_r=s.lora_r, lora_alpha=s.lora_alpha, learning_rate=s.learning_rate, batch_size=s.batch_size,
-            grad_accum=s.grad_accum, max_steps=s.steps, warmup_ratio=s.warmup, max_target_tokens=64, save_steps=8,
-            seed=s.seed, device="cpu", dtype="float32",
+            task=s.task,
+            method=method,
+            model=s.model,
+            limit=s.train_examples,
+            subset_seed=s.train_subset_seed,
+            latent_steps=s.latent_steps,
+            upstream_max_new_tokens=s.upstream_max_new_tokens,
+            lora_r=s.lora_r,
+            lora_alpha=s.lora_alpha,
+            learning_rate=s.learning_rate,
+            batch_size=s.batch_size,
+            grad_accum=s.grad_accum,
+            max_steps=s.steps,
+            warmup_ratio=s.warmup,
+            max_target_tokens=64,
+            save_steps=8,
+            seed=s.seed,
+            device="cpu",
+            dtype="float32",
         )
         train(config, out, report_to=[])
 
 
-def eval_config(s: StudySettings, method: str, adapter: str | None, latent_steps: int, samples: int,
-                temperature: float):
+def eval_config(
+    s: StudySettings, method: str, adapter: str | None, latent_steps: int, samples: int, temperature: float
+):
     from diffmas.evaluate.runner import EvalConfig
     from diffmas.generate import DecodeConfig
     from diffmas.methods import MethodConfig
 
     return EvalConfig(
-        task=s.task, method=method, model=s.model, limit=s.test_questions, subset_seed=s.test_subset_seed,
-        samples=samples, seed=s.seed, batch_size=s.eval_batch_size, device="cpu", dtype="float32",
+        task=s.task,
+        method=method,
+        model=s.model,
+        limit=s.test_questions,
+        subset_seed=s.test_subset_seed,
+        samples=samples,
+        seed=s.seed,
+        batch_size=s.eval_batch_size,
+        device="cpu",
+        dtype="float32",
         adapter=str(OUT / "adapters" / adapter) if adapter else None,
-        method_config=MethodConfig(latent_steps=latent_steps, upstream_max_new_tokens=s.upstream_max_new_tokens,
-                                   upstream_temperature=s.upstream_temperature,
-                                   decode=DecodeConfig(max_new_tokens=s.max_new_tokens, temperature=temperature,
-                                                       top_p=s.top_p if temperature > 0 else 1.0, seed=s.seed)),
+        method_config=MethodConfig(
+            latent_steps=latent_steps,
+            upstream_max_new_tokens=s.upstream_max_new_tokens,
+            upstream_temperature=s.upstream_temperature,
+            decode=DecodeConfig(
+                max_new_tokens=s.max_new_tokens,
+                temperature=temperature,
+                top_p=s.top_p if temperature > 0 else 1.0,
+                seed=s.seed,
+            ),
+        ),
     )
 
 
@@ -143,12 +173,21 @@ def sweep(s: StudySettings) -> None:
 # The untrained evaluations run while DiffMAS trains; an evaluation under an adapter first waits for
 # that adapter's training to finish, in whichever stream it runs.
 STREAMS = [
-    [["--stage", "train", "--only", "diffmas"], ["--stage", "eval", "--only", "diffmas"], ["--stage", "sweep"],
-     ["--stage", "eval", "--only", "single_sft"]],
-    [["--stage", "train", "--only", "sft_single"], ["--stage", "train", "--only", "sft_text_mas"],
-     ["--stage", "eval", "--only", "single"], ["--stage", "eval", "--only", "text_mas"],
-     ["--stage", "eval", "--only", "latent_mas"], ["--stage", "eval", "--only", "text_mas_sft"],
-     ["--stage", "gsm8k"]],
+    [
+        ["--stage", "train", "--only", "diffmas"],
+        ["--stage", "eval", "--only", "diffmas"],
+        ["--stage", "sweep"],
+        ["--stage", "eval", "--only", "single_sft"],
+    ],
+    [
+        ["--stage", "train", "--only", "sft_single"],
+        ["--stage", "train", "--only", "sft_text_mas"],
+        ["--stage", "eval", "--only", "single"],
+        ["--stage", "eval", "--only", "text_mas"],
+        ["--stage", "eval", "--only", "latent_mas"],
+        ["--stage", "eval", "--only", "text_mas_sft"],
+        ["--stage", "gsm8k"],
+    ],
 ]
 
 
@@ -194,10 +233,18 @@ def gsm8k(s: StudySettings) -> None:
 
     for method in GSM8K_METHODS:
         print(f"== gsm8k {method}", flush=True)
-        config = EvalConfig(task="gsm8k", method=method, model=s.model, limit=s.gsm8k_questions, batch_size=10,
-                            method_config=MethodConfig(
-                                latent_steps=s.latent_steps, upstream_max_new_tokens=s.gsm8k_upstream_max_new_tokens,
-                                decode=DecodeConfig(max_new_tokens=s.gsm8k_max_new_tokens)))
+        config = EvalConfig(
+            task="gsm8k",
+            method=method,
+            model=s.model,
+            limit=s.gsm8k_questions,
+            batch_size=10,
+            method_config=MethodConfig(
+                latent_steps=s.latent_steps,
+                upstream_max_new_tokens=s.gsm8k_upstream_max_new_tokens,
+                decode=DecodeConfig(max_new_tokens=s.gsm8k_max_new_tokens),
+            ),
+        )
         evaluate(config, GSM8K_OUT / method)
 
 
@@ -206,8 +253,13 @@ def main() -> None:
     p.add_argument("--stage", choices=["all", "train", "eval", "sweep", "gsm8k"], default="all")
     p.add_argument("--only", default="", help="Comma-separated names of the trainings/evaluations to run.")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--streams", type=int, choices=[1, 2], default=1,
-                   help="2: run the stages as two single-threaded processes side by side (2-core machines).")
+    p.add_argument(
+        "--streams",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="2: run the stages as two single-threaded processes side by side (2-core machines).",
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     shared = REPO.parent / "shared" / "data"

@@ -19,15 +19,19 @@ DOCS = REPO / "docs"
 IMG = DOCS / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from channel import OUT, ChannelSettings, Stage, stages  # noqa: E402
-
 from diffmas.evaluate.compare import compare_runs  # noqa: E402
 from diffmas.evaluate.information import above_chance_p, mutual_information_bits, mutual_information_ci  # noqa: E402
 from diffmas.evaluate.rundir import load_run  # noqa: E402
 from diffmas.tasks import get_task  # noqa: E402
 
-LABELS = {("latent_mas", None): "latent_mas (untrained)", ("diffmas", "none"): "DiffMAS, reading only (grad none)",
-          ("diffmas", "full"): "DiffMAS, full (encode + read)", ("text_mas", None): "text_mas, m tokens"}
+from channel import OUT, ChannelSettings, Stage, stages  # noqa: E402
+
+LABELS = {
+    ("latent_mas", None): "latent_mas (untrained)",
+    ("diffmas", "none"): "DiffMAS, reading only (grad none)",
+    ("diffmas", "full"): "DiffMAS, full (encode + read)",
+    ("text_mas", None): "text_mas, m tokens",
+}
 ALPHA = 0.05  # significance level of every test below
 README_BEGIN, README_END = "<!-- channel:begin -->", "<!-- channel:end -->"
 
@@ -92,8 +96,14 @@ def verdict(r: Result) -> str:
 
 def find(results, group, method, grad=None, m=None, task=None, adapters="shared"):
     for st, r in results.items():
-        if (st.group == group and st.method == method and st.upstream_grad == grad and st.adapters == adapters
-                and (m is None or st.m == m) and (task is None or st.task == task)):
+        if (
+            st.group == group
+            and st.method == method
+            and st.upstream_grad == grad
+            and st.adapters == adapters
+            and (m is None or st.m == m)
+            and (task is None or st.task == task)
+        ):
             return r
     return None
 
@@ -111,11 +121,16 @@ def grid_section(results, s: ChannelSettings) -> str:
             row.append("—" if r is None else pct(r.accuracy, r.ci))
         rows.append(row)
     chance = get_task(_word(s)).chance()
-    text = [f"## Accuracy against m (relay_word, K={s.k}, reads=latent)",
-            f"Exact-match accuracy in % [95 % CI] on {s.test_examples} held-out examples; chance "
-            f"{100 * chance:.1f} %. text_mas at m sends an m-token message (no text at m=0).", "",
-            table(["m", *[LABELS[c] for c in conditions]], rows), "",
-            "![accuracy against m](img/channel_m.png)", ""]
+    text = [
+        f"## Accuracy against m (relay_word, K={s.k}, reads=latent)",
+        f"Exact-match accuracy in % [95 % CI] on {s.test_examples} held-out examples; chance "
+        f"{100 * chance:.1f} %. text_mas at m sends an m-token message (no text at m=0).",
+        "",
+        table(["m", *[LABELS[c] for c in conditions]], rows),
+        "",
+        "![accuracy against m](img/channel_m.png)",
+        "",
+    ]
     plot_grid(results, s, chance)
     verdicts = []
     for method, grad in conditions:
@@ -123,12 +138,16 @@ def grid_section(results, s: ChannelSettings) -> str:
         above = [r.stage.m for r in runs if r is not None and r.above_chance]
         tested = [r.stage.m for r in runs if r is not None]
         if tested:
-            verdicts.append(f"- {LABELS[(method, grad)]}: above chance (one-sided binomial test, p < {ALPHA}) "
-                            f"at m = {_list(above) or 'none'} of m = {_list(tested)}.")
+            verdicts.append(
+                f"- {LABELS[(method, grad)]}: above chance (one-sided binomial test, p < {ALPHA}) "
+                f"at m = {_list(above) or 'none'} of m = {_list(tested)}."
+            )
     full = [find(results, "grid", "diffmas", "full", m) for m in s.ms]
     reached = [r.stage.m for r in full if r is not None and r.accuracy >= 0.95]
-    verdicts.append(f"- **Smallest m at which trained DiffMAS (full) reaches ≥ 95 %: "
-                    f"{min(reached) if reached else 'none of those run'}.**")
+    verdicts.append(
+        f"- **Smallest m at which trained DiffMAS (full) reaches ≥ 95 %: "
+        f"{min(reached) if reached else 'none of those run'}.**"
+    )
     return "\n".join(text + verdicts) + "\n"
 
 
@@ -174,12 +193,19 @@ def bits_section(results, s: ChannelSettings) -> str:
         full = find(results, "grid", "diffmas", "full", m)
         row.append(f"{full.bits / m:.2f}" if full is not None and m else "—")
         rows.append(row)
-    return "\n".join([
-        "## Information: bits through the channel",
-        f"Mutual information between the secret and the extracted answer, in bits (plug-in with the "
-        f"Miller–Madow correction, 95 % bootstrap CI); the secret carries log2 {s.k} = {math.log2(s.k):.0f} bits. "
-        "Bits per step = full DiffMAS's bits / m.", "",
-        table(["m", *LABELS.values(), "bits per latent step (full)"], rows)]) + "\n"
+    return (
+        "\n".join(
+            [
+                "## Information: bits through the channel",
+                f"Mutual information between the secret and the extracted answer, in bits (plug-in with the "
+                f"Miller–Madow correction, 95 % bootstrap CI); the secret carries log2 {s.k} = {math.log2(s.k):.0f} bits. "
+                "Bits per step = full DiffMAS's bits / m.",
+                "",
+                table(["m", *LABELS.values(), "bits per latent step (full)"], rows),
+            ]
+        )
+        + "\n"
+    )
 
 
 def paired_section(results, s: ChannelSettings, other: tuple[str, str | None], title: str, intro: str) -> str:
@@ -190,8 +216,9 @@ def paired_section(results, s: ChannelSettings, other: tuple[str, str | None], t
         if full is None or base is None:
             continue
         cmp = compare_runs([base.run, full.run])["runs"][1]
-        rows.append([m, pct(base.accuracy), pct(full.accuracy), pct(cmp["delta"], cmp["delta_ci"]),
-                     f"{cmp['p_value']:.2g}"])
+        rows.append(
+            [m, pct(base.accuracy), pct(full.accuracy), pct(cmp["delta"], cmp["delta_ci"]), f"{cmp['p_value']:.2g}"]
+        )
         if cmp["delta_ci"][0] > 0:
             wins.append(m)
         elif cmp["delta_ci"][1] < 0:
@@ -200,22 +227,54 @@ def paired_section(results, s: ChannelSettings, other: tuple[str, str | None], t
         return f"## {title}\nNot run yet.\n"
     better = [w for w in wins if not str(w).startswith("-")]
     worse = [str(w)[1:] for w in wins if str(w).startswith("-")]
-    conclusion = (f"Full DiffMAS is better (paired 95 % CI above 0) at m = {_list(better) or 'none'}"
-                  + (f", worse at m = {_list(worse)}" if worse else "") + f", of m = {_list(r[0] for r in rows)}.")
-    return "\n".join([f"## {title}", intro, "",
-                      table(["m", LABELS[other], LABELS[("diffmas", "full")], "Δ (full − other) [95 % CI]",
-                             "McNemar p"], rows), "", f"**{conclusion}**"]) + "\n"
+    conclusion = (
+        f"Full DiffMAS is better (paired 95 % CI above 0) at m = {_list(better) or 'none'}"
+        + (f", worse at m = {_list(worse)}" if worse else "")
+        + f", of m = {_list(r[0] for r in rows)}."
+    )
+    return (
+        "\n".join(
+            [
+                f"## {title}",
+                intro,
+                "",
+                table(
+                    ["m", LABELS[other], LABELS[("diffmas", "full")], "Δ (full − other) [95 % CI]", "McNemar p"], rows
+                ),
+                "",
+                f"**{conclusion}**",
+            ]
+        )
+        + "\n"
+    )
 
 
 def probe_section(results, s: ChannelSettings, group: str, title: str, intro: str, key) -> str:
     rows = []
     for st, r in sorted(((st, r) for st, r in results.items() if st.group == group), key=lambda x: key(x[0])):
-        rows.append([key(st), LABELS.get((st.method, st.upstream_grad), st.method), pct(r.accuracy, r.ci),
-                     pct(r.chance), f"{r.bits:.2f}", verdict(r)])
+        rows.append(
+            [
+                key(st),
+                LABELS.get((st.method, st.upstream_grad), st.method),
+                pct(r.accuracy, r.ci),
+                pct(r.chance),
+                f"{r.bits:.2f}",
+                verdict(r),
+            ]
+        )
     if not rows:
         return f"## {title}\nNot run yet.\n"
-    return "\n".join([f"## {title}", intro, "",
-                      table(["setting", "condition", "accuracy % [95 % CI]", "chance %", "bits", "vs chance"], rows)]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"## {title}",
+                intro,
+                "",
+                table(["setting", "condition", "accuracy % [95 % CI]", "chance %", "bits", "vs chance"], rows),
+            ]
+        )
+        + "\n"
+    )
 
 
 def roles_section(results, s: ChannelSettings) -> str:
@@ -224,27 +283,54 @@ def roles_section(results, s: ChannelSettings) -> str:
     if shared is None or per_role is None:
         return "## Shared vs per-role adapters\nNot run yet.\n"
     cmp = compare_runs([shared.run, per_role.run])["runs"][1]
-    return "\n".join([
-        f"## Shared vs per-role adapters (m={s.probe_m})", "",
-        table(["adapters", "accuracy % [95 % CI]", "bits"],
-              [["one shared LoRA", pct(shared.accuracy, shared.ci), f"{shared.bits:.2f}"],
-               ["one LoRA per role", pct(per_role.accuracy, per_role.ci), f"{per_role.bits:.2f}"]]), "",
-        f"Per-role minus shared: {pct(cmp['delta'], cmp['delta_ci'])} points, McNemar p = {cmp['p_value']:.2g}."]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"## Shared vs per-role adapters (m={s.probe_m})",
+                "",
+                table(
+                    ["adapters", "accuracy % [95 % CI]", "bits"],
+                    [
+                        ["one shared LoRA", pct(shared.accuracy, shared.ci), f"{shared.bits:.2f}"],
+                        ["one LoRA per role", pct(per_role.accuracy, per_role.ci), f"{per_role.bits:.2f}"],
+                    ],
+                ),
+                "",
+                f"Per-role minus shared: {pct(cmp['delta'], cmp['delta_ci'])} points, McNemar p = {cmp['p_value']:.2g}.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def cost_section(results, s: ChannelSettings) -> str:
     rows = []
     for st, r in results.items():
         t = r.training
-        rows.append([st.name, f"{t['train_seconds'] / 60:.1f}" if t else "—", f"{t['seconds_per_step']:.2f}" if t else "—",
-                     f"{t['final_loss']:.3f}" if t else "—", f"{r.summary['trace_bytes']['mean'] / 1024:.0f}",
-                     f"{r.summary['seconds_per_question']:.3f}"])
+        rows.append(
+            [
+                st.name,
+                f"{t['train_seconds'] / 60:.1f}" if t else "—",
+                f"{t['seconds_per_step']:.2f}" if t else "—",
+                f"{t['final_loss']:.3f}" if t else "—",
+                f"{r.summary['trace_bytes']['mean'] / 1024:.0f}",
+                f"{r.summary['seconds_per_question']:.3f}",
+            ]
+        )
     trained = [r.training["train_seconds"] for r in results.values() if r.training]
-    return "\n".join([
-        "## Cost", f"Training: {s.steps} steps × {s.batch_size} examples, lr {s.learning_rate}, LoRA r={s.lora_r} "
-        f"α={s.lora_alpha} on q/k/v/o, one CPU thread per process ({len(trained)} trainings, "
-        f"{sum(trained) / 60:.0f} min in all). Trace: KB per question (KV bytes of the largest trace built).", "",
-        table(["stage", "train min", "s/step", "final loss", "trace KB/question", "eval s/question"], rows)]) + "\n"
+    return (
+        "\n".join(
+            [
+                "## Cost",
+                f"Training: {s.steps} steps × {s.batch_size} examples, lr {s.learning_rate}, LoRA r={s.lora_r} "
+                f"α={s.lora_alpha} on q/k/v/o, one CPU thread per process ({len(trained)} trainings, "
+                f"{sum(trained) / 60:.0f} min in all). Trace: KB per question (KV bytes of the largest trace built).",
+                "",
+                table(["stage", "train min", "s/step", "final loss", "trace KB/question", "eval s/question"], rows),
+            ]
+        )
+        + "\n"
+    )
 
 
 def missing_section(missing: list[Stage]) -> str:
@@ -261,15 +347,20 @@ def headline(results, s: ChannelSettings) -> list[str]:
     none = find(results, "grid", "diffmas", "none", m)
     full = find(results, "grid", "diffmas", "full", m)
     if untrained and none and full:
-        lines.append(f"- relay_word, K={s.k}, m={m}, reads=latent ({s.test_examples} held-out examples, chance "
-                     f"{100 * full.chance:.1f} %): untrained {pct(untrained.accuracy)} %, reading-only training "
-                     f"{pct(none.accuracy)} %, full DiffMAS {pct(full.accuracy, full.ci)} % "
-                     f"({full.bits:.2f} of {math.log2(s.k):.0f} bits).")
+        lines.append(
+            f"- relay_word, K={s.k}, m={m}, reads=latent ({s.test_examples} held-out examples, chance "
+            f"{100 * full.chance:.1f} %): untrained {pct(untrained.accuracy)} %, reading-only training "
+            f"{pct(none.accuracy)} %, full DiffMAS {pct(full.accuracy, full.ci)} % "
+            f"({full.bits:.2f} of {math.log2(s.k):.0f} bits)."
+        )
     zero = find(results, "grid", "diffmas", "full", 0)
     if zero:
         lines.append(f"- With no latent step (m=0) trained DiffMAS is {verdict(zero)}: {pct(zero.accuracy)} %.")
-    reached = [st.m for st, r in results.items()
-               if st.group == "grid" and st.method == "diffmas" and st.upstream_grad == "full" and r.accuracy >= 0.95]
+    reached = [
+        st.m
+        for st, r in results.items()
+        if st.group == "grid" and st.method == "diffmas" and st.upstream_grad == "full" and r.accuracy >= 0.95
+    ]
     if reached:
         lines.append(f"- Smallest m with ≥ 95 %: {min(reached)}.")
     return lines
@@ -282,8 +373,15 @@ def write_readme(lines: list[str]) -> None:
         return
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    block = "\n".join([README_BEGIN, *lines, "", "Details, plots and every condition: [docs/channel.md](docs/channel.md).",
-                       README_END])
+    block = "\n".join(
+        [
+            README_BEGIN,
+            *lines,
+            "",
+            "Details, plots and every condition: [docs/channel.md](docs/channel.md).",
+            README_END,
+        ]
+    )
     readme.write_text(head + block + tail)
 
 
@@ -296,30 +394,58 @@ def main() -> None:
     parts = [
         "# The channel: does information pass through trained latent steps?",
         "Generated by `python study/write_channel.py` from the records of `python study/channel.py` "
-        "(results/channel/); every number and conclusion below is computed from them.", "",
+        "(results/channel/); every number and conclusion below is computed from them.",
+        "",
         f"Setup: {s.model}, `reads={s.reads}` everywhere (the reader attends to the sender's latent steps, never "
         "its prompt), greedy decoding, the first word / digits / number of the answer scored against the secret "
-        "(`diffmas.tasks.relay`). Train and test use disjoint (name, secret) pairs.", "",
+        "(`diffmas.tasks.relay`). Train and test use disjoint (name, secret) pairs.",
+        "",
         grid_section(results, s),
         bits_section(results, s),
-        paired_section(results, s, ("diffmas", "none"), "Does encoding need to be learned? full vs reading only",
-                       "Paired over the same test examples: full DiffMAS (gradients through the sender's latent steps) "
-                       "against the same LoRA trained with the sender under stop-gradient."),
-        paired_section(results, s, ("text_mas", None), "Latent vs text at equal slots",
-                       "m latent steps of trained DiffMAS against an untrained text message of at most m tokens."),
-        probe_section(results, s, "k", f"Capacity: the K sweep (m={s.probe_m})",
-                      "relay_word with K secrets (log2 K bits); K=8 is in the table above.",
-                      key=lambda st: int(st.task.split("k=")[1]) if "k=" in st.task else s.k),
-        probe_section(results, s, "hops", f"Hops: relay_chain (m={s.probe_m} per agent)",
-                      "Each agent reads only its predecessor's latent steps, so the secret must cross every hop; "
-                      "1 hop is relay_word above.",
-                      key=lambda st: int(st.task.split("hops=")[1])),
+        paired_section(
+            results,
+            s,
+            ("diffmas", "none"),
+            "Does encoding need to be learned? full vs reading only",
+            "Paired over the same test examples: full DiffMAS (gradients through the sender's latent steps) "
+            "against the same LoRA trained with the sender under stop-gradient.",
+        ),
+        paired_section(
+            results,
+            s,
+            ("text_mas", None),
+            "Latent vs text at equal slots",
+            "m latent steps of trained DiffMAS against an untrained text message of at most m tokens.",
+        ),
+        probe_section(
+            results,
+            s,
+            "k",
+            f"Capacity: the K sweep (m={s.probe_m})",
+            "relay_word with K secrets (log2 K bits); K=8 is in the table above.",
+            key=lambda st: int(st.task.split("k=")[1]) if "k=" in st.task else s.k,
+        ),
+        probe_section(
+            results,
+            s,
+            "hops",
+            f"Hops: relay_chain (m={s.probe_m} per agent)",
+            "Each agent reads only its predecessor's latent steps, so the secret must cross every hop; "
+            "1 hop is relay_word above.",
+            key=lambda st: int(st.task.split("hops=")[1]),
+        ),
         roles_section(results, s),
-        probe_section(results, s, "sum", "Combining agents: relay_sum (hierarchical)",
-                      "Three holders each hold a digit; the aggregator reads all of them and answers the sum.",
-                      key=lambda st: st.task),
-        probe_section(results, s, "code", "Beyond one word: relay_code (4 digits, exact match)", "",
-                      key=lambda st: st.task),
+        probe_section(
+            results,
+            s,
+            "sum",
+            "Combining agents: relay_sum (hierarchical)",
+            "Three holders each hold a digit; the aggregator reads all of them and answers the sum.",
+            key=lambda st: st.task,
+        ),
+        probe_section(
+            results, s, "code", "Beyond one word: relay_code (4 digits, exact match)", "", key=lambda st: st.task
+        ),
         cost_section(results, s),
         missing_section(missing),
     ]

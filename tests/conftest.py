@@ -40,8 +40,9 @@ def make_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|im_end|>",
-                                  bos_token="<|im_start|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -51,12 +52,20 @@ def make_model(tied: bool, seed: int = 0, vocab_size: int = 259):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
         # A wide init makes the layers matter next to the residual stream: with the default 0.02 a
         # tied model just repeats its last input token, and parity tests would compare constants.
         initializer_range=0.2,
-        tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).to(TEST_DEVICE).eval().requires_grad_(False)
 

@@ -8,12 +8,19 @@ import warnings
 import pytest
 import torch
 
-from conftest import make_backbone, make_model, make_tokenizer
 from diffmas.backbone import BackboneError
 from diffmas.roles import default_topology
 from diffmas.train import TrainConfig
-from diffmas.train.adapters import (AdapterSettingsWarning, _legacy_fingerprint, add_trainable_adapters,
-                                    attach_adapter, reconcile_settings, write_metadata)
+from diffmas.train.adapters import (
+    AdapterSettingsWarning,
+    _legacy_fingerprint,
+    add_trainable_adapters,
+    attach_adapter,
+    reconcile_settings,
+    write_metadata,
+)
+
+from conftest import make_backbone, make_model, make_tokenizer
 
 
 def _save_adapter(bb, out, **train_kw):
@@ -62,11 +69,23 @@ def test_an_adapter_with_the_old_fingerprint_is_checked_as_before(tmp_path):
 
 def test_reconcile_settings_defaults_to_trained_and_warns_on_others():
     trained = {"latent_steps": 5, "topology": "hierarchical", "chat_kwargs": {"enable_thinking": False}}
-    defaults = {"latent_steps": 10, "topology": "sequential", "n_agents": None, "roles": None, "chat_kwargs": {},
-                "reads": "all"}
+    defaults = {
+        "latent_steps": 10,
+        "topology": "sequential",
+        "n_agents": None,
+        "roles": None,
+        "chat_kwargs": {},
+        "reads": "all",
+    }
     settings, notes = reconcile_settings(trained, {"latent_steps": 7}, defaults)
-    assert settings == {"latent_steps": 7, "topology": "hierarchical", "n_agents": None, "roles": None,
-                        "chat_kwargs": {"enable_thinking": False}, "reads": "all"}
+    assert settings == {
+        "latent_steps": 7,
+        "topology": "hierarchical",
+        "n_agents": None,
+        "roles": None,
+        "chat_kwargs": {"enable_thinking": False},
+        "reads": "all",
+    }
     assert len(notes) == 1 and "latent_steps=5" in notes[0] and "latent_steps=7" in notes[0]
     same, quiet = reconcile_settings(trained, {"latent_steps": 5}, defaults)
     assert same["latent_steps"] == 5 and not quiet
@@ -97,8 +116,18 @@ def _run_json(*args):
 
 def test_cli_run_uses_the_trained_settings_when_none_are_given(tiny_dir_and_adapter):
     model_dir, adapter = tiny_dir_and_adapter
-    base = ["Q?", "--model", str(model_dir), "--method", "diffmas", "--adapter", str(adapter),
-            "--max-new-tokens", "2", "--json"]
+    base = [
+        "Q?",
+        "--model",
+        str(model_dir),
+        "--method",
+        "diffmas",
+        "--adapter",
+        str(adapter),
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", AdapterSettingsWarning)
         record = _run_json(*base)
@@ -114,10 +143,21 @@ def test_cli_run_reads_as_the_adapter_was_trained_and_warns_on_another(tmp_path)
     model_dir = tmp_path / "tiny"
     make_model(tied=False).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
-    _save_adapter(load_backbone(str(model_dir), device="cpu"), tmp_path / "ad", latent_steps=2, n_agents=2,
-                  reads="latent")
-    base = ["Q?", "--model", str(model_dir), "--method", "diffmas", "--adapter", str(tmp_path / "ad"),
-            "--max-new-tokens", "2", "--json"]
+    _save_adapter(
+        load_backbone(str(model_dir), device="cpu"), tmp_path / "ad", latent_steps=2, n_agents=2, reads="latent"
+    )
+    base = [
+        "Q?",
+        "--model",
+        str(model_dir),
+        "--method",
+        "diffmas",
+        "--adapter",
+        str(tmp_path / "ad"),
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", AdapterSettingsWarning)
         assert _run_json(*base)["config"]["reads"] == "latent"

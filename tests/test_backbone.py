@@ -6,8 +6,9 @@ import importlib.util
 
 import pytest
 
-from conftest import make_model, make_tokenizer
 from diffmas.backbone import BackboneError, diffmas_home, ensure_embedded, load_backbone
+
+from conftest import make_model, make_tokenizer
 
 
 def test_missing_embedded_package_is_one_clear_error(tmp_path, monkeypatch):
@@ -36,10 +37,13 @@ def test_local_directory_loads_frozen_and_left_padded(tmp_path):
     assert not bb.model.training
 
 
-@pytest.mark.parametrize("path, message", [
-    ("/no/such/dir", "is not a model directory"),
-    ("./relative/missing", "is not a model directory"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/no/such/dir", "is not a model directory"),
+        ("./relative/missing", "is not a model directory"),
+    ],
+)
 def test_bad_paths(path, message):
     with pytest.raises(BackboneError, match=message):
         load_backbone(path)

@@ -6,11 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tokenizer
 from diffmas.backbone import Backbone, BackboneError, prepare_tokenizer
 
-TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+from conftest import make_tokenizer
+
+TINY = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _backbone(config_cls, model_cls, **kw) -> Backbone:
@@ -22,14 +33,23 @@ def _backbone(config_cls, model_cls, **kw) -> Backbone:
 
 
 def _families():
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                              GraniteForCausalLM)
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
 
     return {
         "cohere-logit_scale": (CohereConfig, CohereForCausalLM, dict(logit_scale=0.25)),
         "granite-logits_scaling": (GraniteConfig, GraniteForCausalLM, dict(logits_scaling=4.0)),
-        "gemma2-softcapping": (Gemma2Config, Gemma2ForCausalLM, dict(
-            final_logit_softcapping=2.0, head_dim=16, layer_types=["full_attention"] * 2)),
+        "gemma2-softcapping": (
+            Gemma2Config,
+            Gemma2ForCausalLM,
+            dict(final_logit_softcapping=2.0, head_dim=16, layer_types=["full_attention"] * 2),
+        ),
     }
 
 
@@ -51,8 +71,9 @@ def test_greedy_decoding_through_the_trace_matches_generate_with_softcapping():
 
     config_cls, model_cls, kw = _families()["gemma2-softcapping"]
     bb = _backbone(config_cls, model_cls, **kw)
-    method = get_method("single", bb, default_topology("sequential", 1),
-                        MethodConfig(decode=DecodeConfig(max_new_tokens=6)))
+    method = get_method(
+        "single", bb, default_topology("sequential", 1), MethodConfig(decode=DecodeConfig(max_new_tokens=6))
+    )
     result = method.run_batch(["Hi?"])[0]
     from diffmas.roles import render_prompt
 
@@ -65,7 +86,14 @@ def test_greedy_decoding_through_the_trace_matches_generate_with_softcapping():
 
 
 def test_sliding_window_and_hybrid_caches_are_refused():
-    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     with pytest.raises(BackboneError, match=r"mistral.*DynamicSlidingWindowLayer.*sliding_window=16"):
         _backbone(MistralConfig, MistralForCausalLM, sliding_window=16)

@@ -41,14 +41,37 @@ def channel(tmp_path, m: int, trained: bool) -> tuple[float, float, float]:
     """(accuracy, p-value against chance, bits) on held-out examples."""
     adapter = tmp_path / f"adapter-m{m}"
     if trained:
-        train(TrainConfig(task=TASK, latent_steps=m, reads="latent", limit=STEPS * 8, batch_size=8, grad_accum=1,
-                          max_steps=STEPS, learning_rate=3e-3, lr_scheduler="constant_with_warmup", warmup_ratio=5,
-                          save_steps=STEPS, device="cpu"), adapter, report_to=[])
-    summary = evaluate(EvalConfig(
-        task=TASK, method="diffmas" if trained else "latent_mas", limit=N_TEST, batch_size=16, device="cpu",
-        adapter=str(adapter) if trained else None,
-        method_config=MethodConfig(latent_steps=m, reads="latent", decode=DecodeConfig(max_new_tokens=3))),
-        tmp_path / f"eval-m{m}-{trained}", progress=False)
+        train(
+            TrainConfig(
+                task=TASK,
+                latent_steps=m,
+                reads="latent",
+                limit=STEPS * 8,
+                batch_size=8,
+                grad_accum=1,
+                max_steps=STEPS,
+                learning_rate=3e-3,
+                lr_scheduler="constant_with_warmup",
+                warmup_ratio=5,
+                save_steps=STEPS,
+                device="cpu",
+            ),
+            adapter,
+            report_to=[],
+        )
+    summary = evaluate(
+        EvalConfig(
+            task=TASK,
+            method="diffmas" if trained else "latent_mas",
+            limit=N_TEST,
+            batch_size=16,
+            device="cpu",
+            adapter=str(adapter) if trained else None,
+            method_config=MethodConfig(latent_steps=m, reads="latent", decode=DecodeConfig(max_new_tokens=3)),
+        ),
+        tmp_path / f"eval-m{m}-{trained}",
+        progress=False,
+    )
     records = [line for line in (tmp_path / f"eval-m{m}-{trained}" / "samples.jsonl").read_text().splitlines()]
     import json
 
@@ -65,5 +88,5 @@ def test_trained_channel_carries_the_secret_and_the_controls_do_not(tmp_path):
     summary = f"untrained {untrained}, trained m=2 {trained}, trained m=0 {blind}"
     print(summary)
     assert trained[0] >= 0.75 and trained[1] < 1e-6 and trained[2] > 1.0, summary
-    for accuracy, p, bits in (untrained, blind):
+    for _, p, bits in (untrained, blind):
         assert p > 0.01 and bits < 0.3, summary  # not above chance, and the answer ignores the secret

@@ -14,8 +14,9 @@ from conftest import make_model, make_tokenizer
 
 def cli(*args, timeout=120):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "diffmas", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "diffmas", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,19 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_run_json_record(tiny_model_dir):
-    proc = cli("run", "What is 2+2?", "--model", str(tiny_model_dir), "--method", "latent_mas",
-               "--latent-steps", "3", "--max-new-tokens", "4", "--json")
+    proc = cli(
+        "run",
+        "What is 2+2?",
+        "--model",
+        str(tiny_model_dir),
+        "--method",
+        "latent_mas",
+        "--latent-steps",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["method"] == "latent_mas"
@@ -39,25 +51,43 @@ def test_run_json_record(tiny_model_dir):
 
 
 def test_run_prints_answer_and_cost_table(tiny_model_dir):
-    proc = cli("run", "Hello?", "--model", str(tiny_model_dir), "--method", "text_mas",
-               "--max-new-tokens", "3", "--upstream-max-new-tokens", "2", "--topology", "hierarchical")
+    proc = cli(
+        "run",
+        "Hello?",
+        "--model",
+        str(tiny_model_dir),
+        "--method",
+        "text_mas",
+        "--max-new-tokens",
+        "3",
+        "--upstream-max-new-tokens",
+        "2",
+        "--topology",
+        "hierarchical",
+    )
     assert proc.returncode == 0, proc.stderr
     for word in ("answer (text_mas)", "math", "science", "code", "aggregator", "total", "trace:"):
         assert word in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "q", "--model", "/no/such/model"], "error: model path '/no/such/model' is not a model directory"),
-    (["run", "q", "--method", "latentmas"], "error: unknown method 'latentmas' (did you mean 'latent_mas'?)"),
-    (["run", "q", "--topology", "star"], "error: unknown topology 'star'"),
-    (["run", "q", "--chat-template-kwargs", "{enable_thinking: no}"], "error: --chat-template-kwargs is not valid JSON"),
-    (["run", "q", "--chat-template-kwargs", "[1]"], "error: --chat-template-kwargs must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "q", "--model", "/no/such/model"], "error: model path '/no/such/model' is not a model directory"),
+        (["run", "q", "--method", "latentmas"], "error: unknown method 'latentmas' (did you mean 'latent_mas'?)"),
+        (["run", "q", "--topology", "star"], "error: unknown topology 'star'"),
+        (
+            ["run", "q", "--chat-template-kwargs", "{enable_thinking: no}"],
+            "error: --chat-template-kwargs is not valid JSON",
+        ),
+        (["run", "q", "--chat-template-kwargs", "[1]"], "error: --chat-template-kwargs must be a JSON object"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, message):
     proc = cli(*args)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
 
 
@@ -66,7 +96,8 @@ def test_roles_file(tiny_model_dir, tmp_path):
     roles.write_text(
         "kind: sequential\nroles:\n"
         "  - {name: scout, system: s, user: 'Look at {question}'}\n"
-        "  - {name: judge, system: s, user: 'Answer {question} {format}'}\n")
+        "  - {name: judge, system: s, user: 'Answer {question} {format}'}\n"
+    )
     proc = cli("run", "q?", "--model", str(tiny_model_dir), "--roles", str(roles), "--max-new-tokens", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     assert [a["role"] for a in json.loads(proc.stdout)["agents"]] == ["scout", "judge"]
@@ -82,14 +113,48 @@ def test_env_block():
 def test_run_with_a_trained_adapter(tiny_model_dir, tmp_path):
     """`diffmas train` then `diffmas run --adapter`: the adapter is loaded and changes the answer."""
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Question {i}?", "answer": "yes"}) + "\n"
-                            for i in range(4)))
-    proc = cli("train", "--task", f"jsonl:{data}?type=math", "--split", "test", "--model", str(tiny_model_dir),
-               "--agents", "2", "--latent-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "3",
-               "--lr", "0.05", "--device", "cpu", "--out", str(tmp_path / "ad"))
+    data.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": f"Question {i}?", "answer": "yes"}) + "\n" for i in range(4))
+    )
+    proc = cli(
+        "train",
+        "--task",
+        f"jsonl:{data}?type=math",
+        "--split",
+        "test",
+        "--model",
+        str(tiny_model_dir),
+        "--agents",
+        "2",
+        "--latent-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "3",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "ad"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    args = ["run", "Question 1?", "--model", str(tiny_model_dir), "--agents", "2", "--latent-steps", "1",
-            "--max-new-tokens", "4", "--json"]
+    args = [
+        "run",
+        "Question 1?",
+        "--model",
+        str(tiny_model_dir),
+        "--agents",
+        "2",
+        "--latent-steps",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]
     plain, tuned = cli(*args), cli(*args, "--adapter", str(tmp_path / "ad"))
     assert plain.returncode == 0 and tuned.returncode == 0, tuned.stderr[-2000:]
     plain, tuned = json.loads(plain.stdout), json.loads(tuned.stdout)

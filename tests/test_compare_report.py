@@ -22,27 +22,61 @@ def make_records(correct: dict[str, list[bool]], method="latent_mas", m=10, toke
     records = []
     for qid, samples in correct.items():
         for k, ok in enumerate(samples):
-            agents = [{"role": role, "n_prompt_tokens": tokens, "n_latent_steps": m if role != "solver" else 0,
-                       "n_generated_tokens": 0 if role != "solver" else tokens // 4, "wall_s": 0.1, "text": None}
-                      for role in ("planner", "critic", "solver")]
-            records.append({
-                "id": qid, "sample": k, "method": method, "status": "ok", "gold": "1", "text": "x",
-                "extracted": "1" if ok else "0", "correct": ok, "reason": None, "truncated": False,
-                "agents": agents, "n_tokens": {"prompt": 3 * tokens, "latent": 2 * m, "generated": tokens // 4},
-                "trace_len": 3 * tokens + 2 * m, "trace_bytes": 4096 * (3 * tokens + 2 * m), "wall_s": 0.02 * tokens,
-                "batch_size": 1, "peak_memory_bytes": 300 * 2**20, "mean_nll": 0.5, "mean_entropy": 1.0,
-            })
+            agents = [
+                {
+                    "role": role,
+                    "n_prompt_tokens": tokens,
+                    "n_latent_steps": m if role != "solver" else 0,
+                    "n_generated_tokens": 0 if role != "solver" else tokens // 4,
+                    "wall_s": 0.1,
+                    "text": None,
+                }
+                for role in ("planner", "critic", "solver")
+            ]
+            records.append(
+                {
+                    "id": qid,
+                    "sample": k,
+                    "method": method,
+                    "status": "ok",
+                    "gold": "1",
+                    "text": "x",
+                    "extracted": "1" if ok else "0",
+                    "correct": ok,
+                    "reason": None,
+                    "truncated": False,
+                    "agents": agents,
+                    "n_tokens": {"prompt": 3 * tokens, "latent": 2 * m, "generated": tokens // 4},
+                    "trace_len": 3 * tokens + 2 * m,
+                    "trace_bytes": 4096 * (3 * tokens + 2 * m),
+                    "wall_s": 0.02 * tokens,
+                    "batch_size": 1,
+                    "peak_memory_bytes": 300 * 2**20,
+                    "mean_nll": 0.5,
+                    "mean_entropy": 1.0,
+                }
+            )
     return records
 
 
-def write_run(root, name, correct, method="latent_mas", m=10, task="gsm8k", split="test", tokens=100,
-              summary=True):
+def write_run(root, name, correct, method="latent_mas", m=10, task="gsm8k", split="test", tokens=100, summary=True):
     """A run directory laid out as `diffmas eval` writes it (settings nested under "eval")."""
     path = root / name
     path.mkdir(parents=True)
-    config = {"eval": {"task": task, "method": method, "split": split, "model": "tiny", "samples": 1, "seed": 0,
-                       "batch_size": 1, "method_config": {"latent_steps": m, "decode": {"temperature": 0.0}}},
-              "versions": {"diffmas": "0.1.0"}, "git_commit": "0123456789abcdef"}
+    config = {
+        "eval": {
+            "task": task,
+            "method": method,
+            "split": split,
+            "model": "tiny",
+            "samples": 1,
+            "seed": 0,
+            "batch_size": 1,
+            "method_config": {"latent_steps": m, "decode": {"temperature": 0.0}},
+        },
+        "versions": {"diffmas": "0.1.0"},
+        "git_commit": "0123456789abcdef",
+    }
     (path / "config.json").write_text(json.dumps(config))
     records = make_records(correct, method, m, tokens)
     (path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -147,10 +181,12 @@ def test_compare_refuses_different_tasks_and_disjoint_ids(tmp_path):
 def sweep(tmp_path):
     """single + latent_mas at m = 0, 10, 20 on the same 12 questions."""
     root = tmp_path / "runs"
-    paths = [write_run(root, "single", pattern("110000110000"), method="single", m=0, tokens=60),
-             write_run(root, "latent_m0", pattern("110010110000"), m=0, tokens=150),
-             write_run(root, "latent_m10", pattern("111010111000"), m=10, tokens=160),
-             write_run(root, "latent_m20", pattern("111110111010"), m=20, tokens=170)]
+    paths = [
+        write_run(root, "single", pattern("110000110000"), method="single", m=0, tokens=60),
+        write_run(root, "latent_m0", pattern("110010110000"), m=0, tokens=150),
+        write_run(root, "latent_m10", pattern("111010111000"), m=10, tokens=160),
+        write_run(root, "latent_m20", pattern("111110111010"), m=20, tokens=170),
+    ]
     return paths
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
 from diffmas.errors import DiffmasError
 from diffmas.evaluate.runner import EvalConfig, RunConflictError, build_method, evaluate
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig
 from diffmas.tasks.data import TaskError
+
+from conftest import make_model, make_tokenizer
 
 N_CTX = 1536  # fits the 4-agent trace of a short question (~1150 positions), not a 1500-character one
 N_CHOICE = 12
@@ -47,29 +48,59 @@ def write_jsonl(path: Path, rows) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    choice = [{"id": f"q{i}", "question": f"Which number comes after {i}?",
-               "choices": [str(i + 1), str(i + 2), str(i)], "answer": "ABC"[i % 3]} for i in range(N_CHOICE)]
-    math = [{"id": "short-1", "question": "What is 1+1?", "answer": "2"},
-            {"id": "long", "question": "How many words follow? " + "word " * 300, "answer": "300"},
-            {"id": "short-2", "question": "What is 2+3?", "answer": "5"}]
+    choice = [
+        {
+            "id": f"q{i}",
+            "question": f"Which number comes after {i}?",
+            "choices": [str(i + 1), str(i + 2), str(i)],
+            "answer": "ABC"[i % 3],
+        }
+        for i in range(N_CHOICE)
+    ]
+    math = [
+        {"id": "short-1", "question": "What is 1+1?", "answer": "2"},
+        {"id": "long", "question": "How many words follow? " + "word " * 300, "answer": "300"},
+        {"id": "short-2", "question": "What is 2+3?", "answer": "5"},
+    ]
     return {"choice": write_jsonl(root / "choice.jsonl", choice), "math": write_jsonl(root / "math.jsonl", math)}
 
 
 def choice_config(model_dir, data, **settings) -> EvalConfig:
     """The settings of `cli_args` below (the SIGKILL test checks that both give the same config.json)."""
     decode = DecodeConfig(max_new_tokens=settings.pop("max_new_tokens", 128))
-    return EvalConfig(**{"task": f"jsonl:{data['choice']}?type=choice", "model": str(model_dir), "batch_size": 1,
-                         "method_config": MethodConfig(latent_steps=2, decode=decode), **settings})
+    return EvalConfig(
+        **{
+            "task": f"jsonl:{data['choice']}?type=choice",
+            "model": str(model_dir),
+            "batch_size": 1,
+            "method_config": MethodConfig(latent_steps=2, decode=decode),
+            **settings,
+        }
+    )
 
 
 def cli_args(model_dir, data, out) -> list[str]:
-    return ["eval", "--task", f"jsonl:{data['choice']}?type=choice", "--model", str(model_dir), "--out", str(out),
-            "--latent-steps", "2", "--max-new-tokens", "128", "--batch-size", "1"]
+    return [
+        "eval",
+        "--task",
+        f"jsonl:{data['choice']}?type=choice",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--latent-steps",
+        "2",
+        "--max-new-tokens",
+        "128",
+        "--batch-size",
+        "1",
+    ]
 
 
 def cli(*args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffmas", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "diffmas", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def read_records(run_dir: Path) -> list[dict]:
@@ -158,8 +189,12 @@ def test_rerun_resumes_without_recomputing(reference, model_dir, data, tmp_path)
 def test_sigkill_mid_run_then_restart(reference, model_dir, data, tmp_path):
     out = tmp_path / "killed"
     samples = out / "samples.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "diffmas", *cli_args(model_dir, data, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffmas", *cli_args(model_dir, data, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     deadline = time.monotonic() + 120
     try:
         while not (samples.is_file() and samples.read_bytes().count(b"\n") >= 3):
@@ -193,8 +228,10 @@ def test_sigkill_mid_run_then_restart(reference, model_dir, data, tmp_path):
 
 
 def test_changed_setting_conflicts_but_batch_size_does_not(reference, model_dir, data):
-    changed = replace(choice_config(model_dir, data), method_config=MethodConfig(
-        latent_steps=3, decode=DecodeConfig(max_new_tokens=128)))
+    changed = replace(
+        choice_config(model_dir, data),
+        method_config=MethodConfig(latent_steps=3, decode=DecodeConfig(max_new_tokens=128)),
+    )
     with pytest.raises(RunConflictError) as info:
         evaluate(changed, reference, progress=False)
     message = str(info.value)
@@ -221,10 +258,13 @@ def test_run_saved_before_a_setting_existed_still_resumes(reference, model_dir, 
         evaluate(changed, old, progress=False)
 
 
-@pytest.mark.parametrize("bad_line, problem", [
-    ('{"question": "What is 2+2?", "answer": ', "not valid JSON"),
-    ('{"question": "What is 2+2?"}', "answer"),
-])
+@pytest.mark.parametrize(
+    "bad_line, problem",
+    [
+        ('{"question": "What is 2+2?", "answer": ', "not valid JSON"),
+        ('{"question": "What is 2+2?"}', "answer"),
+    ],
+)
 def test_malformed_row_names_file_and_line_and_writes_nothing(model_dir, tmp_path, bad_line, problem):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "What is 1+1?", "answer": "2"}\n' + bad_line + "\n")
@@ -241,13 +281,19 @@ def test_unknown_task_is_one_line_with_a_suggestion(model_dir, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "did you mean 'gsm8k'" in lines[0].lower(), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "did you mean 'gsm8k'" in lines[0].lower(), (
+        proc.stderr
+    )
     assert not out.exists()
 
 
 def test_overlong_prompt_is_skipped_and_neighbours_answered(model_dir, data, tmp_path):
-    config = EvalConfig(task=f"jsonl:{data['math']}?type=math", model=str(model_dir), batch_size=3,
-                        method_config=MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=4)))
+    config = EvalConfig(
+        task=f"jsonl:{data['math']}?type=math",
+        model=str(model_dir),
+        batch_size=3,
+        method_config=MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=4)),
+    )
     summary = evaluate(config, tmp_path / "run", progress=False)
     records = {r["id"]: r for r in read_records(tmp_path / "run")}
     assert records["long"]["status"] == "skipped"
@@ -268,8 +314,14 @@ def test_samples_need_temperature():
 
 def test_k_samples_with_temperature(model_dir, data, tmp_path):
     decode = DecodeConfig(max_new_tokens=6, temperature=0.8, top_p=0.95)
-    config = EvalConfig(task=f"jsonl:{data['math']}?type=math", model=str(model_dir), samples=3, limit=1,
-                        batch_size=4, method_config=MethodConfig(latent_steps=1, decode=decode))
+    config = EvalConfig(
+        task=f"jsonl:{data['math']}?type=math",
+        model=str(model_dir),
+        samples=3,
+        limit=1,
+        batch_size=4,
+        method_config=MethodConfig(latent_steps=1, decode=decode),
+    )
     summary = evaluate(config, tmp_path / "run", progress=False)
     records = read_records(tmp_path / "run")
     assert [(r["id"], r["sample"]) for r in records] == [("short-1", k) for k in range(3)]
@@ -293,10 +345,34 @@ def test_two_process_sharded_eval_equals_one_process(model_dir, data, tmp_path):
     n = 6
     sharded, single = tmp_path / "sharded", tmp_path / "single"
     proc = subprocess.run(
-        [_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "diffmas",
-         "eval", "--task", f"jsonl:{data['choice']}?type=choice", "--model", str(model_dir), "--out", str(sharded),
-         "--limit", str(n), "--latent-steps", "2", "--max-new-tokens", "8", "--batch-size", "2"],
-        capture_output=True, text=True, timeout=300, env=ENV)
+        [
+            _torchrun(),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "diffmas",
+            "eval",
+            "--task",
+            f"jsonl:{data['choice']}?type=choice",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(sharded),
+            "--limit",
+            str(n),
+            "--latent-steps",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluate(choice_config(model_dir, data, limit=n, batch_size=2, max_new_tokens=8), single, progress=False)
 

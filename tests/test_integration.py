@@ -48,8 +48,9 @@ def test_each_method_answers(smollm, name):
 
 def test_cached_conversion_matches_gguf(smollm):
     """The safetensors cache reproduces the GGUF model's logits."""
-    from transformers import AutoModelForCausalLM
     import importlib.util
+
+    from transformers import AutoModelForCausalLM
 
     spec = EMBEDDED_MODELS["smollm2-135m"]
     src = importlib.util.find_spec(spec.package).submodule_search_locations[0]

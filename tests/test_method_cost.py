@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 
-from conftest import make_backbone
 from diffmas.generate import DecodeConfig
 from diffmas.methods import Method, MethodConfig, OptionQuery, asks_of, get_method
 from diffmas.roles import default_topology
+
+from conftest import make_backbone
 
 QUERY = OptionQuery("Which is a fruit?", (" apple", " a red brick"))
 
@@ -94,10 +95,23 @@ def test_summary_reports_option_scoring_time_apart():
 
     from diffmas.evaluate.metrics import summarize
 
-    option = {"labels": ["A", "B"], "logprobs": [-1.0, -2.0], "n_chars": [1, 1], "pred": "A", "pred_norm": "A",
-              "correct": True, "correct_norm": True, "wall_s": 3.0, "peak_memory_bytes": 5}
-    s = summarize([rec("a", wall_s=1.0, batch_size=2, option_likelihood=option),
-                   rec("b", wall_s=1.0, batch_size=2, option_likelihood=option)])
+    option = {
+        "labels": ["A", "B"],
+        "logprobs": [-1.0, -2.0],
+        "n_chars": [1, 1],
+        "pred": "A",
+        "pred_norm": "A",
+        "correct": True,
+        "correct_norm": True,
+        "wall_s": 3.0,
+        "peak_memory_bytes": 5,
+    }
+    s = summarize(
+        [
+            rec("a", wall_s=1.0, batch_size=2, option_likelihood=option),
+            rec("b", wall_s=1.0, batch_size=2, option_likelihood=option),
+        ]
+    )
     assert s["seconds_per_question"] == pytest.approx(0.5)
     assert s["option_seconds_per_question"] == pytest.approx(1.5)
     assert summarize([rec("a")])["option_seconds_per_question"] is None

@@ -14,8 +14,9 @@ QUESTIONS = ["What is 2+2?", "Name a colour that is a long colour name please", 
 
 
 def config(m=2, new=6, upstream=4, **decode):
-    return MethodConfig(latent_steps=m, decode=DecodeConfig(max_new_tokens=new, **decode),
-                        upstream_max_new_tokens=upstream)
+    return MethodConfig(
+        latent_steps=m, decode=DecodeConfig(max_new_tokens=new, **decode), upstream_max_new_tokens=upstream
+    )
 
 
 @torch.no_grad()
@@ -24,9 +25,10 @@ def test_single_agent_equals_plain_greedy_generate(backbone):
     result = method.run_batch([QUESTIONS[0]], format="Answer briefly.")[0]
     prompt = render_prompt(backbone.tokenizer, method.topology.final, QUESTIONS[0], "", "Answer briefly.")
     ids = backbone.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(backbone.device)
-    ref = backbone.model.generate(ids, max_new_tokens=10, do_sample=False,
-                                  eos_token_id=backbone.eos_token_ids, pad_token_id=0)
-    ref_ids = ref[0, ids.shape[1]:].tolist()
+    ref = backbone.model.generate(
+        ids, max_new_tokens=10, do_sample=False, eos_token_id=backbone.eos_token_ids, pad_token_id=0
+    )
+    ref_ids = ref[0, ids.shape[1] :].tolist()
     assert result.agents[0].n_generated_tokens == len(ref_ids)
     assert result.text == backbone.tokenizer.decode(ref_ids, skip_special_tokens=True)
 
@@ -37,8 +39,8 @@ def test_latent_mas_without_upstream_equals_single(backbone):
     single = get_method("single", backbone, config=config()).run_batch(QUESTIONS, "f")
     latent = get_method("latent_mas", backbone, only_final, config()).run_batch(QUESTIONS, "f")
     assert [r.text for r in single] == [r.text for r in latent]
-    for s, l in zip(single, latent):
-        assert s.token_logprobs == pytest.approx(l.token_logprobs, abs=1e-5)
+    for s, lat in zip(single, latent):
+        assert s.token_logprobs == pytest.approx(lat.token_logprobs, abs=1e-5)
     assert len({r.text for r in single}) > 1  # the fixture model does not answer a constant
 
 
@@ -55,8 +57,9 @@ def test_batched_results_equal_one_by_one(tied_backbone, untied_backbone, name, 
         for b, a in zip(batched, alone):
             assert b.text == a.text
             assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-4)
-            assert [(x.n_prompt_tokens, x.n_latent_steps, x.n_generated_tokens) for x in b.agents] == \
-                   [(x.n_prompt_tokens, x.n_latent_steps, x.n_generated_tokens) for x in a.agents]
+            assert [(x.n_prompt_tokens, x.n_latent_steps, x.n_generated_tokens) for x in b.agents] == [
+                (x.n_prompt_tokens, x.n_latent_steps, x.n_generated_tokens) for x in a.agents
+            ]
             assert b.trace_len == a.trace_len and b.trace_bytes == a.trace_bytes
 
 
@@ -85,8 +88,7 @@ def test_latent_mas_token_accounting(backbone):
     # the trace holds every prompt, every latent step and all but the last generated token
     n_prompt = sum(a.n_prompt_tokens for a in result.agents)
     assert result.trace_len == n_prompt + 3 * 3 + final.n_generated_tokens - 1
-    assert result.trace_bytes == result.trace_len * backbone.n_layers * 2 * backbone.n_kv_heads \
-        * backbone.head_dim * 4
+    assert result.trace_bytes == result.trace_len * backbone.n_layers * 2 * backbone.n_kv_heads * backbone.head_dim * 4
 
 
 @torch.no_grad()
@@ -120,8 +122,9 @@ def test_hierarchical_text_mas_specialists_do_not_read_each_other(backbone):
     for role, rec in zip(topo.upstream, specialists):
         prompt = render_prompt(tok, role, QUESTIONS[2], "", "")
         assert rec.n_prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
-    assert result.agents[-1].n_prompt_tokens > len(tok(render_prompt(tok, topo.final, QUESTIONS[2]),
-                                                       add_special_tokens=False)["input_ids"])
+    assert result.agents[-1].n_prompt_tokens > len(
+        tok(render_prompt(tok, topo.final, QUESTIONS[2]), add_special_tokens=False)["input_ids"]
+    )
 
 
 @torch.no_grad()
@@ -199,8 +202,11 @@ def test_option_likelihood_equals_manual_forward(backbone):
 def test_option_likelihood_batched_and_leaves_answers_alone(untied_backbone, name):
     from diffmas.methods import OptionQuery
 
-    queries = [OptionQuery("q one?", (" a", " bb", " ccc", " dd")), OptionQuery("second question", (" yes", " no")),
-               OptionQuery("3", (" x y z", " w", " v"))]
+    queries = [
+        OptionQuery("q one?", (" a", " bb", " ccc", " dd")),
+        OptionQuery("second question", (" yes", " no")),
+        OptionQuery("3", (" x y z", " w", " v")),
+    ]
     method = get_method(name, untied_backbone, config=config(m=2, new=4, upstream=3))
     plain = method.run_batch(QUESTIONS, "f")
     scored = method.run_batch(QUESTIONS, "f", options=queries)

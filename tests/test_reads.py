@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_backbone
 from diffmas.channel import latent_steps, prefill, tokenize
 from diffmas.errors import DiffmasError
 from diffmas.generate import DecodeConfig
@@ -18,9 +17,13 @@ from diffmas.methods import MethodConfig, MethodError, get_method
 from diffmas.roles import Role, Topology, default_topology
 from diffmas.trace import LatentTrace
 
-ROWS = [("short", "x", "final short"),
-        ("a much much longer prompt here, with several words", "yy yy", "final?"),
-        ("mid length one", "a long second prompt for row three", "the final agent prompt")]
+from conftest import make_backbone
+
+ROWS = [
+    ("short", "x", "final short"),
+    ("a much much longer prompt here, with several words", "yy yy", "final?"),
+    ("mid length one", "a long second prompt for row three", "the final agent prompt"),
+]
 M = (3, 2)
 
 
@@ -58,11 +61,19 @@ def test_reads_latent_equals_manual_masked_forward(backbone):
     with capture_realigned(backbone) as captured:
         logits, trace = build(backbone, [row], "latent")
     ids = lambda s: tokenize(backbone.tokenizer, [s], backbone.device)[0]
-    pieces = [backbone.embed(ids(row[0])), *[c[:, None] for c in captured[:3]],
-              backbone.embed(ids(row[1])), *[c[:, None] for c in captured[3:]], backbone.embed(ids(row[2]))]
+    pieces = [
+        backbone.embed(ids(row[0])),
+        *[c[:, None] for c in captured[:3]],
+        backbone.embed(ids(row[1])),
+        *[c[:, None] for c in captured[3:]],
+        backbone.embed(ids(row[2])),
+    ]
     owner, kind = [], []
-    for agent, n_prompt, n_latent in (("a", pieces[0].shape[1], 3), ("b", pieces[4].shape[1], 2),
-                                      ("c", pieces[-1].shape[1], 0)):
+    for agent, n_prompt, n_latent in (
+        ("a", pieces[0].shape[1], 3),
+        ("b", pieces[4].shape[1], 2),
+        ("c", pieces[-1].shape[1], 0),
+    ):
         owner += [agent] * (n_prompt + n_latent)
         kind += ["prompt"] * n_prompt + ["latent"] * n_latent
     n = len(owner)
@@ -90,8 +101,9 @@ def _scramble(trace, columns):
 def test_reads_latent_ignores_an_upstream_prompt_but_not_its_latent_steps(backbone):
     for reads, should_change in (("latent", False), ("all", True)):
         before, trace = build(backbone, ROWS, reads)
-        prompt_cols = [c for s in trace.segments if s.kind == "prompt" and s.agent in "ab"
-                       for c in range(s.start, s.end)]
+        prompt_cols = [
+            c for s in trace.segments if s.kind == "prompt" and s.agent in "ab" for c in range(s.start, s.end)
+        ]
         _scramble(trace, prompt_cols)
         after = backbone.logits(prefill(trace, "c", [r[2] for r in ROWS]))
         # `after` wrote c's prompt a second time: compare against a clean trace that did the same
@@ -121,7 +133,8 @@ def test_reads_none_final_agent_equals_single(backbone):
             assert torch.allclose(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs), atol=1e-4)
     # and the communication is real under the other settings
     full = get_method("latent_mas", backbone, topo, MethodConfig(latent_steps=3, decode=decode)).run_batch(
-        questions, "fmt")
+        questions, "fmt"
+    )
     assert any(abs(a.token_logprobs[0] - b.token_logprobs[0]) > 1e-3 for a, b in zip(alone, full))
 
 
@@ -143,8 +156,14 @@ def test_chain_reader_sees_only_its_predecessor(untied_backbone):
         _, trace = build(bb, ROWS, "latent", kind)
         a_cols = [col for s in trace.segments if s.agent == "a" for col in range(s.start, s.end)]
         _scramble(trace, a_cols)
-        after = bb.logits(prefill(trace, "c", [r[2] for r in ROWS], Topology(kind, tuple(
-            Role(n, "s", "{question}") for n in "abc")).hidden_from(2)))
+        after = bb.logits(
+            prefill(
+                trace,
+                "c",
+                [r[2] for r in ROWS],
+                Topology(kind, tuple(Role(n, "s", "{question}") for n in "abc")).hidden_from(2),
+            )
+        )
         _, clean = build(bb, ROWS, "latent", kind)
         hidden = Topology(kind, tuple(Role(n, "s", "{question}") for n in "abc")).hidden_from(2)
         expected = bb.logits(prefill(clean, "c", [r[2] for r in ROWS], hidden))
@@ -182,9 +201,11 @@ def test_text_mas_reads_none_drops_the_messages(tied_backbone):
     cfg = dict(upstream_max_new_tokens=4, decode=DecodeConfig(max_new_tokens=2))
     with torch.no_grad():
         seen = get_method("text_mas", tied_backbone, topo, MethodConfig(**cfg)).build_upstream(
-            __import__("diffmas.methods", fromlist=["asks_of"]).asks_of(["Q?"]))
+            __import__("diffmas.methods", fromlist=["asks_of"]).asks_of(["Q?"])
+        )
         blind = get_method("text_mas", tied_backbone, topo, MethodConfig(**cfg, reads="none")).build_upstream(
-            __import__("diffmas.methods", fromlist=["asks_of"]).asks_of(["Q?"]))
+            __import__("diffmas.methods", fromlist=["asks_of"]).asks_of(["Q?"])
+        )
     assert "Messages from earlier agents" in seen.contexts[0] and blind.contexts[0] == ""
 
 
@@ -203,8 +224,11 @@ def _sender_gradient(reads: str, m: int) -> float:
     model = TrajectoryModel(method, "diffmas", "full")
     loss = model(["Q?", "Q?"], ["tiger", "lion"], ["fmt"] * 2, privates=[{"sender": "tiger"}, {"sender": "lion"}])
     loss["loss"].backward()
-    return sum(float(p.grad.abs().sum()) for n, p in lora_parameters(bb.model, "sender").items()
-               if "lora_B" in n and p.grad is not None)
+    return sum(
+        float(p.grad.abs().sum())
+        for n, p in lora_parameters(bb.model, "sender").items()
+        if "lora_B" in n and p.grad is not None
+    )
 
 
 def test_training_gradient_reaches_the_sender_only_through_what_the_reader_reads():

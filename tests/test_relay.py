@@ -17,8 +17,9 @@ def test_vocabulary_is_shipped_and_distinct():
     assert len(words) == 1024 == len(set(words)) and all(w.isalpha() and w.islower() for w in words)
 
 
-@pytest.mark.parametrize("spec", ["relay_word", "relay_word?k=2", "relay_code?digits=6", "relay_chain?hops=3",
-                                  "relay_sum?agents=4"])
+@pytest.mark.parametrize(
+    "spec", ["relay_word", "relay_word?k=2", "relay_code?digits=6", "relay_chain?hops=3", "relay_sum?agents=4"]
+)
 def test_generation_is_deterministic_and_splits_are_disjoint(spec):
     task = get_task(spec)
     test = task.load("test")
@@ -53,13 +54,16 @@ def test_topologies_of_the_tasks():
         get_task("relay_word").topology(4)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("relay_word?k=1", "k=1 is out of range; choose 2..1024"),
-    ("relay_word?k=x", "k='x' is not an integer"),
-    ("relay_word?size=3", "unknown parameter 'size'"),
-    ("relay_word?k", "expected key=value"),
-    ("gsm8k?k=2", "takes no parameters"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("relay_word?k=1", "k=1 is out of range; choose 2..1024"),
+        ("relay_word?k=x", "k='x' is not an integer"),
+        ("relay_word?size=3", "unknown parameter 'size'"),
+        ("relay_word?k", "expected key=value"),
+        ("gsm8k?k=2", "takes no parameters"),
+    ],
+)
 def test_bad_parameters_get_one_clear_error(spec, message):
     with pytest.raises(TaskError, match=message.replace("?", r"\?").replace("(", r"\(")):
         get_task(spec)
@@ -92,5 +96,6 @@ def test_above_chance_p():
 
     assert above_chance_p(0, 10, 0.5) == 1.0
     assert above_chance_p(10, 10, 0.5) == pytest.approx(2**-10)
-    assert above_chance_p(3, 8, 0.125) == pytest.approx(1 - sum(math.comb(8, k) * 0.125**k * 0.875 ** (8 - k)
-                                                                 for k in range(3)))
+    assert above_chance_p(3, 8, 0.125) == pytest.approx(
+        1 - sum(math.comb(8, k) * 0.125**k * 0.875 ** (8 - k) for k in range(3))
+    )

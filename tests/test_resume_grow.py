@@ -10,6 +10,17 @@ import shutil
 from dataclasses import replace
 
 import pytest
+from test_eval_runner import (  # noqa: F401
+    N_CHOICE,
+    CountingMethod,
+    assert_same_answers,
+    choice_config,
+    data,
+    model_dir,
+    read_json,
+    read_records,
+    reference,
+)
 
 from diffmas.evaluate.runner import EvalConfig, RunConflictError, SubsetWarning, build_method, evaluate
 from diffmas.generate import DecodeConfig
@@ -17,8 +28,6 @@ from diffmas.jsonl import JsonlError
 from diffmas.methods import MethodConfig
 from diffmas.tasks.base import Example
 from diffmas.tasks.registry import select_examples
-from test_eval_runner import (N_CHOICE, CountingMethod, assert_same_answers, choice_config, data,  # noqa: F401
-                              model_dir, read_json, read_records, reference)
 
 
 def ids(records):
@@ -83,8 +92,14 @@ def test_no_limit_grows_to_all_questions(model_dir, data, method, tmp_path):
 
 def test_more_samples_adds_only_the_new_sample_indices(model_dir, data, tmp_path):
     decode = DecodeConfig(max_new_tokens=4, temperature=0.8, top_p=0.95)
-    config = EvalConfig(task=f"jsonl:{data['math']}?type=math", model=str(model_dir), limit=1, samples=2,
-                        batch_size=4, method_config=MethodConfig(latent_steps=1, decode=decode))
+    config = EvalConfig(
+        task=f"jsonl:{data['math']}?type=math",
+        model=str(model_dir),
+        limit=1,
+        samples=2,
+        batch_size=4,
+        method_config=MethodConfig(latent_steps=1, decode=decode),
+    )
     out = tmp_path / "run"
     counting = CountingMethod(build_method(config))
     evaluate(config, out, method=counting, progress=False)
@@ -102,8 +117,11 @@ def test_smaller_limit_reports_on_part_and_changes_nothing(reference, model_dir,
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     files = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.warns(SubsetWarning, match=r"holds a larger run \(all questions, 1 sample each\); this summary "
-                                           r"covers the limit 4, 1 sample each asked for"):
+    with pytest.warns(
+        SubsetWarning,
+        match=r"holds a larger run \(all questions, 1 sample each\); this summary "
+        r"covers the limit 4, 1 sample each asked for",
+    ):
         summary = evaluate(choice_config(model_dir, data, limit=4), out, progress=False)  # no model needed
     assert summary["n_questions"] == 4 and summary["n_records"] == 4
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
@@ -126,8 +144,11 @@ def test_records_outside_the_selection_are_refused(reference, model_dir, data, t
     assert (out / "samples.jsonl").read_bytes() == before
 
 
-@pytest.mark.parametrize("damage", [b'{"id": "q11", "sam\n', b"\x00" * 40, b"\x00" * 40 + b"\n"],
-                         ids=["cut-with-newline", "zeros", "zeros-newline"])
+@pytest.mark.parametrize(
+    "damage",
+    [b'{"id": "q11", "sam\n', b"\x00" * 40, b"\x00" * 40 + b"\n"],
+    ids=["cut-with-newline", "zeros", "zeros-newline"],
+)
 def test_damaged_last_line_is_dropped_and_recomputed(reference, model_dir, data, method, tmp_path, damage):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -174,8 +195,9 @@ class FakeUpstream:
         return SimpleNamespace(contexts=[f"ctx-{a.question}" for a in questions])
 
 
-@pytest.mark.parametrize("damage", [b'{"id": "c", "cont', b'{"id": "c", "cont\n', b"\x00" * 16],
-                         ids=["cut", "cut-with-newline", "zeros"])
+@pytest.mark.parametrize(
+    "damage", [b'{"id": "c", "cont', b'{"id": "c", "cont\n', b"\x00" * 16], ids=["cut", "cut-with-newline", "zeros"]
+)
 def test_cut_context_cache_line_is_recomputed(tmp_path, damage):
     """sft_text_mas: a kill while the upstream texts are cached leaves a damaged last line; the
     rerun drops it, writes that one text again, and the cache file stays readable."""
@@ -204,8 +226,23 @@ def test_sweep_grows_every_run_with_one_backbone(model_dir, tmp_path, monkeypatc
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "sweep"
-    args = ["sweep", "--task", f"jsonl:{data}?type=math", "--model", str(model_dir), "--out", str(out),
-            "--latent-steps", "0,1", "--agents", "2", "--max-new-tokens", "2", "--limit", "2"]
+    args = [
+        "sweep",
+        "--task",
+        f"jsonl:{data}?type=math",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--latent-steps",
+        "0,1",
+        "--agents",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--limit",
+        "2",
+    ]
     assert CliRunner().invoke(app, args).exit_code == 0
     args[args.index("--limit") + 1] = "3"
     result = CliRunner().invoke(app, args)
@@ -219,15 +256,25 @@ def test_sweep_grows_every_run_with_one_backbone(model_dir, tmp_path, monkeypatc
 def test_train_resume_refuses_other_examples(tmp_path):
     """Same settings, other data (an edited file, or a subset drawn by another version): a resumed
     training run would train on a mix, so it is refused before anything is written."""
-    from conftest import make_backbone
     from diffmas.train import TrainConfig
     from diffmas.train.trainer import TrainRunConflictError, train
+
+    from conftest import make_backbone
 
     data = tmp_path / "qa.jsonl"
     rows = [{"id": f"q{i}", "question": f"Q{i}?", "answer": "yes"} for i in range(2)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = TrainConfig(task=f"jsonl:{data}?type=math", split="test", n_agents=2, latent_steps=1, batch_size=2,
-                         grad_accum=1, max_steps=2, save_steps=1, device="cpu")
+    config = TrainConfig(
+        task=f"jsonl:{data}?type=math",
+        split="test",
+        n_agents=2,
+        latent_steps=1,
+        batch_size=2,
+        grad_accum=1,
+        max_steps=2,
+        save_steps=1,
+        device="cpu",
+    )
     out = tmp_path / "ad"
     assert train(config, out, backbone=make_backbone(tied=False), stop_after=1, report_to=[]) == {"stopped_at": 1}
     data.write_text(data.read_text().replace('"yes"', '"no"'))

@@ -89,7 +89,8 @@ def test_isolation_meets_the_expected_level() -> None:
     if EXPECTED:
         assert EXPECTED in LEVELS, f"DIFFMAS_EXPECT_ISOLATION={EXPECTED!r}: use one of {LEVELS}"
         assert LEVELS.index(iso.level) >= LEVELS.index(EXPECTED), (
-            f"the sandbox gives {iso.describe()}, CI expects {EXPECTED!r}")
+            f"the sandbox gives {iso.describe()}, CI expects {EXPECTED!r}"
+        )
 
 
 def test_weak_isolation_refuses_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,8 +150,7 @@ def test_listing_home_directories(level: str) -> None:
     for line in result.stdout_tail.splitlines():
         home, *names = line.split(" ")
         # at most the way to the interpreter's own prefix (e.g. /root/.pyenv) is there
-        needed = {Path(r).relative_to(home).parts[0] for r in sandbox._interpreter_roots()
-                  if r.startswith(home + "/")}
+        needed = {Path(r).relative_to(home).parts[0] for r in sandbox._interpreter_roots() if r.startswith(home + "/")}
         assert names == ["refused"] or set(names) <= needed, line
 
 
@@ -198,12 +198,17 @@ def test_connecting_to_host_sockets(level: str, unix_server) -> None:
 # ------------------------------------------------------------------------------- early exit
 
 
-@pytest.mark.parametrize("leave", [
-    FRESH_POSIX + "posix._exit(0)\n",
-    CTYPES + "libc._exit(0)\n",
-    "import signal, os\nsignal.signal(signal.SIGTERM, lambda *a: None)\n"
-    + FRESH_POSIX + "posix.close(1)\nposix._exit(0)\n",
-], ids=["fresh-posix", "ctypes", "close-stdout"])
+@pytest.mark.parametrize(
+    "leave",
+    [
+        FRESH_POSIX + "posix._exit(0)\n",
+        CTYPES + "libc._exit(0)\n",
+        "import signal, os\nsignal.signal(signal.SIGTERM, lambda *a: None)\n"
+        + FRESH_POSIX
+        + "posix.close(1)\nposix._exit(0)\n",
+    ],
+    ids=["fresh-posix", "ctypes", "close-stdout"],
+)
 def test_leaving_early_with_status_0_is_not_a_pass(level: str, leave: str) -> None:
     result = run_in_sandbox(leave + "assert False, 'the tests below never ran'\n")
     assert not result.passed and result.status == "failed"
@@ -246,8 +251,7 @@ def test_filling_the_disk(level: str) -> None:
 
 
 def test_memory_bomb(level: str) -> None:
-    result = run_in_sandbox("x = []\nwhile True:\n    x.append(bytearray(50 << 20))\n",
-                            timeout_s=10, memory_mb=256)
+    result = run_in_sandbox("x = []\nwhile True:\n    x.append(bytearray(50 << 20))\n", timeout_s=10, memory_mb=256)
     assert result.status == "failed" and "MemoryError" in result.stderr_tail
 
 
@@ -267,10 +271,15 @@ def test_processes_and_threads(level: str) -> None:
     assert "children 0" in result.stdout_tail and "no thread" in result.stdout_tail
 
 
-@pytest.mark.parametrize("loop", ["while True:\n    pass\n", "sum(range(10 ** 13))\n",
-                                  ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
-                                   "while True:\n    pass\n")],
-                         ids=["python-loop", "c-loop", "ignores-sigxcpu"])
+@pytest.mark.parametrize(
+    "loop",
+    [
+        "while True:\n    pass\n",
+        "sum(range(10 ** 13))\n",
+        ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"),
+    ],
+    ids=["python-loop", "c-loop", "ignores-sigxcpu"],
+)
 def test_running_forever(level: str, loop: str) -> None:
     result = run_in_sandbox(loop, timeout_s=1.0)
     assert result.status == "timeout" and result.wall_s < 4
@@ -282,8 +291,9 @@ def test_running_forever(level: str, loop: str) -> None:
 @pytest.fixture
 def decoy():
     """A process of the host with a secret in its environment."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
-                            env={"DIFFMAS_DECOY": SECRET}, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], env={"DIFFMAS_DECOY": SECRET}, stdin=subprocess.DEVNULL
+    )
     yield proc
     proc.kill()
     proc.wait()
@@ -291,15 +301,19 @@ def decoy():
 
 def test_signalling_or_tracing_the_parent(level: str, decoy: subprocess.Popen) -> None:
     targets = [os.getpid(), decoy.pid]
-    program = FRESH_POSIX + CTYPES + (
-        f"for pid in {targets!r}:\n"
-        "    try:\n"
-        "        posix.kill(pid, 9)\n"
-        "        print('killed', pid)\n"
-        "    except OSError as e:\n"
-        "        print('refused kill', type(e).__name__)\n"
-        "    rc = libc.ptrace(16, pid, 0, 0)\n"  # PTRACE_ATTACH
-        "    print('attached' if rc == 0 else 'refused ptrace', ctypes.get_errno())\n"
+    program = (
+        FRESH_POSIX
+        + CTYPES
+        + (
+            f"for pid in {targets!r}:\n"
+            "    try:\n"
+            "        posix.kill(pid, 9)\n"
+            "        print('killed', pid)\n"
+            "    except OSError as e:\n"
+            "        print('refused kill', type(e).__name__)\n"
+            "    rc = libc.ptrace(16, pid, 0, 0)\n"  # PTRACE_ATTACH
+            "    print('attached' if rc == 0 else 'refused ptrace', ctypes.get_errno())\n"
+        )
     )
     result = run_in_sandbox(program)
     assert result.passed, result.stderr_tail
@@ -345,10 +359,14 @@ def _code_config(tmp_path: Path, model: Path):
     from diffmas.methods import MethodConfig
 
     data = tmp_path / "code.jsonl"
-    data.write_text(json.dumps({"id": "c1", "question": "Write f() returning 1.",
-                                "tests": ["assert f() == 1"]}) + "\n")
-    return EvalConfig(task=f"jsonl:{data}?type=code", method="single", model=str(model),
-                      batch_size=1, method_config=MethodConfig(decode=DecodeConfig(max_new_tokens=4)))
+    data.write_text(json.dumps({"id": "c1", "question": "Write f() returning 1.", "tests": ["assert f() == 1"]}) + "\n")
+    return EvalConfig(
+        task=f"jsonl:{data}?type=code",
+        method="single",
+        model=str(model),
+        batch_size=1,
+        method_config=MethodConfig(decode=DecodeConfig(max_new_tokens=4)),
+    )
 
 
 def test_code_runs_record_their_isolation(tmp_path: Path, tiny_model: Path) -> None:
@@ -361,7 +379,8 @@ def test_code_runs_record_their_isolation(tmp_path: Path, tiny_model: Path) -> N
 
 
 def test_code_runs_refuse_a_weak_sandbox_before_generating(
-        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from diffmas.cli import common
     from diffmas.evaluate.runner import evaluate
 

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import data_file
 
 from diffmas.scoring import (
     SandboxResult,
@@ -26,17 +25,17 @@ from diffmas.scoring import (
     mbpp_program,
     mbppplus_program,
     run_in_sandbox,
+    sandbox,
     score_code,
 )
-from diffmas.scoring import sandbox
 from diffmas.scoring.code import _literal, mbppplus_deserialize_inputs
 from diffmas.scoring.sandbox import Isolation
 from diffmas.tasks.base import Score
 
+from conftest import data_file
+
 FULL_CORPUS = os.environ.get("DIFFMAS_FULL_CORPUS") == "1"
 WORKERS = max(2, os.cpu_count() or 2)  # each run is mostly interpreter start-up: overlap them
-
-
 
 
 def _rows(name: str) -> list[dict]:
@@ -78,26 +77,35 @@ def own_sandboxes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 # ---------------------------------------------------------------- extraction and program builders
 
 
-@pytest.mark.parametrize("text, entry_point, expected", [
-    ("```python\ndef f():\n    return 1\n```", None, "def f():\n    return 1"),
-    ("Here:\n```py\nx = 1\n```\nand\n```python\ny = 2\n```", None, "y = 2"),
-    ("```\nz = 3\n```", None, "z = 3"),  # untagged block
-    ("```bash\npip install x\n```\n```\nprint(1)\n```", None, "print(1)"),
-    ("```python\ndef add(a, b):\n    return a + b\n```\nUsage:\n```python\nprint(add(1, 2))\n```",
-     "add", "def add(a, b):\n    return a + b"),  # the block that defines the entry point
-    ("```python\ndef add(a, b):\n    return a + b\n```\nUsage:\n```python\nprint(add(1, 2))\n```",
-     None, "print(add(1, 2))"),
-    ("Sure!\n```python\ndef g():\n    return 2", "g", "def g():\n    return 2"),  # cut off
-    ("    return a + b\n", "add", "    return a + b\n"),  # no fence: the whole text
-    ("", None, ""),
-])
+@pytest.mark.parametrize(
+    "text, entry_point, expected",
+    [
+        ("```python\ndef f():\n    return 1\n```", None, "def f():\n    return 1"),
+        ("Here:\n```py\nx = 1\n```\nand\n```python\ny = 2\n```", None, "y = 2"),
+        ("```\nz = 3\n```", None, "z = 3"),  # untagged block
+        ("```bash\npip install x\n```\n```\nprint(1)\n```", None, "print(1)"),
+        (
+            "```python\ndef add(a, b):\n    return a + b\n```\nUsage:\n```python\nprint(add(1, 2))\n```",
+            "add",
+            "def add(a, b):\n    return a + b",
+        ),  # the block that defines the entry point
+        (
+            "```python\ndef add(a, b):\n    return a + b\n```\nUsage:\n```python\nprint(add(1, 2))\n```",
+            None,
+            "print(add(1, 2))",
+        ),
+        ("Sure!\n```python\ndef g():\n    return 2", "g", "def g():\n    return 2"),  # cut off
+        ("    return a + b\n", "add", "    return a + b\n"),  # no fence: the whole text
+        ("", None, ""),
+    ],
+)
 def test_extract_code(text: str, entry_point: str | None, expected: str) -> None:
     assert extract_code(text, entry_point) == expected
 
 
 PROMPT = (
     "from typing import List\n\n\ndef helper(x: int) -> int:\n    return x * 2\n\n\n"
-    "def double_all(xs: List[int]) -> List[int]:\n    \"\"\"Double every element.\"\"\"\n"
+    'def double_all(xs: List[int]) -> List[int]:\n    """Double every element."""\n'
 )
 TEST = "def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n"
 
@@ -117,19 +125,35 @@ def test_humaneval_program_with_a_full_def_keeps_the_prompt_preamble() -> None:
 
 
 def test_mbpp_program_order_and_line_endings() -> None:
-    program = mbpp_program("def sq(x):\r\n    return x * x\r\n", ["assert sq(3) == 9"],
-                           test_setup_code="y = sq(2)", test_imports=["import math"])
+    program = mbpp_program(
+        "def sq(x):\r\n    return x * x\r\n",
+        ["assert sq(3) == 9"],
+        test_setup_code="y = sq(2)",
+        test_imports=["import math"],
+    )
     assert program.index("import math") < program.index("def sq") < program.index("y = sq(2)")
     assert program.index("y = sq(2)") < program.index("assert sq(3)") and "\r" not in program
     assert run_in_sandbox(program).passed
-    assert not run_in_sandbox(mbpp_program("def sq(x):\n    return x + x",
-                                           ["assert sq(3) == 9"])).passed
+    assert not run_in_sandbox(mbpp_program("def sq(x):\n    return x + x", ["assert sq(3) == 9"])).passed
 
 
-@pytest.mark.parametrize("value", [
-    [1, -2.5, "s", None, True], (1,), (), {1, 2}, set(), frozenset({3}), {"k": (1, [2])},
-    complex(1, -2), float("inf"), -float("inf"), b"\x00", [[(1, 2), {3}], {"a": set()}],
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, -2.5, "s", None, True],
+        (1,),
+        (),
+        {1, 2},
+        set(),
+        frozenset({3}),
+        {"k": (1, [2])},
+        complex(1, -2),
+        float("inf"),
+        -float("inf"),
+        b"\x00",
+        [[(1, 2), {3}], {"a": set()}],
+    ],
+)
 def test_literal_round_trips(value: object) -> None:
     assert eval(_literal(value)) == value
     assert type(eval(_literal(value))) is type(value)
@@ -139,32 +163,35 @@ def test_literal_nan() -> None:
     assert str(eval(_literal([float("nan")]))[0]) == "nan"
 
 
-def _plus_program(code: str, reference: str, entry: str, inputs: list, atol: float = 0,
-                  task_id: str | None = None) -> str:
+def _plus_program(
+    code: str, reference: str, entry: str, inputs: list, atol: float = 0, task_id: str | None = None
+) -> str:
     return mbppplus_program(code, entry, inputs[:1], inputs[1:], atol, reference, task_id=task_id)
 
 
 def test_mbppplus_exact_and_float_comparison() -> None:
     reference = "def third(x):\n    return x / 3\n"
     inputs = [[1], [2], [10.5], [-7]]
-    assert run_in_sandbox(_plus_program("def third(x):\n    return x * (1 / 3)\n", reference,
-                                        "third", inputs)).passed  # floats: atol 1e-6
-    rounded = run_in_sandbox(_plus_program("def third(x):\n    return round(x / 3, 2)\n",
-                                           reference, "third", inputs))
+    assert run_in_sandbox(
+        _plus_program("def third(x):\n    return x * (1 / 3)\n", reference, "third", inputs)
+    ).passed  # floats: atol 1e-6
+    rounded = run_in_sandbox(_plus_program("def third(x):\n    return round(x / 3, 2)\n", reference, "third", inputs))
     assert rounded.status == "failed" and "input #0" in rounded.stderr_tail
     exact_ref = "def inc(x):\n    return x + 1\n"
-    assert not run_in_sandbox(_plus_program("def inc(x):\n    return x + 1.0000001\n", exact_ref,
-                                            "inc", [[1], [2]])).passed  # ints compare exactly
+    assert not run_in_sandbox(
+        _plus_program("def inc(x):\n    return x + 1.0000001\n", exact_ref, "inc", [[1], [2]])
+    ).passed  # ints compare exactly
 
 
 def test_mbppplus_restores_tuples_by_task_id() -> None:
     # Mbpp/2 takes tuples; the JSON rows hold lists. evalplus restores them, and so do we.
     reference = "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n"
-    strict = ("def similar_elements(a, b):\n    assert isinstance(a, tuple)\n"
-              "    return tuple(sorted(set(a) & set(b), reverse=True))\n")  # set oracle: any order
+    strict = (
+        "def similar_elements(a, b):\n    assert isinstance(a, tuple)\n"
+        "    return tuple(sorted(set(a) & set(b), reverse=True))\n"
+    )  # set oracle: any order
     inputs = [[[3, 4, 5, 6], [5, 7, 4, 10]], [[1, 2, 3, 4], [5, 4, 3, 7]]]
-    assert run_in_sandbox(_plus_program(strict, reference, "similar_elements", inputs,
-                                        task_id="Mbpp/2")).passed
+    assert run_in_sandbox(_plus_program(strict, reference, "similar_elements", inputs, task_id="Mbpp/2")).passed
     assert not run_in_sandbox(_plus_program(strict, reference, "similar_elements", inputs)).passed
     assert mbppplus_deserialize_inputs("Mbpp/252", [["1+2j"]]) == [[complex(1, 2)]]
     assert mbppplus_deserialize_inputs("Mbpp/9999", [[1]]) == [[1]]
@@ -209,8 +236,12 @@ def test_timeout_and_infinite_loop(program: str) -> None:
 
 def test_exit_before_the_end_is_a_failure() -> None:
     # a reward hack: exit(0) before the asserts. The HumanEval harness counts it as failed too.
-    for program in ["import sys\nsys.exit(0)\nassert False", "import os\nos._exit(0)\nassert False",
-                    "exit()\nassert False", "raise SystemExit\n"]:
+    for program in [
+        "import sys\nsys.exit(0)\nassert False",
+        "import os\nos._exit(0)\nassert False",
+        "exit()\nassert False",
+        "raise SystemExit\n",
+    ]:
         result = run_in_sandbox(program)
         assert result.status == "failed" and "called exit" in result.stderr_tail, program
 
@@ -238,17 +269,19 @@ def test_output_is_capped() -> None:
 
 
 def test_fork_and_subprocess_are_refused(own_sandboxes) -> None:
-    for program in ["import os\nos.fork()", "import os\nos.system('true')",
-                    "import subprocess\nsubprocess.run(['true'])",
-                    "import multiprocessing as mp\np = mp.Process(target=print)\np.start()"]:
+    for program in [
+        "import os\nos.fork()",
+        "import os\nos.system('true')",
+        "import subprocess\nsubprocess.run(['true'])",
+        "import multiprocessing as mp\np = mp.Process(target=print)\np.start()",
+    ]:
         result = run_in_sandbox(program)
         assert result.status == "failed" and "not allowed" in result.stderr_tail, program
     assert own_sandboxes() == []
 
 
 def test_fork_bomb_is_contained(own_sandboxes) -> None:
-    bomb = ("import os\nwhile True:\n    try:\n        os.fork()\n"
-            "    except Exception:\n        pass\n")
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except Exception:\n        pass\n"
     assert run_in_sandbox(bomb, timeout_s=1.0).status == "timeout"
     assert own_sandboxes() == []
 
@@ -300,9 +333,11 @@ def _assert_no_connection(server: socket.socket) -> None:
 
 def test_network_is_refused(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
-    for program in [f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
-                    "import socket\nsocket.getaddrinfo('example.com', 80)",
-                    "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:%d')" % port]:
+    for program in [
+        f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
+        "import socket\nsocket.getaddrinfo('example.com', 80)",
+        "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:%d')" % port,
+    ]:
         result = run_in_sandbox(program)
         assert result.status == "failed" and "network access" in result.stderr_tail, program
     _assert_no_connection(listener)
@@ -312,12 +347,15 @@ def test_network_bypassing_the_prelude_finds_no_network(listener: socket.socket)
     if not isolation().network_namespace:
         pytest.skip("no network namespace on this machine: only the prelude blocks sockets")
     port = listener.getsockname()[1]
-    raw = ("import _socket\nS = _socket.socket.__mro__[1]  # the real class under the guard\n"
-           f"s = S(_socket.AF_INET, _socket.SOCK_STREAM)\ns.connect(('127.0.0.1', {port}))\n")
+    raw = (
+        "import _socket\nS = _socket.socket.__mro__[1]  # the real class under the guard\n"
+        f"s = S(_socket.AF_INET, _socket.SOCK_STREAM)\ns.connect(('127.0.0.1', {port}))\n"
+    )
     result = run_in_sandbox(raw)
     # seccomp refuses the socket; without it, the namespace has no route
-    assert result.status == "failed" and ("Operation not permitted" in result.stderr_tail
-                                          or "Network is unreachable" in result.stderr_tail)
+    assert result.status == "failed" and (
+        "Operation not permitted" in result.stderr_tail or "Network is unreachable" in result.stderr_tail
+    )
     assert run_in_sandbox("print(open('/proc/net/dev').read())").stdout_tail.count(":") == 1  # lo
     _assert_no_connection(listener)
 
@@ -332,11 +370,13 @@ def public_dir(tmp_path: Path) -> Path:
 
 def test_writing_outside_the_sandbox_is_refused(public_dir: Path) -> None:
     victim = public_dir / "victim.txt"
-    programs = [f"open({str(victim)!r}, 'w').write('x')",
-                f"import pathlib\npathlib.Path({str(victim)!r}).write_text('x')",
-                f"import os\nos.close(os.open({str(victim)!r}, os.O_CREAT | os.O_WRONLY))",
-                f"import shutil\nshutil.rmtree({str(public_dir)!r})",
-                f"import os\nos.rename({str(public_dir)!r}, {str(public_dir)!r} + '2')"]
+    programs = [
+        f"open({str(victim)!r}, 'w').write('x')",
+        f"import pathlib\npathlib.Path({str(victim)!r}).write_text('x')",
+        f"import os\nos.close(os.open({str(victim)!r}, os.O_CREAT | os.O_WRONLY))",
+        f"import shutil\nshutil.rmtree({str(public_dir)!r})",
+        f"import os\nos.rename({str(public_dir)!r}, {str(public_dir)!r} + '2')",
+    ]
     for program in programs:
         result = run_in_sandbox(program)
         # the prelude refuses, the kernel does, or (bubblewrap) the directory is not there
@@ -351,23 +391,25 @@ def test_writing_outside_while_bypassing_the_prelude(public_dir: Path) -> None:
         pytest.skip("no mount namespace on this machine: only the prelude guards writes")
     victim = public_dir / "victim.txt"
     result = run_in_sandbox(f"import _io\n_io.FileIO({str(victim)!r}, 'w').write(b'x')")
-    assert result.status == "failed" and any(e in result.stderr_tail for e in (
-        "Read-only file system", "Permission denied", "No such file"))
+    assert result.status == "failed" and any(
+        e in result.stderr_tail for e in ("Read-only file system", "Permission denied", "No such file")
+    )
     assert not victim.exists()
 
 
 def test_writing_inside_the_sandbox_works_and_is_cleaned_up(own_sandboxes) -> None:
-    program = ("import os, tempfile\nopen('out.txt', 'w').write('ok')\n"
-               "os.makedirs('a/b')\nopen('a/b/c', 'w').close()\nos.chmod('a', 0)\n"
-               "tempfile.NamedTemporaryFile(delete=False).write(b'x')\n"
-               "assert open('out.txt').read() == 'ok'\n")
+    program = (
+        "import os, tempfile\nopen('out.txt', 'w').write('ok')\n"
+        "os.makedirs('a/b')\nopen('a/b/c', 'w').close()\nos.chmod('a', 0)\n"
+        "tempfile.NamedTemporaryFile(delete=False).write(b'x')\n"
+        "assert open('out.txt').read() == 'ok'\n"
+    )
     result = run_in_sandbox(program)
     assert result.passed, result.stderr_tail
     # own_sandboxes checks that the dir, with its unreadable subdir, was removed
 
 
-def test_home_and_environment_are_not_the_users(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_home_and_environment_are_not_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     secret_key = home / ".ssh" / "id_rsa"
@@ -404,12 +446,12 @@ def test_other_processes_cannot_be_signalled() -> None:
     )
     result = run_in_sandbox(real_kill)
     # another uid may not signal it; in a PID namespace it is not even there
-    assert result.status == "failed" and ("Operation not permitted" in result.stderr_tail
-                                          or "No such process" in result.stderr_tail)
+    assert result.status == "failed" and (
+        "Operation not permitted" in result.stderr_tail or "No such process" in result.stderr_tail
+    )
 
 
-def test_prelude_only_fallback(monkeypatch: pytest.MonkeyPatch, public_dir: Path,
-                               listener: socket.socket) -> None:
+def test_prelude_only_fallback(monkeypatch: pytest.MonkeyPatch, public_dir: Path, listener: socket.socket) -> None:
     # a machine that allows no kernel layer (e.g. a container without namespaces), accepted
     monkeypatch.setattr(sandbox, "_isolation", Isolation())
     monkeypatch.setattr(sandbox, "_plan", None)
@@ -417,8 +459,11 @@ def test_prelude_only_fallback(monkeypatch: pytest.MonkeyPatch, public_dir: Path
     assert run_in_sandbox("import math\nprint(math.sqrt(16))").stdout_tail == "4.0\n"
     victim = public_dir / "victim.txt"
     port = listener.getsockname()[1]
-    for program in [f"open({str(victim)!r}, 'w')", "import os\nos.fork()",
-                    f"import socket\nsocket.create_connection(('127.0.0.1', {port}))"]:
+    for program in [
+        f"open({str(victim)!r}, 'w')",
+        "import os\nos.fork()",
+        f"import socket\nsocket.create_connection(('127.0.0.1', {port}))",
+    ]:
         result = run_in_sandbox(program)
         assert result.status == "failed" and "not allowed" in result.stderr_tail, program
     assert not victim.exists()
@@ -451,10 +496,10 @@ def test_isolation_report() -> None:
 def test_humaneval_canonical_solutions_pass_and_empty_completions_fail() -> None:
     rows = _rows("humaneval_test.jsonl")
     assert len(rows) == 164
-    canonical = _run_all([humaneval_program(r["prompt"], r["canonical_solution"], r["test"],
-                                            r["entry_point"]) for r in rows])
-    empty = _run_all([humaneval_program(r["prompt"], "", r["test"], r["entry_point"])
-                      for r in rows])
+    canonical = _run_all(
+        [humaneval_program(r["prompt"], r["canonical_solution"], r["test"], r["entry_point"]) for r in rows]
+    )
+    empty = _run_all([humaneval_program(r["prompt"], "", r["test"], r["entry_point"]) for r in rows])
     assert [r["task_id"] for r, res in zip(rows, canonical) if not res.passed] == []
     assert [r["task_id"] for r, res in zip(rows, empty) if res.passed] == []
 
@@ -462,12 +507,27 @@ def test_humaneval_canonical_solutions_pass_and_empty_completions_fail() -> None
 def test_humaneval_full_function_completions_pass() -> None:
     # chat models repeat the whole function; helpers from the prompt must still be there
     rows = _rows("humaneval_test.jsonl")
-    rows = rows if FULL_CORPUS else [r for r in rows if r["task_id"] in {
-        "HumanEval/10", "HumanEval/32", "HumanEval/38", "HumanEval/50", "HumanEval/0",
-        "HumanEval/163"}]
-    results = _run_all([humaneval_program(r["prompt"], extract_code(
-        f"Sure:\n```python\n{r['prompt']}{r['canonical_solution']}```\n", r["entry_point"]),
-        r["test"], r["entry_point"]) for r in rows])
+    rows = (
+        rows
+        if FULL_CORPUS
+        else [
+            r
+            for r in rows
+            if r["task_id"]
+            in {"HumanEval/10", "HumanEval/32", "HumanEval/38", "HumanEval/50", "HumanEval/0", "HumanEval/163"}
+        ]
+    )
+    results = _run_all(
+        [
+            humaneval_program(
+                r["prompt"],
+                extract_code(f"Sure:\n```python\n{r['prompt']}{r['canonical_solution']}```\n", r["entry_point"]),
+                r["test"],
+                r["entry_point"],
+            )
+            for r in rows
+        ]
+    )
     assert [r["task_id"] for r, res in zip(rows, results) if not res.passed] == []
 
 
@@ -475,15 +535,25 @@ def test_mbpp_reference_solutions_pass() -> None:
     rows = [r for r in _rows("mbpp.jsonl") if 11 <= r["task_id"] <= 510]
     assert len(rows) == 500
     rows = rows if FULL_CORPUS else rows[::5]
-    results = _run_all([mbpp_program(r["code"], r["test_list"], r["test_setup_code"])
-                        for r in rows])
+    results = _run_all([mbpp_program(r["code"], r["test_list"], r["test_setup_code"]) for r in rows])
     assert [r["task_id"] for r, res in zip(rows, results) if not res.passed] == []
 
 
 # Tasks whose reference solution alone takes over 2 s on the plus inputs (Mbpp/599 sums
 # range(10**8) several times): they run in the full corpus only.
-_SLOW_MBPPPLUS = {"Mbpp/599", "Mbpp/392", "Mbpp/255", "Mbpp/271", "Mbpp/603", "Mbpp/592",
-                  "Mbpp/123", "Mbpp/389", "Mbpp/300", "Mbpp/589", "Mbpp/84"}
+_SLOW_MBPPPLUS = {
+    "Mbpp/599",
+    "Mbpp/392",
+    "Mbpp/255",
+    "Mbpp/271",
+    "Mbpp/603",
+    "Mbpp/592",
+    "Mbpp/123",
+    "Mbpp/389",
+    "Mbpp/300",
+    "Mbpp/589",
+    "Mbpp/84",
+}
 
 
 def test_mbppplus_canonical_solutions_pass() -> None:
@@ -491,9 +561,18 @@ def test_mbppplus_canonical_solutions_pass() -> None:
     assert len(rows) == 399
     if not FULL_CORPUS:
         rows = [r for r in rows[::10] if r["task_id"] not in _SLOW_MBPPPLUS]
-    programs = [mbppplus_program(r["canonical_solution"], r["entry_point"], r["base_input"],
-                                 r["plus_input"], r["atol"], r["canonical_solution"],
-                                 task_id=r["task_id"]) for r in rows]
+    programs = [
+        mbppplus_program(
+            r["canonical_solution"],
+            r["entry_point"],
+            r["base_input"],
+            r["plus_input"],
+            r["atol"],
+            r["canonical_solution"],
+            task_id=r["task_id"],
+        )
+        for r in rows
+    ]
     # evalplus's own limits: 4 GB (Mbpp/255 builds big combinations); the reference runs too
     results = _run_all(programs, timeout_s=120, memory_mb=4096)
     assert [(r["task_id"], res.status) for r, res in zip(rows, results) if not res.passed] == []
@@ -501,9 +580,18 @@ def test_mbppplus_canonical_solutions_pass() -> None:
 
 def test_mbppplus_wrong_solutions_fail() -> None:
     rows = [r for r in _rows("mbppplus_test.jsonl")[::10] if r["task_id"] not in _SLOW_MBPPPLUS]
-    wrong = [mbppplus_program(f"def {r['entry_point']}(*args):\n    return None\n",
-                              r["entry_point"], r["base_input"], r["plus_input"], r["atol"],
-                              r["canonical_solution"], task_id=r["task_id"]) for r in rows]
+    wrong = [
+        mbppplus_program(
+            f"def {r['entry_point']}(*args):\n    return None\n",
+            r["entry_point"],
+            r["base_input"],
+            r["plus_input"],
+            r["atol"],
+            r["canonical_solution"],
+            task_id=r["task_id"],
+        )
+        for r in rows
+    ]
     results = _run_all(wrong, timeout_s=60, memory_mb=4096)
     # Mbpp/164 ("are_equivalent") has a special oracle that accepts any output, as in evalplus
     assert [r["task_id"] for r, res in zip(rows, results) if res.passed] in ([], ["Mbpp/164"])
@@ -517,8 +605,15 @@ def _mbppplus_row(task_id: str) -> dict:
 
 
 def _plus_program_for(row: dict, code: str) -> str:
-    return mbppplus_program(code, row["entry_point"], row["base_input"], row["plus_input"],
-                            row["atol"], row["canonical_solution"], task_id=row["task_id"])
+    return mbppplus_program(
+        code,
+        row["entry_point"],
+        row["base_input"],
+        row["plus_input"],
+        row["atol"],
+        row["canonical_solution"],
+        task_id=row["task_id"],
+    )
 
 
 def test_mbppplus_looping_completion_is_rejected_within_seconds() -> None:
@@ -533,8 +628,10 @@ def test_mbppplus_looping_completion_is_rejected_within_seconds() -> None:
 def test_mbppplus_outputs_with_an_always_true_equality_fail() -> None:
     row = _mbppplus_row("Mbpp/3")
     cheats = [
-        ("class Yes:\n    def __init__(self, *args):\n        pass\n"
-         "    def __eq__(self, other):\n        return True\n"),
+        (
+            "class Yes:\n    def __init__(self, *args):\n        pass\n"
+            "    def __eq__(self, other):\n        return True\n"
+        ),
         "class Yes(int):\n    def __eq__(self, other):\n        return True\n",
     ]
     for cheat in cheats:
@@ -545,8 +642,14 @@ def test_mbppplus_outputs_with_an_always_true_equality_fail() -> None:
     assert not run_in_sandbox(_plus_program_for(row, mock_any), timeout_s=60).passed
 
 
-_MUTATIONS = [(" + ", " - "), (" < ", " <= "), (" == ", " != "), (" > ", " >= "), ("[0]", "[-1]"),
-              ("return ", "return not ")]
+_MUTATIONS = [
+    (" + ", " - "),
+    (" < ", " <= "),
+    (" == ", " != "),
+    (" > ", " >= "),
+    ("[0]", "[-1]"),
+    ("return ", "return not "),
+]
 
 
 def _mutant(code: str) -> str:
@@ -564,10 +667,9 @@ def _parity_candidates(row: dict, mbpp_code: str | None) -> dict[str, str]:
         "canonical": row["canonical_solution"],
         "mutant": _mutant(row["canonical_solution"]),
         "none": f"def {entry}(*args):\n    return None\n",
-        "as-float": wrap + f"def {entry}(*args):\n    r = _orig(*args)\n"
-                    "    return float(r) if type(r) is int else r\n",
+        "as-float": wrap + f"def {entry}(*args):\n    r = _orig(*args)\n    return float(r) if type(r) is int else r\n",
         "as-tuple": wrap + f"def {entry}(*args):\n    r = _orig(*args)\n"
-                    "    return tuple(r) if type(r) is list else r\n",
+        "    return tuple(r) if type(r) is list else r\n",
         "exit-early": "import sys\nsys.exit(0)\n" + row["canonical_solution"],
     }
     if mbpp_code:
@@ -592,9 +694,9 @@ def _evalplus_verdict(evalplus_eval, row: dict, code: str) -> bool:
             seconds.append(time.time() - start)
         if row["entry_point"] in {"check_str", "text_match_three", "text_starta_endb"}:
             expected = [e is not None for e in expected]
-        status, _ = evalplus_eval.untrusted_check("mbpp", code, inputs, row["entry_point"],
-                                                  expected, row["atol"], seconds,
-                                                  fast_check=True)
+        status, _ = evalplus_eval.untrusted_check(
+            "mbpp", code, inputs, row["entry_point"], expected, row["atol"], seconds, fast_check=True
+        )
         verdicts.append(status == "pass")
     return all(verdicts)
 
@@ -603,12 +705,17 @@ def test_mbppplus_verdicts_agree_with_evalplus() -> None:
     evalplus_eval = pytest.importorskip("evalplus.eval")  # make setup installs evalplus 0.3.1
     mbpp = {r["task_id"]: r["code"] for r in _rows("mbpp.jsonl")}
     rows = [r for r in _rows("mbppplus_test.jsonl")[3::20] if r["task_id"] not in _SLOW_MBPPPLUS]
-    cases = [(row, name, code) for row in rows for name, code in _parity_candidates(
-        row, mbpp.get(int(row["task_id"].split("/")[1]))).items()]
-    ours = _run_all([_plus_program_for(row, code) for row, _, code in cases], timeout_s=60,
-                    memory_mb=4096)
+    cases = [
+        (row, name, code)
+        for row in rows
+        for name, code in _parity_candidates(row, mbpp.get(int(row["task_id"].split("/")[1]))).items()
+    ]
+    ours = _run_all([_plus_program_for(row, code) for row, _, code in cases], timeout_s=60, memory_mb=4096)
     theirs = [_evalplus_verdict(evalplus_eval, row, code) for row, _, code in cases]
-    disagree = [(row["task_id"], name, res.status, ev) for (row, name, _), res, ev
-                in zip(cases, ours, theirs) if res.passed != ev]
+    disagree = [
+        (row["task_id"], name, res.status, ev)
+        for (row, name, _), res, ev in zip(cases, ours, theirs)
+        if res.passed != ev
+    ]
     assert disagree == [], disagree
     assert len(cases) > 100 and 0 < sum(theirs) < len(cases)  # both verdicts are exercised

@@ -6,11 +6,10 @@ import json
 import threading
 
 import pytest
-from conftest import data_file
 
 from diffmas.scoring import extract_math_answer, gsm8k_gold, math_equal, score_math
 
-
+from conftest import data_file
 
 
 def _rows(name: str) -> list[dict]:
@@ -18,54 +17,60 @@ def _rows(name: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("pred, gold", [
-    ("0.5", r"\frac{1}{2}"),
-    ("1/2", r"\frac{1}{2}"),
-    (r"\dfrac{3}{4}", r"\frac{3}{4}"),
-    (r"\frac14", "0.25"),
-    ("1,000", "1000"),
-    (r"1{,}000", "1000"),
-    ("$18", "18"),
-    (r"\$18", "18"),
-    ("18.00", "18"),
-    ("18 dollars", "18"),
-    (r"18\text{ dollars}", "18"),
-    ("$1,234.50", "1234.5"),
-    ("x=5", "5"),
-    ("5", "x = 5"),
-    ("-3", "-3"),
-    (r"\sqrt{8}", r"2\sqrt{2}"),
-    (r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2"),
-    ("(1, 2)", "(1,2)"),  # a pair / an open interval, written with and without a space
-    (r"\{2, 1\}", r"\{1,2\}"),  # sets ignore order
-    ("[0, 1)", "[0,1)"),
-    # percentages: math-verify accepts both readings, and so do we
-    (r"50\%", "50"),
-    (r"50\%", "0.5"),
-    ("50%", "50"),
-    ("0.333333", "1/3"),  # floats are compared at 6 decimals
-    (r"90^\circ", "90"),
-    (r"\infty", r"\infty"),
-    ("Evelyn", r"\text{Evelyn}"),
-])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("0.5", r"\frac{1}{2}"),
+        ("1/2", r"\frac{1}{2}"),
+        (r"\dfrac{3}{4}", r"\frac{3}{4}"),
+        (r"\frac14", "0.25"),
+        ("1,000", "1000"),
+        (r"1{,}000", "1000"),
+        ("$18", "18"),
+        (r"\$18", "18"),
+        ("18.00", "18"),
+        ("18 dollars", "18"),
+        (r"18\text{ dollars}", "18"),
+        ("$1,234.50", "1234.5"),
+        ("x=5", "5"),
+        ("5", "x = 5"),
+        ("-3", "-3"),
+        (r"\sqrt{8}", r"2\sqrt{2}"),
+        (r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2"),
+        ("(1, 2)", "(1,2)"),  # a pair / an open interval, written with and without a space
+        (r"\{2, 1\}", r"\{1,2\}"),  # sets ignore order
+        ("[0, 1)", "[0,1)"),
+        # percentages: math-verify accepts both readings, and so do we
+        (r"50\%", "50"),
+        (r"50\%", "0.5"),
+        ("50%", "50"),
+        ("0.333333", "1/3"),  # floats are compared at 6 decimals
+        (r"90^\circ", "90"),
+        (r"\infty", r"\infty"),
+        ("Evelyn", r"\text{Evelyn}"),
+    ],
+)
 def test_equivalent(pred: str, gold: str) -> None:
     assert math_equal(pred, gold)
 
 
-@pytest.mark.parametrize("pred, gold", [
-    ("3", "-3"),
-    ("12.5", "12"),
-    ("3.0001", "3"),
-    ("3.14159", r"\pi"),
-    ("(2, 1)", "(1,2)"),  # order matters in a tuple
-    ("(0, 1)", "[0,1)"),  # open vs half-open interval
-    ("5 and 7", "5"),  # "and" joins two values, it is not a unit
-    ("2x", "2"),
-    ("abc", "5"),
-    ("", "5"),
-    (None, "5"),
-    (r"\frac{1}{3}", "0.3"),
-])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("3", "-3"),
+        ("12.5", "12"),
+        ("3.0001", "3"),
+        ("3.14159", r"\pi"),
+        ("(2, 1)", "(1,2)"),  # order matters in a tuple
+        ("(0, 1)", "[0,1)"),  # open vs half-open interval
+        ("5 and 7", "5"),  # "and" joins two values, it is not a unit
+        ("2x", "2"),
+        ("abc", "5"),
+        ("", "5"),
+        (None, "5"),
+        (r"\frac{1}{3}", "0.3"),
+    ],
+)
 def test_not_equivalent(pred: str | None, gold: str) -> None:
     assert not math_equal(pred, gold)
 
@@ -84,24 +89,27 @@ def test_math_equal_works_off_the_main_thread() -> None:
     assert results == [True]
 
 
-@pytest.mark.parametrize("text, expected", [
-    (r"so $x = \boxed{\frac{3}{4}}$.", r"\frac{3}{4}"),
-    (r"first \boxed{1}, then after checking \boxed{2}", "2"),
-    (r"nested \boxed{\frac{1}{\sqrt{2}}} done", r"\frac{1}{\sqrt{2}}"),
-    (r"\fbox{7}", "7"),
-    (r"\boxed 5", "5"),
-    (r"complete \boxed{5} then cut off \boxed{6", "5"),  # unbalanced last box is skipped
-    ("She pays 3 * 6 = 18.\n#### 18", "18"),
-    ("#### 1,234", "1,234"),
-    ("Therefore, the answer is 42.", "42"),
-    ("The answer is $18$. I hope it helps.", "$18$"),
-    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "$\\frac{1}{2}$"),
-    ("**Answer:** 3.5", "3.5"),
-    ("The answer is 18 because 3 + 15 = 18", "18"),
-    ("Answer:\n\n-7", "-7"),
-    ("She had 3 apples, bought 5 more and gave away 2, so 6 remain", "6"),
-    ("The total cost is $1,250.75 in all", "1,250.75"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so $x = \boxed{\frac{3}{4}}$.", r"\frac{3}{4}"),
+        (r"first \boxed{1}, then after checking \boxed{2}", "2"),
+        (r"nested \boxed{\frac{1}{\sqrt{2}}} done", r"\frac{1}{\sqrt{2}}"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed 5", "5"),
+        (r"complete \boxed{5} then cut off \boxed{6", "5"),  # unbalanced last box is skipped
+        ("She pays 3 * 6 = 18.\n#### 18", "18"),
+        ("#### 1,234", "1,234"),
+        ("Therefore, the answer is 42.", "42"),
+        ("The answer is $18$. I hope it helps.", "$18$"),
+        ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "$\\frac{1}{2}$"),
+        ("**Answer:** 3.5", "3.5"),
+        ("The answer is 18 because 3 + 15 = 18", "18"),
+        ("Answer:\n\n-7", "-7"),
+        ("She had 3 apples, bought 5 more and gave away 2, so 6 remain", "6"),
+        ("The total cost is $1,250.75 in all", "1,250.75"),
+    ],
+)
 def test_extract(text: str, expected: str) -> None:
     assert extract_math_answer(text) == expected
 

@@ -7,11 +7,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_model, make_tokenizer
 from diffmas.cli import app
 from diffmas.cli.sweep import check_latent_method, parse_steps
 from diffmas.errors import DiffmasError
 from diffmas.evaluate import runner
+
+from conftest import make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,23 @@ def test_sweep_runs_each_m_with_one_backbone(model_dir, tmp_path, builds):
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
     out = tmp_path / "sweep"
-    args = ["sweep", "--task", f"jsonl:{data}?type=math", "--model", str(model_dir), "--out", str(out),
-            "--latent-steps", "0,2", "--agents", "2", "--max-new-tokens", "4", "--batch-size", "3"]
+    args = [
+        "sweep",
+        "--task",
+        f"jsonl:{data}?type=math",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--latent-steps",
+        "0,2",
+        "--agents",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "3",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert builds == [0]  # one backbone for both runs
@@ -83,8 +99,23 @@ def test_sweep_over_agents_and_steps(model_dir, tmp_path, builds):
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(2)))
     out = tmp_path / "grid"
-    args = ["sweep", "--task", f"jsonl:{data}?type=math", "--model", str(model_dir), "--out", str(out),
-            "--latent-steps", "1", "--agents-sweep", "1,3", "--max-new-tokens", "3", "--batch-size", "2"]
+    args = [
+        "sweep",
+        "--task",
+        f"jsonl:{data}?type=math",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--latent-steps",
+        "1",
+        "--agents-sweep",
+        "1,3",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert builds == [1]  # one backbone (built at m=1) for both agent counts

@@ -20,9 +20,7 @@ import pytest
 from diffmas.tasks import Example, TaskError, get_task, jsonl_task, list_tasks, register_task
 from diffmas.tasks.families import GPQA_ZIP_PASSWORD
 
-DATA_DIR = Path(
-    os.environ.get("DIFFMAS_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
-)
+DATA_DIR = Path(os.environ.get("DIFFMAS_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 # (task, split, rows, file) as in shared/data/README.md
 COUNTS = [
@@ -71,9 +69,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def test_registry_lists_every_task():
     assert list_tasks() == sorted(
-        ["gsm8k", "math500", "aime24", "aime25", "gpqa_diamond", "arc_easy", "arc_challenge",
-         "commonsenseqa", "medqa", "humaneval", "mbpp", "mbppplus",
-         "relay_word", "relay_code", "relay_chain", "relay_sum"]
+        [
+            "gsm8k",
+            "math500",
+            "aime24",
+            "aime25",
+            "gpqa_diamond",
+            "arc_easy",
+            "arc_challenge",
+            "commonsenseqa",
+            "medqa",
+            "humaneval",
+            "mbpp",
+            "mbppplus",
+            "relay_word",
+            "relay_code",
+            "relay_chain",
+            "relay_sum",
+        ]
     )
     for name in list_tasks():
         task = get_task(name)
@@ -247,8 +260,14 @@ def test_arc_train_targets_score_correct(name):
     assert wrong == []
 
 
-@pytest.mark.parametrize(("name", "ids"), [("humaneval", ["HumanEval/0", "HumanEval/32", "HumanEval/163"]),
-                                           ("mbpp", ["11", "510"]), ("mbppplus", ["Mbpp/2"])])
+@pytest.mark.parametrize(
+    ("name", "ids"),
+    [
+        ("humaneval", ["HumanEval/0", "HumanEval/32", "HumanEval/163"]),
+        ("mbpp", ["11", "510"]),
+        ("mbppplus", ["Mbpp/2"]),
+    ],
+)
 def test_canonical_solutions_score_correct(name, ids):
     task = get_task(name)
     require(task.sources["test"].files[0])
@@ -272,8 +291,7 @@ def test_no_data_anywhere_names_file_env_and_hub(monkeypatch, tmp_path):
     with pytest.raises(TaskError) as info:
         get_task("math500").load()
     message = str(info.value)
-    for part in ("math500_test.jsonl", "DIFFMAS_DATA_DIR", str(tmp_path), "HuggingFaceH4/MATH-500",
-                 "HF_HUB_OFFLINE"):
+    for part in ("math500_test.jsonl", "DIFFMAS_DATA_DIR", str(tmp_path), "HuggingFaceH4/MATH-500", "HF_HUB_OFFLINE"):
         assert part in message
 
 
@@ -308,15 +326,13 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = tmp_path / "math500_test.jsonl"
-    write_jsonl(path, [{"problem": "1+1?", "answer": "2", "unique_id": "a"},
-                       {"problem": "2+2?", "unique_id": "b"}])
+    write_jsonl(path, [{"problem": "1+1?", "answer": "2", "unique_id": "a"}, {"problem": "2+2?", "unique_id": "b"}])
     with pytest.raises(TaskError, match=rf"{re.escape(str(path))}:2: math500: missing field 'answer'"):
         get_task("math500").load(data_dir=tmp_path)
 
 
 def test_bad_gold_label_and_duplicate_ids_are_errors(tmp_path):
-    row = {"id": "q1", "question": "?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
-           "answerKey": "C"}
+    row = {"id": "q1", "question": "?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "C"}
     (tmp_path / "arc_easy_test.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(TaskError, match=r"arc_easy_test.jsonl:1: arc_easy: gold label 'C' is not one of"):
         get_task("arc_easy").load(data_dir=tmp_path)
@@ -342,15 +358,20 @@ def test_custom_math_task_with_field_mapping(tmp_path):
 
 
 def test_custom_choice_task_layouts_and_split_placeholder(tmp_path):
-    write_jsonl(tmp_path / "quiz_test.jsonl", [
-        {"q": "Sky?", "options": ["blue", "green"], "answer": "A"},
-        {"q": "Grass?", "options": {"X": "blue", "Y": "green"}, "answer": "green"},
-        {"q": "Sun?", "options": {"text": ["hot", "cold"], "label": ["1", "2"]}, "answer": "1"},
-    ])
+    write_jsonl(
+        tmp_path / "quiz_test.jsonl",
+        [
+            {"q": "Sky?", "options": ["blue", "green"], "answer": "A"},
+            {"q": "Grass?", "options": {"X": "blue", "Y": "green"}, "answer": "green"},
+            {"q": "Sun?", "options": {"text": ["hot", "cold"], "label": ["1", "2"]}, "answer": "1"},
+        ],
+    )
     task = jsonl_task("quiz_{split}.jsonl", answer_type="choice", question="q", choices="options")
     examples = task.load("test", data_dir=tmp_path)
     assert [(e.labels, e.answer) for e in examples] == [
-        (("A", "B"), "A"), (("X", "Y"), "Y"), (("1", "2"), "1"),
+        (("A", "B"), "A"),
+        (("X", "Y"), "Y"),
+        (("1", "2"), "1"),
     ]
     assert task.prompt(examples[1]) == "Grass?\nX. blue\nY. green"
     with pytest.raises(TaskError, match="quiz_train.jsonl not found"):
@@ -358,13 +379,14 @@ def test_custom_choice_task_layouts_and_split_placeholder(tmp_path):
 
 
 def test_custom_code_task(tmp_path):
-    row = {"question": "Write add(a, b).", "tests": ["assert add(1, 2) == 3"],
-           "target": "def add(a, b):\n    return a + b"}
+    row = {
+        "question": "Write add(a, b).",
+        "tests": ["assert add(1, 2) == 3"],
+        "target": "def add(a, b):\n    return a + b",
+    }
     task = get_task(f"jsonl:{write_jsonl(tmp_path / 'code.jsonl', [row])}?type=code")
     example = task.load()[0]
-    assert task.prompt(example) == (
-        "Write add(a, b).\nYour code should pass these tests:\nassert add(1, 2) == 3"
-    )
+    assert task.prompt(example) == ("Write add(a, b).\nYour code should pass these tests:\nassert add(1, 2) == 3")
     assert task.score(example, task.target_text(example)).correct
     wrong = task.score(example, "```python\ndef add(a, b):\n    return a - b\n```")
     assert not wrong.correct and "return a - b" in wrong.extracted
@@ -384,8 +406,16 @@ def test_custom_task_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- GPQA-Diamond
 
-GPQA_FIELDS = ["Record ID", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-               "Incorrect Answer 3", "High-level domain", "Subdomain"]
+GPQA_FIELDS = [
+    "Record ID",
+    "Question",
+    "Correct Answer",
+    "Incorrect Answer 1",
+    "Incorrect Answer 2",
+    "Incorrect Answer 3",
+    "High-level domain",
+    "Subdomain",
+]
 
 
 def write_fake_gpqa(directory: Path, n_rows: int = 6) -> Path:
@@ -395,10 +425,18 @@ def write_fake_gpqa(directory: Path, n_rows: int = 6) -> Path:
         writer = csv.DictWriter(f, fieldnames=GPQA_FIELDS)
         writer.writeheader()
         for i in range(n_rows):
-            writer.writerow({"Record ID": f"rec{i}", "Question": f"Fake question {i}?\nSecond line.",
-                             "Correct Answer": f"right {i}", "Incorrect Answer 1": f"wrong {i}a",
-                             "Incorrect Answer 2": f"wrong {i}b", "Incorrect Answer 3": f"wrong {i}c",
-                             "High-level domain": "Physics", "Subdomain": "Fake"})
+            writer.writerow(
+                {
+                    "Record ID": f"rec{i}",
+                    "Question": f"Fake question {i}?\nSecond line.",
+                    "Correct Answer": f"right {i}",
+                    "Incorrect Answer 1": f"wrong {i}a",
+                    "Incorrect Answer 2": f"wrong {i}b",
+                    "Incorrect Answer 3": f"wrong {i}c",
+                    "High-level domain": "Physics",
+                    "Subdomain": "Fake",
+                }
+            )
     return path
 
 

@@ -58,9 +58,13 @@ def test_trace_equals_manual_forward(backbone):
 
     tok = backbone.tokenizer
     ids = lambda s: tokenize(tok, [s], backbone.device)[0]
-    pieces = [backbone.embed(ids(ROWS[1][0])), *[c[:, None] for c in captured[:3]],
-              backbone.embed(ids(ROWS[1][1])), *[c[:, None] for c in captured[3:]],
-              backbone.embed(ids(ROWS[1][2]))]
+    pieces = [
+        backbone.embed(ids(ROWS[1][0])),
+        *[c[:, None] for c in captured[:3]],
+        backbone.embed(ids(ROWS[1][1])),
+        *[c[:, None] for c in captured[3:]],
+        backbone.embed(ids(ROWS[1][2])),
+    ]
     embeds = torch.cat(pieces, dim=1)
     assert embeds.shape[1] == trace.length
     manual = backbone.model(inputs_embeds=embeds).logits[:, -1].float()
@@ -90,8 +94,15 @@ def test_trace_bytes_formula(backbone, dtype):
     backbone.model.to(dtype)
     _, trace = build(backbone, [ROWS[0]], m=(4, 1))
     cfg = backbone.config
-    expected = (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-                * trace.length * torch.finfo(dtype).bits // 8)
+    expected = (
+        cfg.num_hidden_layers
+        * 2
+        * cfg.num_key_value_heads
+        * (cfg.hidden_size // cfg.num_attention_heads)
+        * trace.length
+        * torch.finfo(dtype).bits
+        // 8
+    )
     assert trace.n_bytes() == expected
     assert trace.n_bytes() == trace.bytes_per_entry() * trace.length
     latent = [s for s in trace.segments if s.kind == "latent"]
@@ -102,7 +113,12 @@ def test_trace_bytes_formula(backbone, dtype):
 def test_segments_are_contiguous_and_append_only(backbone):
     _, trace = build(backbone, ROWS)
     assert [(s.agent, s.kind) for s in trace.segments] == [
-        ("a", "prompt"), ("a", "latent"), ("b", "prompt"), ("b", "latent"), ("c", "prompt")]
+        ("a", "prompt"),
+        ("a", "latent"),
+        ("b", "prompt"),
+        ("b", "latent"),
+        ("c", "prompt"),
+    ]
     ends = [0] + [s.end for s in trace.segments]
     assert all(s.start == e for s, e in zip(trace.segments, ends))
     keys_before = trace.cache.layers[0].keys.clone()

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from conftest import TEST_DEVICE, make_backbone
 from diffmas.backbone import BackboneError
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig, get_method
@@ -18,22 +17,43 @@ from diffmas.train.adapters import add_trainable_adapters, attach_adapter, lora_
 from diffmas.train.trainer import train
 from diffmas.train.trajectory import TrajectoryModel
 
-PAIRS = [("What is two plus two?", "4"), ("Capital of France?", "Paris"), ("Colour of grass?", "green"),
-         ("Opposite of up?", "down"), ("First letter?", "A"), ("Legs of a cat?", "four"),
-         ("Sky colour?", "blue"), ("Water freezes at?", "zero")]
+from conftest import TEST_DEVICE, make_backbone
+
+PAIRS = [
+    ("What is two plus two?", "4"),
+    ("Capital of France?", "Paris"),
+    ("Colour of grass?", "green"),
+    ("Opposite of up?", "down"),
+    ("First letter?", "A"),
+    ("Legs of a cat?", "four"),
+    ("Sky colour?", "blue"),
+    ("Water freezes at?", "zero"),
+]
 
 
 @pytest.fixture
 def qa_task(tmp_path):
     path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": a}) + "\n"
-                            for i, (q, a) in enumerate(PAIRS)))
+    path.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(PAIRS))
+    )
     return f"jsonl:{path}?type=math"
 
 
 def config(task, **kw):
-    base = dict(task=task, split="test", method="diffmas", latent_steps=2, n_agents=3, batch_size=4,
-                grad_accum=1, max_steps=4, learning_rate=5e-3, save_steps=2, device=TEST_DEVICE)
+    base = dict(
+        task=task,
+        split="test",
+        method="diffmas",
+        latent_steps=2,
+        n_agents=3,
+        batch_size=4,
+        grad_accum=1,
+        max_steps=4,
+        learning_rate=5e-3,
+        save_steps=2,
+        device=TEST_DEVICE,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -95,14 +115,23 @@ def test_training_only_touches_lora(qa_task, tmp_path):
 
 
 def _greedy_answers(bb, mapping, topo, m=2):
-    method = get_method("latent_mas", bb, topo, MethodConfig(latent_steps=m, decode=DecodeConfig(max_new_tokens=8)),
-                        mapping)
+    method = get_method(
+        "latent_mas", bb, topo, MethodConfig(latent_steps=m, decode=DecodeConfig(max_new_tokens=8)), mapping
+    )
     return [r.text for r in method.run_batch([q for q, _ in PAIRS], "fmt")]
 
 
 def test_overfit_eight_examples(qa_task, tmp_path):
-    cfg = config(qa_task, batch_size=8, max_steps=60, learning_rate=1e-2, lora_r=16, lora_alpha=32,
-                 save_steps=1000, lr_scheduler="constant")
+    cfg = config(
+        qa_task,
+        batch_size=8,
+        max_steps=60,
+        learning_rate=1e-2,
+        lora_r=16,
+        lora_alpha=32,
+        save_steps=1000,
+        lr_scheduler="constant",
+    )
     bb = make_backbone(False)
     summary = train(cfg, tmp_path / "fit", backbone=bb, report_to=[])
     first, last = summary["loss_curve"][0][1], summary["loss_curve"][-1][1]
@@ -115,10 +144,10 @@ def test_overfit_eight_examples(qa_task, tmp_path):
     topo = default_topology("sequential", 3)
     bb.model.eval()
     mapping = {r.name: "default" for r in topo.roles}
-    method = get_method("latent_mas", bb, topo, MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=64)),
-                        mapping)
-    answers = [r.text for r in method.run_batch([task.prompt(ex) for ex in task.load("test")],
-                                                task.format_instruction)]
+    method = get_method(
+        "latent_mas", bb, topo, MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=64)), mapping
+    )
+    answers = [r.text for r in method.run_batch([task.prompt(ex) for ex in task.load("test")], task.format_instruction)]
     assert answers == targets
 
 
@@ -144,8 +173,9 @@ def test_saved_adapter_reloads_with_identical_outputs(qa_task, tmp_path, adapter
     train(cfg, tmp_path / "ad", backbone=bb, report_to=[])
     topo = default_topology("sequential", 3)
     bb.model.eval()
-    trained_mapping = ({r.name: r.name for r in topo.roles} if adapters == "per-role"
-                       else {r.name: "default" for r in topo.roles})
+    trained_mapping = (
+        {r.name: r.name for r in topo.roles} if adapters == "per-role" else {r.name: "default" for r in topo.roles}
+    )
     expected = _greedy_answers(bb, trained_mapping, topo)
 
     fresh = make_backbone(False)
@@ -187,7 +217,7 @@ def test_controls_train_the_final_agent_only(qa_task, tmp_path):
 def test_sft_text_mas_caches_upstream_text(qa_task, tmp_path):
     cfg = config(qa_task, method="sft_text_mas", max_steps=2, upstream_max_new_tokens=4)
     train(cfg, tmp_path / "t", backbone=make_backbone(False), report_to=[])
-    cached = [json.loads(l) for l in (tmp_path / "t" / "text_mas_contexts.jsonl").read_text().splitlines()]
+    cached = [json.loads(line) for line in (tmp_path / "t" / "text_mas_contexts.jsonl").read_text().splitlines()]
     assert len(cached) == len(PAIRS) and all("[planner]" in c["context"] for c in cached)
 
 
@@ -196,8 +226,7 @@ def test_conflicting_settings_on_an_existing_run_are_refused(qa_task, tmp_path):
 
     train(config(qa_task, max_steps=1), tmp_path / "c", backbone=make_backbone(False), report_to=[])
     with pytest.raises(TrainRunConflictError, match="latent_steps"):
-        train(config(qa_task, max_steps=1, latent_steps=5), tmp_path / "c", backbone=make_backbone(False),
-              report_to=[])
+        train(config(qa_task, max_steps=1, latent_steps=5), tmp_path / "c", backbone=make_backbone(False), report_to=[])
 
 
 def test_two_process_training_matches_adapter_shape(qa_task, tmp_path):
@@ -207,8 +236,9 @@ def test_two_process_training_matches_adapter_shape(qa_task, tmp_path):
     import subprocess
     import sys
 
-    from conftest import make_model, make_tokenizer
     from safetensors.torch import load_file
+
+    from conftest import make_model, make_tokenizer
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
@@ -218,18 +248,55 @@ def test_two_process_training_matches_adapter_shape(qa_task, tmp_path):
     model_dir = tmp_path / "tiny"
     make_model(tied=False).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
-    args = ["--task", qa_task, "--split", "test", "--model", str(model_dir), "--latent-steps", "2",
-            "--agents", "3", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2", "--device", "cpu"]
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "diffmas", "train",
-                           "--out", str(tmp_path / "ddp"), *args], capture_output=True, text=True, timeout=300)
+    args = [
+        "--task",
+        qa_task,
+        "--split",
+        "test",
+        "--model",
+        str(model_dir),
+        "--latent-steps",
+        "2",
+        "--agents",
+        "3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "diffmas",
+            "train",
+            "--out",
+            str(tmp_path / "ddp"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count('"final_loss"') == 1  # the summary is reported once
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [h for h in state["log_history"] if "loss" in h]
     assert [h["step"] for h in losses] == [1, 2]  # logged once per step, not once per process
     assert losses[-1]["epoch"] == 1.0  # 2 steps x 2 processes x batch 2 = 8 examples: both ranks trained
-    single = subprocess.run([sys.executable, "-m", "diffmas", "train", "--out", str(tmp_path / "one"), *args],
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "diffmas", "train", "--out", str(tmp_path / "one"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     a = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
     b = load_file(tmp_path / "one" / "adapter_model.safetensors")

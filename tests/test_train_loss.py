@@ -8,26 +8,38 @@ import json
 import pytest
 import torch
 
-from conftest import TEST_DEVICE, make_backbone
+from diffmas.trace import LatentTrace
 from diffmas.train import TrainConfig
 from diffmas.train.trainer import _step_loss, process_device, train
 from diffmas.train.trajectory import target_ids, teacher_forced_loss
-from diffmas.trace import LatentTrace
+
+from conftest import TEST_DEVICE, make_backbone
 
 
 @pytest.fixture
 def uneven_task(tmp_path):
     """Two examples whose targets differ a lot in length (1 vs ~60 tokens)."""
     path = tmp_path / "uneven.jsonl"
-    rows = [{"id": "short", "question": "Say yes.", "answer": "y"},
-            {"id": "long", "question": "Say a long sentence.", "answer": "x" * 60}]
+    rows = [
+        {"id": "short", "question": "Say yes.", "answer": "y"},
+        {"id": "long", "question": "Say a long sentence.", "answer": "x" * 60},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return f"jsonl:{path}?type=math"
 
 
 def _first_step_loss(task, out, batch_size, grad_accum):
-    cfg = TrainConfig(task=task, split="test", method="sft_single", batch_size=batch_size, grad_accum=grad_accum,
-                      max_steps=1, learning_rate=1e-3, save_steps=100, device=TEST_DEVICE)
+    cfg = TrainConfig(
+        task=task,
+        split="test",
+        method="sft_single",
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=1,
+        learning_rate=1e-3,
+        save_steps=100,
+        device=TEST_DEVICE,
+    )
     summary = train(cfg, out, backbone=make_backbone(False), report_to=[])
     return summary["loss_curve"][0][1]
 
@@ -95,6 +107,7 @@ def test_train_asks_the_loader_for_the_ranks_device(monkeypatch, uneven_task, tm
 
     monkeypatch.setattr("diffmas.backbone.load_backbone", fake_load)
     with pytest.raises(_Loaded):
-        train(TrainConfig(task=uneven_task, split="test", method="sft_single", max_steps=1), tmp_path / "r",
-              report_to=[])
+        train(
+            TrainConfig(task=uneven_task, split="test", method="sft_single", max_steps=1), tmp_path / "r", report_to=[]
+        )
     assert asked["device"] == "cuda:1"

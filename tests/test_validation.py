@@ -17,8 +17,22 @@ import torch
 from conftest import make_model, make_tokenizer
 
 EVAL = ["--latent-steps", "1", "--max-new-tokens", "4", "--agents", "2"]
-TRAIN = ["--split", "test", "--agents", "2", "--latent-steps", "1", "--batch-size", "2", "--grad-accum", "1",
-         "--max-steps", "1", "--device", "cpu"]
+TRAIN = [
+    "--split",
+    "test",
+    "--agents",
+    "2",
+    "--latent-steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "1",
+    "--max-steps",
+    "1",
+    "--device",
+    "cpu",
+]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 PROGRESS = re.compile(r"^[^|]*\d+%\|")  # a progress bar line (loading weights, training steps)
 
@@ -80,8 +94,17 @@ def adapter(tiny_model_dir, qa, tmp_path_factory) -> Path:
     from diffmas.train.trainer import train
 
     out = tmp_path_factory.mktemp("adapter") / "ad"
-    config = TrainConfig(task=f"jsonl:{qa}?type=math", split="test", model=str(tiny_model_dir), n_agents=2,
-                         latent_steps=1, batch_size=2, grad_accum=1, max_steps=1, device="cpu")
+    config = TrainConfig(
+        task=f"jsonl:{qa}?type=math",
+        split="test",
+        model=str(tiny_model_dir),
+        n_agents=2,
+        latent_steps=1,
+        batch_size=2,
+        grad_accum=1,
+        max_steps=1,
+        device="cpu",
+    )
     train(config, out, report_to=[])
     return out
 
@@ -90,8 +113,19 @@ def adapter(tiny_model_dir, qa, tmp_path_factory) -> Path:
 
 
 def eval_args(model_dir, qa, out, *extra) -> list[str]:
-    return ["eval", "--task", f"jsonl:{qa}?type=math", "--model", str(model_dir), "--out", str(out),
-            "--limit", "2", *EVAL, *extra]
+    return [
+        "eval",
+        "--task",
+        f"jsonl:{qa}?type=math",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--limit",
+        "2",
+        *EVAL,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("option", ["--model", "--roles", "--adapter"])
@@ -100,7 +134,7 @@ def test_eval_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_
     expected = {
         "--model": "error: model path '/no/such/model' is not a model directory (no config.json there)",
         "--roles": f"error: roles file '{bad_roles}' is not valid YAML at line 4, column 1 "
-                   "(expected ',' or '}', but got '<stream end>')",
+        "(expected ',' or '}', but got '<stream end>')",
         "--adapter": f"error: adapter directory '{tmp_path / 'no-adapter'}' does not exist",
     }[option]
     out = tmp_path / "run"
@@ -133,8 +167,7 @@ def test_eval_growing_with_a_bad_model_leaves_the_run_as_it_was(cli, tiny_model_
 
 
 @pytest.mark.parametrize("option", ["--model", "--roles"])
-def test_train_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_dir, qa, bad_roles, tmp_path,
-                                                                  option):
+def test_train_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model_dir, qa, bad_roles, tmp_path, option):
     out = tmp_path / "ad"
     good = ["train", "--task", f"jsonl:{qa}?type=math", "--model", str(tiny_model_dir), "--out", str(out), *TRAIN]
     bad = list(good)
@@ -143,8 +176,10 @@ def test_train_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model
         expected = "error: model path '/no/such/model' is not a model directory (no config.json there)"
     else:
         bad += ["--roles", str(bad_roles)]
-        expected = (f"error: roles file '{bad_roles}' is not valid YAML at line 4, column 1 "
-                    "(expected ',' or '}', but got '<stream end>')")
+        expected = (
+            f"error: roles file '{bad_roles}' is not valid YAML at line 4, column 1 "
+            "(expected ',' or '}', but got '<stream end>')"
+        )
     assert error_line(cli(*bad)) == expected
     assert not out.exists()
     proc = cli(*good)
@@ -154,31 +189,65 @@ def test_train_with_a_bad_option_writes_nothing_and_the_fix_runs(cli, tiny_model
 
 def test_train_with_an_unknown_target_module_writes_nothing(cli, tiny_model_dir, qa, tmp_path):
     out = tmp_path / "ad"
-    proc = cli("train", "--task", f"jsonl:{qa}?type=math", "--model", str(tiny_model_dir), "--out", str(out),
-               *TRAIN, "--target-modules", "q_proj,qkv")
-    assert error_line(proc) == (f"error: --target-modules qkv: not in model '{tiny_model_dir}'; its linear layers "
-                                "are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    proc = cli(
+        "train",
+        "--task",
+        f"jsonl:{qa}?type=math",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        *TRAIN,
+        "--target-modules",
+        "q_proj,qkv",
+    )
+    assert error_line(proc) == (
+        f"error: --target-modules qkv: not in model '{tiny_model_dir}'; its linear layers "
+        "are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+    )
     assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- roles files
 
 
-@pytest.mark.parametrize("name, text, problem", [
-    ("roles.yaml", "kind: sequential\nroles:\n  - {name: a, system: s, user: 'x {question}'\n",
-     "is not valid YAML at line 4, column 1 (expected ',' or '}', but got '<stream end>')"),
-    ("roles.json", '{"kind": "sequential", "roles": [}',
-     "is not valid JSON at line 1, column 34 (Expecting value); YAML files need a .yaml or .yml suffix"),
-    ("roles.yaml", "roles:\n  - {name: 7, system: s, user: 'x {question}'}\n",
-     ": role 1 field 'name' must be a string, got int (quote it in YAML)"),
-    ("roles.yaml", "roles:\n  - {name: a, system: [s], user: 'x {question}'}\n",
-     ": role 1 field 'system' must be a string, got list (quote it in YAML)"),
-    ("roles.yaml", "roles:\n  - {name: a, system: s, user: 'x {question}'}\n  - just a string\n",
-     ": role 2 must be a mapping with name, system and user, got str"),
-    ("roles.yaml", "roles: planner\n", ": 'roles' must be a non-empty list of {name, system, user} mappings"),
-    ("roles.yaml", b"roles:\n  - {name: a, system: 'caf\xe9', user: 'x {question}'}\n",
-     "is not UTF-8 text (line 2); save it as UTF-8"),
-], ids=["yaml-syntax", "json-syntax", "int-name", "list-system", "str-role", "roles-not-list", "latin1"])
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        (
+            "roles.yaml",
+            "kind: sequential\nroles:\n  - {name: a, system: s, user: 'x {question}'\n",
+            "is not valid YAML at line 4, column 1 (expected ',' or '}', but got '<stream end>')",
+        ),
+        (
+            "roles.json",
+            '{"kind": "sequential", "roles": [}',
+            "is not valid JSON at line 1, column 34 (Expecting value); YAML files need a .yaml or .yml suffix",
+        ),
+        (
+            "roles.yaml",
+            "roles:\n  - {name: 7, system: s, user: 'x {question}'}\n",
+            ": role 1 field 'name' must be a string, got int (quote it in YAML)",
+        ),
+        (
+            "roles.yaml",
+            "roles:\n  - {name: a, system: [s], user: 'x {question}'}\n",
+            ": role 1 field 'system' must be a string, got list (quote it in YAML)",
+        ),
+        (
+            "roles.yaml",
+            "roles:\n  - {name: a, system: s, user: 'x {question}'}\n  - just a string\n",
+            ": role 2 must be a mapping with name, system and user, got str",
+        ),
+        ("roles.yaml", "roles: planner\n", ": 'roles' must be a non-empty list of {name, system, user} mappings"),
+        (
+            "roles.yaml",
+            b"roles:\n  - {name: a, system: 'caf\xe9', user: 'x {question}'}\n",
+            "is not UTF-8 text (line 2); save it as UTF-8",
+        ),
+    ],
+    ids=["yaml-syntax", "json-syntax", "int-name", "list-system", "str-role", "roles-not-list", "latin1"],
+)
 def test_bad_roles_file_is_one_line(cli, tmp_path, name, text, problem):
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -192,16 +261,19 @@ def test_bad_roles_file_is_one_line(cli, tmp_path, name, text, problem):
 @pytest.mark.parametrize("question", ["", "   \n"])
 def test_empty_question_is_one_line(cli, question):
     assert error_line(cli("run", question, "--model", "/never/loaded")) == (
-        "error: the question is empty; pass the question to answer, e.g. diffmas run 'What is 2+2?'")
+        "error: the question is empty; pass the question to answer, e.g. diffmas run 'What is 2+2?'"
+    )
 
 
 def test_empty_question_in_a_data_file_is_one_line(cli, tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "What is 1+1?", "answer": "2"},
-                                                {"question": " ", "answer": "3"}])
+    path = write_jsonl(
+        tmp_path / "qa.jsonl", [{"question": "What is 1+1?", "answer": "2"}, {"question": " ", "answer": "3"}]
+    )
     out = tmp_path / "run"
     proc = cli("eval", "--task", f"jsonl:{path}?type=math", "--model", "/never/loaded", "--out", str(out))
-    assert error_line(proc) == (f"error: {path}:2: jsonl:{path}?type=math: the question is empty; "
-                                "fill it in or remove the row")
+    assert error_line(proc) == (
+        f"error: {path}:2: jsonl:{path}?type=math: the question is empty; fill it in or remove the row"
+    )
     assert not out.exists()
 
 
@@ -210,8 +282,9 @@ def test_non_utf8_data_file_is_one_line(cli, tmp_path):
     path.write_bytes(b'{"question": "What is 1+1?", "answer": "2"}\n{"question": "Caf\xe9 au lait?", "answer": "3"}\n')
     out = tmp_path / "run"
     proc = cli("eval", "--task", f"jsonl:{path}?type=math", "--model", "/never/loaded", "--out", str(out))
-    assert error_line(proc) == (f"error: {path}:2: not UTF-8 text (byte 0xe9); convert the file to UTF-8, "
-                                "e.g. iconv -f latin1 -t utf-8")
+    assert error_line(proc) == (
+        f"error: {path}:2: not UTF-8 text (byte 0xe9); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+    )
     assert not out.exists()
 
 
@@ -230,14 +303,17 @@ def test_utf8_with_byte_order_mark_is_read(tmp_path):
 def test_cuda_without_cuda_is_one_line_and_writes_nothing(cli, tiny_model_dir, qa, tmp_path):
     out = tmp_path / "run"
     proc = cli(*eval_args(tiny_model_dir, qa, out, "--device", "cuda"))
-    assert error_line(proc) == ("error: --device cuda: no CUDA device is available here "
-                                "(torch.cuda.is_available() is False); use --device cpu or --device auto")
+    assert error_line(proc) == (
+        "error: --device cuda: no CUDA device is available here "
+        "(torch.cuda.is_available() is False); use --device cpu or --device auto"
+    )
     assert not out.exists()
 
 
 def test_unknown_device_is_one_line(cli):
     assert error_line(cli("run", "q?", "--device", "gpu", "--model", "/never/loaded")) == (
-        "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N")
+        "error: unknown device 'gpu'; use auto, cpu, cuda or cuda:N"
+    )
 
 
 def damage(adapter: Path, tmp_path: Path, how: str) -> Path:
@@ -261,16 +337,26 @@ def damage(adapter: Path, tmp_path: Path, how: str) -> Path:
     return broken
 
 
-@pytest.mark.parametrize("how, problem", [
-    ("metadata-json", "diffmas_config.json' is not valid JSON (Expecting property name enclosed in double quotes: "
-                      "line 1 column 23 (char 22)); retrain the adapter or restore the file"),
-    ("metadata-fields", "diffmas_config.json lacks 'apply_to' (all, final or per-role) or 'adapters'; it was not "
-                        "written by `diffmas train`, retrain or restore it"),
-    ("adapter-config", "adapter_config.json' should hold a JSON object, got list"),
-    ("weights-cut", "adapter_model.safetensors' is not a readable safetensors file"),
-    ("weights-missing", "adapter_model.safetensors' is missing; retrain the adapter or restore the file"),
-    ("other-layers", "does not fit model"),
-], ids=["metadata-json", "metadata-fields", "adapter-config", "weights-cut", "weights-missing", "other-layers"])
+@pytest.mark.parametrize(
+    "how, problem",
+    [
+        (
+            "metadata-json",
+            "diffmas_config.json' is not valid JSON (Expecting property name enclosed in double quotes: "
+            "line 1 column 23 (char 22)); retrain the adapter or restore the file",
+        ),
+        (
+            "metadata-fields",
+            "diffmas_config.json lacks 'apply_to' (all, final or per-role) or 'adapters'; it was not "
+            "written by `diffmas train`, retrain or restore it",
+        ),
+        ("adapter-config", "adapter_config.json' should hold a JSON object, got list"),
+        ("weights-cut", "adapter_model.safetensors' is not a readable safetensors file"),
+        ("weights-missing", "adapter_model.safetensors' is missing; retrain the adapter or restore the file"),
+        ("other-layers", "does not fit model"),
+    ],
+    ids=["metadata-json", "metadata-fields", "adapter-config", "weights-cut", "weights-missing", "other-layers"],
+)
 def test_damaged_adapter_is_one_line_and_writes_nothing(cli, tiny_model_dir, qa, adapter, tmp_path, how, problem):
     broken = damage(adapter, tmp_path, how)
     out = tmp_path / "run"
@@ -320,9 +406,11 @@ def test_smaller_limit_prints_which_part_is_reported(cli, tiny_model_dir, qa, tm
     part[part.index("--limit") + 1] = "1"
     proc = cli(*part)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.strip() == (f"warning: {out} holds a larger run (limit 2, 1 sample each); this summary "
-                                   "covers the limit 1, 1 sample each asked for, and the run's files are left "
-                                   "as they are")
+    assert proc.stderr.strip() == (
+        f"warning: {out} holds a larger run (limit 2, 1 sample each); this summary "
+        "covers the limit 1, 1 sample each asked for, and the run's files are left "
+        "as they are"
+    )
     assert "1 (1, 0)" in proc.stdout
 
 
@@ -331,7 +419,8 @@ def test_method_adapter_mismatch_writes_nothing(cli, tiny_model_dir, qa, adapter
     out = tmp_path / "run"
     assert error_line(cli(*eval_args(tiny_model_dir, qa, out, "--method", "diffmas"))) == (
         "error: method 'diffmas' needs a trained adapter: pass --adapter PATH (train one with `diffmas train`); "
-        "use latent_mas for the untrained channel")
+        "use latent_mas for the untrained channel"
+    )
     other = tmp_path / "other-model"
     make_model(tied=False, seed=1).save_pretrained(other)
     make_tokenizer().save_pretrained(other)

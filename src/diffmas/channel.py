@@ -15,13 +15,13 @@ import torch
 from diffmas.trace import LatentTrace
 
 
-def tokenize(tokenizer, texts: Sequence[str], device: torch.device,
-             padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(
+    tokenizer, texts: Sequence[str], device: torch.device, padding_side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded ids and mask, (B, T) each; chat templates already carry their special tokens.
 
     Left padding (the default) keeps every row's last column real."""
-    enc = tokenizer(list(texts), padding=True, padding_side=padding_side, add_special_tokens=False,
-                    return_tensors="pt")
+    enc = tokenizer(list(texts), padding=True, padding_side=padding_side, add_special_tokens=False, return_tensors="pt")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 

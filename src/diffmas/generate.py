@@ -131,8 +131,9 @@ def _record(logits, next_ids, active, out_ids, logprobs, entropies, top_k) -> No
         entropies[b].append(float(entropy[b]))
 
 
-def continuation_logprobs(trace: LatentTrace, agent: str, contexts: Sequence[str],
-                          options: Sequence[Sequence[str]]) -> list[list[float]]:
+def continuation_logprobs(
+    trace: LatentTrace, agent: str, contexts: Sequence[str], options: Sequence[Sequence[str]]
+) -> list[list[float]]:
     """Sum log p(option | trace, context) for every option of every row.
 
     Multiple choice by likelihood, as lm-evaluation-harness scores it, but read through the trace:

@@ -39,8 +39,10 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
         if record is None and line.strip():
             if is_last:
                 break  # the damaged last line of a kill
-            raise JsonlError(f"{path}:{number} is not a JSON object; delete that line (its record is then "
-                             "computed again) or start afresh in another directory")
+            raise JsonlError(
+                f"{path}:{number} is not a JSON object; delete that line (its record is then "
+                "computed again) or start afresh in another directory"
+            )
         if record is not None:
             records.append(record)
         if number < len(lines):

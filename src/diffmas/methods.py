@@ -59,8 +59,14 @@ class MethodConfig:
     def upstream_decode(self) -> DecodeConfig:
         """How text_mas upstream agents decode: the final agent's settings with their own budget."""
         temperature = self.decode.temperature if self.upstream_temperature is None else self.upstream_temperature
-        return DecodeConfig(**{**asdict(self.decode), "max_new_tokens": self.upstream_max_new_tokens,
-                               "min_new_tokens": 0, "temperature": temperature})
+        return DecodeConfig(
+            **{
+                **asdict(self.decode),
+                "max_new_tokens": self.upstream_max_new_tokens,
+                "min_new_tokens": 0,
+                "temperature": temperature,
+            }
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,8 +129,13 @@ def register_method(name: str):
     return wrap
 
 
-def get_method(name: str, backbone: Backbone, topology: Topology | None = None,
-               config: MethodConfig | None = None, adapters: Mapping[str, str] | None = None) -> "Method":
+def get_method(
+    name: str,
+    backbone: Backbone,
+    topology: Topology | None = None,
+    config: MethodConfig | None = None,
+    adapters: Mapping[str, str] | None = None,
+) -> "Method":
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -153,8 +164,12 @@ class Upstream:
         trace = self.trace.select(rows)
         # keep `trace` inside `traces`: the final agent writes to it and its size is accounted there
         traces = [trace if t is self.trace else t.select(rows) for t in self.traces]
-        return Upstream(agents=[[records[r] for r in rows] for records in self.agents],
-                        trace=trace, contexts=[self.contexts[r] for r in rows], traces=traces)
+        return Upstream(
+            agents=[[records[r] for r in rows] for records in self.agents],
+            trace=trace,
+            contexts=[self.contexts[r] for r in rows],
+            traces=traces,
+        )
 
 
 @dataclass(frozen=True)
@@ -188,17 +203,27 @@ def asks_of(questions: Sequence[str], privates: Sequence[Mapping[str, str]] | No
 class Method:
     name: ClassVar[str]
 
-    def __init__(self, backbone: Backbone, topology: Topology | None = None,
-                 config: MethodConfig | None = None, adapters: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        topology: Topology | None = None,
+        config: MethodConfig | None = None,
+        adapters: Mapping[str, str] | None = None,
+    ):
         self.backbone = backbone
         self.topology = topology or default_topology()
         self.config = config or MethodConfig()
         self.adapters = dict(adapters or {})
 
     # -- one call per batch of questions
-    def run_batch(self, questions: Sequence[str], format: str = "", seeds: Sequence[int] | None = None,
-                  options: Sequence[OptionQuery] | None = None,
-                  privates: Sequence[Mapping[str, str]] | None = None) -> list[RunResult]:
+    def run_batch(
+        self,
+        questions: Sequence[str],
+        format: str = "",
+        seeds: Sequence[int] | None = None,
+        options: Sequence[OptionQuery] | None = None,
+        privates: Sequence[Mapping[str, str]] | None = None,
+    ) -> list[RunResult]:
         """questions: task-formatted question texts; format: the task's answer instruction;
         seeds: one per question (sampling), default all `config.decode.seed`;
         options: per question, also score these option texts by likelihood after the upstream
@@ -208,10 +233,15 @@ class Method:
             return []
         seeds = list(seeds) if seeds is not None else [self.config.decode.seed] * len(questions)
         privates = list(privates) if privates is not None else [{}] * len(questions)
-        if len(seeds) != len(questions) or (options is not None and len(options) != len(questions)) \
-                or len(privates) != len(questions):
-            raise MethodError(f"got {len(seeds)} seeds, {len(options or [])} option sets and "
-                              f"{len(privates)} private inputs for {len(questions)} questions")
+        if (
+            len(seeds) != len(questions)
+            or (options is not None and len(options) != len(questions))
+            or len(privates) != len(questions)
+        ):
+            raise MethodError(
+                f"got {len(seeds)} seeds, {len(options or [])} option sets and "
+                f"{len(privates)} private inputs for {len(questions)} questions"
+            )
         # The method's cost leaves out option scoring (its copies of the trace included), which
         # is measured on its own: cost figures compare methods, not how they were scored.
         cost, option_cost = PhaseMeter(self.backbone.device), PhaseMeter(self.backbone.device)
@@ -270,16 +300,26 @@ class Method:
     def prompts(self, role: Role, asks: Sequence["Ask"], format: str, contexts=None) -> list[str]:
         """The role's chat prompt for each question (with earlier agents' text, if any)."""
         contexts = contexts or [""] * len(asks)
-        return [render_prompt(self.backbone.tokenizer, role, a.question, c, format, self.config.chat_kwargs,
-                              a.private.get(role.name, ""))
-                for a, c in zip(asks, contexts)]
+        return [
+            render_prompt(
+                self.backbone.tokenizer,
+                role,
+                a.question,
+                c,
+                format,
+                self.config.chat_kwargs,
+                a.private.get(role.name, ""),
+            )
+            for a, c in zip(asks, contexts)
+        ]
 
     def adapter_for(self, role: Role):
         """Context in which `role` runs: its adapter, or the bare backbone if it has none."""
         return self.backbone.use_adapter(self.adapters.get(role.name))
 
-    def _decode_agent(self, trace: LatentTrace, role: Role, prompts: list[str], config: DecodeConfig,
-                      seeds: Sequence[int]) -> tuple[list[AgentRecord], Decoded]:
+    def _decode_agent(
+        self, trace: LatentTrace, role: Role, prompts: list[str], config: DecodeConfig, seeds: Sequence[int]
+    ) -> tuple[list[AgentRecord], Decoded]:
         """An agent that decodes: its prompt on top of `trace`, then decoding."""
         clock = Stopwatch(self.backbone.device).start()
         with self.adapter_for(role):
@@ -287,8 +327,9 @@ class Method:
             out = decode(trace, role.name, hidden, config, seeds)
         return _records(trace, role.name, clock.elapsed(), out), out
 
-    def _final_agent(self, up: Upstream, asks, format, seeds, picks: list[int] | None = None
-                     ) -> tuple[list[AgentRecord], Decoded, Upstream]:
+    def _final_agent(
+        self, up: Upstream, asks, format, seeds, picks: list[int] | None = None
+    ) -> tuple[list[AgentRecord], Decoded, Upstream]:
         """The final agent's prompt on the trace, then decoding with one seed per row.
 
         picks: rows of `up` each output row continues from (None: one to one); the prompt is
@@ -312,8 +353,15 @@ class Method:
         with self.adapter_for(final):
             return continuation_logprobs(up.trace, final.name, contexts, [list(q.options) for q in queries])
 
-    def _results(self, agents, final: Decoded, traces: list[LatentTrace], wall: float,
-                 peak: int, scored: list[list[float]] | None) -> list[RunResult]:
+    def _results(
+        self,
+        agents,
+        final: Decoded,
+        traces: list[LatentTrace],
+        wall: float,
+        peak: int,
+        scored: list[list[float]] | None,
+    ) -> list[RunResult]:
         rows = len(final.texts)
         lengths = [max(t.n_real()[b] for t in traces) for b in range(rows)]
         per_entry = traces[0].bytes_per_entry()
@@ -382,8 +430,9 @@ class TextMAS(Method):
             trace = self.new_trace(len(asks))
             # Distinct sampling streams per agent, still determined by the question's seed.
             agent_seeds = [s * 1009 + i + 1 for s in seeds]
-            records, out = self._decode_agent(trace, role, self.prompts(role, asks, "", contexts),
-                                              upstream_cfg, agent_seeds)
+            records, out = self._decode_agent(
+                trace, role, self.prompts(role, asks, "", contexts), upstream_cfg, agent_seeds
+            )
             trace.release()  # only its text is read on; keeping its keys and values would hold every agent's
             agents.append(records)
             traces.append(trace)
@@ -391,8 +440,12 @@ class TextMAS(Method):
                 msgs.append((role.name, text))
         final_trace = self.new_trace(len(asks))
         final = len(self.topology.roles) - 1
-        return Upstream(agents=agents, trace=final_trace, contexts=[self._readable(m, final) for m in messages],
-                        traces=[*traces, final_trace])
+        return Upstream(
+            agents=agents,
+            trace=final_trace,
+            contexts=[self._readable(m, final) for m in messages],
+            traces=[*traces, final_trace],
+        )
 
     def _readable(self, messages: list[tuple[str, str]], index: int) -> str:
         """The earlier messages agent `index` reads: none under reads=none, else those its
@@ -428,5 +481,7 @@ class DiffMAS(LatentMAS):
     def __init__(self, backbone, topology=None, config=None, adapters=None):
         super().__init__(backbone, topology, config, adapters)
         if not hasattr(backbone.model, "peft_config"):
-            raise MethodError("method 'diffmas' needs a trained adapter: pass --adapter PATH "
-                              "(train one with `diffmas train`); use latent_mas for the untrained channel")
+            raise MethodError(
+                "method 'diffmas' needs a trained adapter: pass --adapter PATH "
+                "(train one with `diffmas train`); use latent_mas for the untrained channel"
+            )

@@ -8,8 +8,20 @@ import platform
 import subprocess
 from pathlib import Path
 
-PACKAGES = ("diffmas", "torch", "transformers", "peft", "accelerate", "safetensors", "datasets",
-            "math-verify", "gguf", "typer", "rich", "numpy")
+PACKAGES = (
+    "diffmas",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "datasets",
+    "math-verify",
+    "gguf",
+    "typer",
+    "rich",
+    "numpy",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -26,10 +38,12 @@ def git_commit(path: str | Path | None = None) -> str | None:
     """Commit of the checkout that holds the diffmas sources, with '+dirty' if modified."""
     cwd = Path(path) if path else Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")

@@ -180,8 +180,9 @@ def default_topology(kind: TopologyKind = "sequential", n_agents: int | None = N
     return Topology(kind=kind, roles=(*upstream, final))
 
 
-def build_topology(kind: str = "sequential", n_agents: int | None = None,
-                   roles: str | Path | None = None, task=None) -> Topology:
+def build_topology(
+    kind: str = "sequential", n_agents: int | None = None, roles: str | Path | None = None, task=None
+) -> Topology:
     """The topology a config names: its roles file when given, else the task's own roles (tasks
     such as the communication benchmark bring them), else the default of that kind and size."""
     if roles:
@@ -195,8 +196,10 @@ def _resize(upstream: list[Role], n: int) -> list[Role]:
         raise RoleError("n_agents must be at least 1 (the final agent)")
     if n <= len(upstream):
         return upstream[:n]
-    extra = [Role(f"{upstream[-1].name}_{i}", upstream[-1].system, upstream[-1].user)
-             for i in range(2, n - len(upstream) + 2)]
+    extra = [
+        Role(f"{upstream[-1].name}_{i}", upstream[-1].system, upstream[-1].user)
+        for i in range(2, n - len(upstream) + 2)
+    ]
     return upstream + extra
 
 
@@ -236,27 +239,41 @@ def _parse_roles_text(path: Path, text: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RoleError(f"roles file {str(path)!r} is not valid JSON at line {exc.lineno}, column {exc.colno} "
-                        f"({exc.msg}); YAML files need a .yaml or .yml suffix") from None
+        raise RoleError(
+            f"roles file {str(path)!r} is not valid JSON at line {exc.lineno}, column {exc.colno} "
+            f"({exc.msg}); YAML files need a .yaml or .yml suffix"
+        ) from None
 
 
 def _check_role_fields(path: Path, roles) -> None:
     """Roles as a list of {name, system, user} strings (YAML turns `name: 1` or `user:` into others)."""
     if not isinstance(roles, list) or not roles:
-        raise RoleError(f"roles file {str(path)!r}: 'roles' must be a non-empty list of "
-                        "{name, system, user} mappings")
+        raise RoleError(
+            f"roles file {str(path)!r}: 'roles' must be a non-empty list of {{name, system, user}} mappings"
+        )
     for i, role in enumerate(roles, start=1):
         if not isinstance(role, dict):
-            raise RoleError(f"roles file {str(path)!r}: role {i} must be a mapping with name, system and user, "
-                            f"got {type(role).__name__}")
+            raise RoleError(
+                f"roles file {str(path)!r}: role {i} must be a mapping with name, system and user, "
+                f"got {type(role).__name__}"
+            )
         for key in ("name", "system", "user"):
             if key in role and not isinstance(role[key], str):
-                raise RoleError(f"roles file {str(path)!r}: role {i} field {key!r} must be a string, "
-                                f"got {type(role[key]).__name__} (quote it in YAML)")
+                raise RoleError(
+                    f"roles file {str(path)!r}: role {i} field {key!r} must be a string, "
+                    f"got {type(role[key]).__name__} (quote it in YAML)"
+                )
 
 
-def render_prompt(tokenizer, role: Role, question: str, context: str = "", format: str = "",
-                  chat_kwargs: dict | None = None, private: str = "") -> str:
+def render_prompt(
+    tokenizer,
+    role: Role,
+    question: str,
+    context: str = "",
+    format: str = "",
+    chat_kwargs: dict | None = None,
+    private: str = "",
+) -> str:
     """The agent's chat, rendered with the tokenizer's chat template, ready for the assistant turn."""
     return tokenizer.apply_chat_template(
         role.messages(question, context, format, private),

@@ -23,10 +23,9 @@ appending). Append-only storage makes that exact: the first L entries never chan
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Literal
-
-import contextlib
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -58,8 +57,10 @@ class _ReplayLayer(DynamicLayer):
         if self.replay_length is None:
             return super().update(key_states, value_states, *args, **kwargs)
         past = slice(0, self.replay_length)
-        return (torch.cat([self.keys[..., past, :], key_states], dim=-2),
-                torch.cat([self.values[..., past, :], value_states], dim=-2))
+        return (
+            torch.cat([self.keys[..., past, :], key_states], dim=-2),
+            torch.cat([self.values[..., past, :], value_states], dim=-2),
+        )
 
     def get_seq_length(self) -> int:
         return self.replay_length if self.replay_length is not None else super().get_seq_length()
@@ -74,8 +75,13 @@ class Segment:
     n_tokens: list[int]  # real (unpadded) entries per row
 
     def to_dict(self) -> dict:
-        return {"agent": self.agent, "kind": self.kind, "start": self.start, "end": self.end,
-                "n_tokens": list(self.n_tokens)}
+        return {
+            "agent": self.agent,
+            "kind": self.kind,
+            "start": self.start,
+            "end": self.end,
+            "n_tokens": list(self.n_tokens),
+        }
 
 
 class LatentTrace:
@@ -168,15 +174,23 @@ class LatentTrace:
         full_mask = torch.cat([visible, chunk_mask], dim=1)  # (B, L + T)
 
         def run(embeds: torch.Tensor) -> torch.Tensor:
-            return self.backbone.decoder()(inputs_embeds=embeds, attention_mask=full_mask,
-                                           position_ids=position_ids, past_key_values=self.cache,
-                                           use_cache=True).last_hidden_state
+            return self.backbone.decoder()(
+                inputs_embeds=embeds,
+                attention_mask=full_mask,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
 
         start = self.length
         if getattr(self.backbone, "gradient_checkpointing", False) and torch.is_grad_enabled():
             scope = self.backbone.active_adapter_scope  # the recomputation runs under the same adapter
-            hidden = checkpoint(run, inputs_embeds, use_reentrant=False,
-                                context_fn=lambda: (contextlib.nullcontext(), self._replaying(start, scope)))
+            hidden = checkpoint(
+                run,
+                inputs_embeds,
+                use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), self._replaying(start, scope)),
+            )
         else:
             hidden = run(inputs_embeds)
         self.attention_mask = torch.cat([self.attention_mask, chunk_mask], dim=1)
@@ -208,8 +222,12 @@ class LatentTrace:
         visible as `reads` allows; the agent's own segments always are.
         """
         hidden = set(hidden_agents)
-        blocked = [seg for seg in self.segments if seg.agent != agent and (
-            seg.agent in hidden or self.reads == "none" or (self.reads == "latent" and seg.kind != "latent"))]
+        blocked = [
+            seg
+            for seg in self.segments
+            if seg.agent != agent
+            and (seg.agent in hidden or self.reads == "none" or (self.reads == "latent" and seg.kind != "latent"))
+        ]
         if not blocked:
             return self.attention_mask
         mask = self.attention_mask.clone()
@@ -266,8 +284,9 @@ class LatentTrace:
         other.attention_mask = self.attention_mask.index_select(0, rows)
         other.next_position = self.next_position.index_select(0, rows)
         picked = rows.tolist()
-        other.segments = [Segment(s.agent, s.kind, s.start, s.end, [s.n_tokens[r] for r in picked])
-                          for s in self.segments]
+        other.segments = [
+            Segment(s.agent, s.kind, s.start, s.end, [s.n_tokens[r] for r in picked]) for s in self.segments
+        ]
         return other
 
     def summary(self) -> list[dict]:

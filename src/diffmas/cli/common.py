@@ -26,22 +26,32 @@ ModelOpt = typer.Option(DEFAULT_MODEL, "--model", help="Embedded name, local mod
 DtypeOpt = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
 DeviceOpt = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ...")
 LatentStepsOpt = typer.Option(10, "--latent-steps", "-m", help="Latent steps per upstream agent.")
-TopologyOpt = typer.Option("sequential", help="sequential, hierarchical or chain (each agent reads only "
-                           "the one before it).")
+TopologyOpt = typer.Option(
+    "sequential", help="sequential, hierarchical or chain (each agent reads only the one before it)."
+)
 AgentsOpt = typer.Option(None, "--agents", help="Number of agents including the final one.")
 RolesOpt = typer.Option(None, "--roles", help="YAML/JSON file with {kind, roles: [{name, system, user}]}.")
 MaxNewOpt = typer.Option(256, "--max-new-tokens", help="Decode budget of the final agent.")
 UpstreamNewOpt = typer.Option(256, "--upstream-max-new-tokens", help="Decode budget of text_mas upstream agents.")
 TemperatureOpt = typer.Option(0.0, help="0 = greedy.")
-UpstreamTemperatureOpt = typer.Option(None, "--upstream-temperature",
-                                      help="text_mas upstream agents (default: --temperature); 0 = greedy, "
-                                      "shared by the k samples of a question.")
+UpstreamTemperatureOpt = typer.Option(
+    None,
+    "--upstream-temperature",
+    help="text_mas upstream agents (default: --temperature); 0 = greedy, shared by the k samples of a question.",
+)
 TopPOpt = typer.Option(1.0, "--top-p")
-ChatKwargsOpt = typer.Option(None, "--chat-template-kwargs",
-                             help='JSON object for the chat template, e.g. \'{"enable_thinking": false}\' (Qwen3).')
+ChatKwargsOpt = typer.Option(
+    None,
+    "--chat-template-kwargs",
+    help="JSON object for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3).",
+)
 SeedOpt = typer.Option(0)
-ReadsOpt = typer.Option("all", "--reads", help="What each agent sees of earlier agents: all (the whole "
-                        "trace), latent (only their latent steps) or none (no communication).")
+ReadsOpt = typer.Option(
+    "all",
+    "--reads",
+    help="What each agent sees of earlier agents: all (the whole "
+    "trace), latent (only their latent steps) or none (no communication).",
+)
 
 # Options of the commands that write run directories (eval, sweep); `eval_config` turns them into an EvalConfig.
 SplitOpt = typer.Option("test", help="Dataset split.")
@@ -54,9 +64,11 @@ OptionLikelihoodOpt = typer.Option(True, help="Multiple choice: also rank option
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task's data files.")
 EvalMaxNewOpt = typer.Option(512, "--max-new-tokens", help="Decode budget of the final agent.")
 AllowWeakSandboxOpt = typer.Option(
-    False, "--allow-weak-sandbox",
+    False,
+    "--allow-weak-sandbox",
     help="Code tasks: run generated code even where the sandbox is weaker than 'kernel' isolation "
-    "(no bubblewrap, namespaces or seccomp; see `diffmas env`).")
+    "(no bubblewrap, namespaces or seccomp; see `diffmas env`).",
+)
 
 
 def allow_weak_sandbox(allowed: bool) -> None:
@@ -91,10 +103,17 @@ def parse_chat_kwargs(text: Optional[str]) -> dict:
     return value
 
 
-def build_config(latent_steps: int, max_new_tokens: int, upstream_max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int,
-                 upstream_temperature: Optional[float] = None,
-                 chat_template_kwargs: Optional[str] = None, reads: str = "all") -> MethodConfig:
+def build_config(
+    latent_steps: int,
+    max_new_tokens: int,
+    upstream_max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    upstream_temperature: Optional[float] = None,
+    chat_template_kwargs: Optional[str] = None,
+    reads: str = "all",
+) -> MethodConfig:
     return MethodConfig(
         latent_steps=latent_steps,
         decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
@@ -105,24 +124,66 @@ def build_config(latent_steps: int, max_new_tokens: int, upstream_max_new_tokens
     )
 
 
-def eval_config(*, task: str, method: str, split: str, model: str, limit: Optional[int],
-                subset_seed: Optional[int], samples: int, seed: int, batch_size: int, topology: str,
-                agents: Optional[int], roles: Optional[Path], adapter: Optional[Path], option_likelihood: bool,
-                data_dir: Optional[Path], dtype: str, device: str, latent_steps: int, max_new_tokens: int,
-                upstream_max_new_tokens: int, temperature: float, top_p: float,
-                upstream_temperature: Optional[float] = None,
-                chat_template_kwargs: Optional[str] = None, reads: str = "all") -> EvalConfig:
+def eval_config(
+    *,
+    task: str,
+    method: str,
+    split: str,
+    model: str,
+    limit: Optional[int],
+    subset_seed: Optional[int],
+    samples: int,
+    seed: int,
+    batch_size: int,
+    topology: str,
+    agents: Optional[int],
+    roles: Optional[Path],
+    adapter: Optional[Path],
+    option_likelihood: bool,
+    data_dir: Optional[Path],
+    dtype: str,
+    device: str,
+    latent_steps: int,
+    max_new_tokens: int,
+    upstream_max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    upstream_temperature: Optional[float] = None,
+    chat_template_kwargs: Optional[str] = None,
+    reads: str = "all",
+) -> EvalConfig:
     """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
     from diffmas.evaluate.runner import EvalConfig
 
     return EvalConfig(
-        task=task, method=method, split=split, model=model, limit=limit, subset_seed=subset_seed,
-        samples=samples, seed=seed, batch_size=batch_size, topology=topology, n_agents=agents,
-        roles=str(roles) if roles else None, adapter=str(adapter) if adapter else None,
-        option_likelihood=option_likelihood, data_dir=str(data_dir) if data_dir else None,
-        dtype=dtype, device=device,
-        method_config=build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
-                                   upstream_temperature, chat_template_kwargs, reads),
+        task=task,
+        method=method,
+        split=split,
+        model=model,
+        limit=limit,
+        subset_seed=subset_seed,
+        samples=samples,
+        seed=seed,
+        batch_size=batch_size,
+        topology=topology,
+        n_agents=agents,
+        roles=str(roles) if roles else None,
+        adapter=str(adapter) if adapter else None,
+        option_likelihood=option_likelihood,
+        data_dir=str(data_dir) if data_dir else None,
+        dtype=dtype,
+        device=device,
+        method_config=build_config(
+            latent_steps,
+            max_new_tokens,
+            upstream_max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            upstream_temperature,
+            chat_template_kwargs,
+            reads,
+        ),
     )
 
 
@@ -154,13 +215,22 @@ def cost_table(result) -> Table:
     for col in ("agent", "prompt tok", "latent steps", "generated tok", "wall s"):
         table.add_column(col, justify="left" if col == "agent" else "right")
     for a in result.agents:
-        table.add_row(a.role, str(a.n_prompt_tokens), str(a.n_latent_steps), str(a.n_generated_tokens),
-                      f"{a.wall_s:.2f}")
+        table.add_row(
+            a.role, str(a.n_prompt_tokens), str(a.n_latent_steps), str(a.n_generated_tokens), f"{a.wall_s:.2f}"
+        )
     tot = result.n_tokens
-    table.add_row("[b]total", str(tot["prompt"]), str(tot["latent"]), str(tot["generated"]),
-                  f"{result.wall_s:.2f}", end_section=True)
-    table.caption = (f"trace: {result.trace_len} positions, {mib(result.trace_bytes)} KV  |  "
-                     f"peak memory: {mib(result.peak_memory_bytes)}")
+    table.add_row(
+        "[b]total",
+        str(tot["prompt"]),
+        str(tot["latent"]),
+        str(tot["generated"]),
+        f"{result.wall_s:.2f}",
+        end_section=True,
+    )
+    table.caption = (
+        f"trace: {result.trace_len} positions, {mib(result.trace_bytes)} KV  |  "
+        f"peak memory: {mib(result.peak_memory_bytes)}"
+    )
     return table
 
 
@@ -183,29 +253,39 @@ def _mib_or_dash(n_bytes) -> str:
 def summary_table(summary: dict, out) -> Table:
     """The headline numbers of one eval run (summary.json). A run without an answered record
     (--limit 0, or every question skipped) has no costs: those rows show "—"."""
-    table = Table(title=f"{summary['task']} / {summary['method']} (m={summary['latent_steps']}) -> {out}",
-                  title_justify="left", show_header=False)
+    table = Table(
+        title=f"{summary['task']} / {summary['method']} (m={summary['latent_steps']}) -> {out}",
+        title_justify="left",
+        show_header=False,
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     tok = summary["tokens"]["per_question"] or {}
     latency = summary["latency_s"] or {}
     rows = [
-        ("questions (records, skipped)",
-         f"{summary['n_questions']} ({summary['n_records']}, {summary['n_skipped']})"),
+        ("questions (records, skipped)", f"{summary['n_questions']} ({summary['n_records']}, {summary['n_skipped']})"),
         ("accuracy [95% CI]", _pct(summary["accuracy"]) + _ci(summary["accuracy_ci"])),
     ]
     if summary.get("n_option_questions"):
-        rows += [("option likelihood acc", _pct(summary["option_accuracy"]) + _ci(summary["option_accuracy_ci"])),
-                 ("option likelihood acc (norm)", _pct(summary["option_accuracy_norm"])),
-                 ("chance", _pct(summary["chance"]))]
+        rows += [
+            ("option likelihood acc", _pct(summary["option_accuracy"]) + _ci(summary["option_accuracy_ci"])),
+            ("option likelihood acc (norm)", _pct(summary["option_accuracy_norm"])),
+            ("chance", _pct(summary["chance"])),
+        ]
     if summary.get("majority_vote_accuracy") is not None:
-        rows += [("majority vote acc", _pct(summary["majority_vote_accuracy"])),
-                 ("self-consistency", _pct(summary["self_consistency"]))]
+        rows += [
+            ("majority vote acc", _pct(summary["majority_vote_accuracy"])),
+            ("self-consistency", _pct(summary["self_consistency"])),
+        ]
     rows += [
-        ("perplexity / top-25 entropy",
-         f"{_num(summary['perplexity'], '.2f')} / {_num(summary['mean_entropy'], '.2f')}"),
-        ("tokens / question (prompt, latent, gen)",
-         ", ".join(_num(tok.get(kind), ".0f") for kind in ("prompt", "latent", "generated"))),
+        (
+            "perplexity / top-25 entropy",
+            f"{_num(summary['perplexity'], '.2f')} / {_num(summary['mean_entropy'], '.2f')}",
+        ),
+        (
+            "tokens / question (prompt, latent, gen)",
+            ", ".join(_num(tok.get(kind), ".0f") for kind in ("prompt", "latent", "generated")),
+        ),
         ("seconds / question", _num(summary["seconds_per_question"], ".2f")),
         ("latency p50 / p95 (batch)", f"{_num(latency.get('p50'), '.2f')} / {_num(latency.get('p95'), '.2f', ' s')}"),
         ("trace (mean)", _mib_or_dash((summary["trace_bytes"] or {}).get("mean"))),
@@ -219,8 +299,14 @@ def summary_table(summary: dict, out) -> Table:
 
 
 # CLI option -> the TrainConfig field an adapter records it as (diffmas.train.adapters.TRAINED_SETTINGS)
-_ADAPTER_OPTIONS = {"latent_steps": "latent_steps", "topology": "topology", "agents": "n_agents",
-                    "roles": "roles", "chat_template_kwargs": "chat_kwargs", "reads": "reads"}
+_ADAPTER_OPTIONS = {
+    "latent_steps": "latent_steps",
+    "topology": "topology",
+    "agents": "n_agents",
+    "roles": "roles",
+    "chat_template_kwargs": "chat_kwargs",
+    "reads": "reads",
+}
 
 
 def with_adapter_settings(ctx: typer.Context, options: dict) -> dict:
@@ -230,7 +316,7 @@ def with_adapter_settings(ctx: typer.Context, options: dict) -> dict:
         return options
     import warnings
 
-    from diffmas.train.adapters import AdapterSettingsWarning, read_metadata, reconcile_settings, trained_settings
+    from diffmas.train.adapters import AdapterSettingsWarning, check_adapter_dir, reconcile_settings, trained_settings
 
     names = [o for o in _ADAPTER_OPTIONS if o in options]
 
@@ -240,9 +326,13 @@ def with_adapter_settings(ctx: typer.Context, options: dict) -> dict:
         return str(value) if option == "roles" and value is not None else value
 
     current = {_ADAPTER_OPTIONS[o]: as_field(o, options[o]) for o in names}
-    given = {_ADAPTER_OPTIONS[o]: current[_ADAPTER_OPTIONS[o]] for o in names
-             if getattr(ctx.get_parameter_source(o), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")}
-    trained = trained_settings(read_metadata(options["adapter"]), list(current))
+    given = {
+        _ADAPTER_OPTIONS[o]: current[_ADAPTER_OPTIONS[o]]
+        for o in names
+        if getattr(ctx.get_parameter_source(o), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+    }
+    # check_adapter_dir: a damaged adapter is one clear line here, before its settings are read
+    trained = trained_settings(check_adapter_dir(options["adapter"]), list(current))
     settings, notes = reconcile_settings(trained, given, current, list(current))
     for note in notes:
         warnings.warn(f"{options['adapter']}: {note}", AdapterSettingsWarning, stacklevel=2)

@@ -14,7 +14,8 @@ from diffmas.cli import common as c
 
 def load_runs(run_dirs: list[Path]) -> list:
     """Read run directories; a cut-off last sample line is dropped with a one-line warning on stderr."""
-    from diffmas.evaluate.rundir import TruncatedRunWarning, load_runs as load
+    from diffmas.evaluate.rundir import TruncatedRunWarning
+    from diffmas.evaluate.rundir import load_runs as load
 
     with c.warning_lines(TruncatedRunWarning):
         return load(run_dirs)
@@ -41,16 +42,22 @@ def _pct_ci(x: float, ci: list[float], sign: str = "") -> str:
 
 
 def _table(result: dict) -> Table:
-    table = Table(title=f"accuracy % on {result['n_shared']} shared questions vs {result['baseline']}",
-                  title_justify="left",
-                  caption=f"95 % bootstrap intervals; p: exact McNemar on the {result['mcnemar_on']}",
-                  caption_justify="left")
+    table = Table(
+        title=f"accuracy % on {result['n_shared']} shared questions vs {result['baseline']}",
+        title_justify="left",
+        caption=f"95 % bootstrap intervals; p: exact McNemar on the {result['mcnemar_on']}",
+        caption_justify="left",
+    )
     for col in ("run", "method", "m", "n", "accuracy [CI]", "Δ [CI]", "W/L", "p"):
         table.add_column(col, justify="left" if col in ("run", "method") else "right", no_wrap=col == "run")
     for e in result["runs"]:
-        paired = (["baseline", "—", "—"] if e["is_baseline"] else
-                  [_pct_ci(e["delta"], e["delta_ci"], "+"), f"{e['wins']}/{e['losses']}", f"{e['p_value']:.3g}"])
+        paired = (
+            ["baseline", "—", "—"]
+            if e["is_baseline"]
+            else [_pct_ci(e["delta"], e["delta_ci"], "+"), f"{e['wins']}/{e['losses']}", f"{e['p_value']:.3g}"]
+        )
         n = str(result["n_shared"]) + (f" (-{e['n_dropped']})" if e["n_dropped"] else "")
-        table.add_row(e["name"], str(e["method"]), str(e["latent_steps"]), n,
-                      _pct_ci(e["accuracy"], e["accuracy_ci"]), *paired)
+        table.add_row(
+            e["name"], str(e["method"]), str(e["latent_steps"]), n, _pct_ci(e["accuracy"], e["accuracy_ci"]), *paired
+        )
     return table

@@ -46,8 +46,9 @@ def demo(
     backbone = load_backbone(model, dtype=dtype, device=device)
     records: dict[str, list[dict]] = {}
     wall: dict[str, float] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=c.console) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=c.console
+    ) as progress:
         for name in names:
             bar = progress.add_task(f"{name:<10}", total=len(examples))
             method = get_method(name, backbone, default_topology(), config)
@@ -81,15 +82,30 @@ def _answers_table(examples, records, names) -> Table:
 
 def _summary_table(records, wall, names) -> Table:
     table = Table(title="per method (totals over questions)", title_justify="left")
-    for col in ("method", "correct", "prompt tok", "latent steps", "generated tok", "wall s",
-                "trace KiB/q", "peak mem"):
+    for col in (
+        "method",
+        "correct",
+        "prompt tok",
+        "latent steps",
+        "generated tok",
+        "wall s",
+        "trace KiB/q",
+        "peak mem",
+    ):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name in names:
         recs = [r for r in records[name] if r["status"] == "ok"]
         tot = {k: sum(r["n_tokens"][k] for r in recs) for k in ("prompt", "latent", "generated")}
         trace_kib = sum(r["trace_bytes"] for r in recs) / max(len(recs), 1) / 1024
         peak = max((r["peak_memory_bytes"] for r in recs), default=0)
-        table.add_row(name, f"{sum(r['correct'] for r in recs)}/{len(records[name])}", str(tot["prompt"]),
-                      str(tot["latent"]), str(tot["generated"]), f"{wall[name]:.1f}", f"{trace_kib:.0f}",
-                      c.mib(peak))
+        table.add_row(
+            name,
+            f"{sum(r['correct'] for r in recs)}/{len(records[name])}",
+            str(tot["prompt"]),
+            str(tot["latent"]),
+            str(tot["generated"]),
+            f"{wall[name]:.1f}",
+            f"{trace_kib:.0f}",
+            c.mib(peak),
+        )
     return table

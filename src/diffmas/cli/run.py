@@ -44,20 +44,44 @@ def run(
     if not question.strip():
         raise DiffmasError("the question is empty; pass the question to answer, e.g. diffmas run 'What is 2+2?'")
     c.check_methods([method])
-    trained = c.with_adapter_settings(ctx, {"adapter": adapter, "latent_steps": latent_steps, "topology": topology,
-                                       "agents": agents, "roles": roles, "chat_template_kwargs": chat_template_kwargs,
-                                       "reads": reads})
+    trained = c.with_adapter_settings(
+        ctx,
+        {
+            "adapter": adapter,
+            "latent_steps": latent_steps,
+            "topology": topology,
+            "agents": agents,
+            "roles": roles,
+            "chat_template_kwargs": chat_template_kwargs,
+            "reads": reads,
+        },
+    )
     latent_steps, topology, agents, roles, chat_template_kwargs, reads = (
-        trained[k] for k in ("latent_steps", "topology", "agents", "roles", "chat_template_kwargs", "reads"))
+        trained[k] for k in ("latent_steps", "topology", "agents", "roles", "chat_template_kwargs", "reads")
+    )
     topo = build_topology(topology, agents, roles)
-    config = c.build_config(latent_steps, max_new_tokens, upstream_max_new_tokens, temperature, top_p, seed,
-                            upstream_temperature, chat_template_kwargs, reads)
+    config = c.build_config(
+        latent_steps,
+        max_new_tokens,
+        upstream_max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        upstream_temperature,
+        chat_template_kwargs,
+        reads,
+    )
     built = load_method(method, topo, config, model=model, dtype=dtype, device=device, adapter=adapter)
     result = built.run_batch([question], format=format)[0]
     if as_json:
-        record = {"question": question, "model": model, "adapter": str(adapter) if adapter else None,
-                  "topology": topo.to_dict(),
-                  "config": config.to_dict(), **result.to_dict()}
+        record = {
+            "question": question,
+            "model": model,
+            "adapter": str(adapter) if adapter else None,
+            "topology": topo.to_dict(),
+            "config": config.to_dict(),
+            **result.to_dict(),
+        }
         print(json.dumps(record, indent=2))
         return
     c.console.print(f"[b]answer[/b] ({method}):\n{result.text.strip()}\n")

@@ -36,19 +36,23 @@ def check_latent_method(name: str) -> None:
 
     latent = [n for n, cls in METHODS.items() if issubclass(cls, LatentMAS)]
     if name not in latent:
-        raise DiffmasError(f"method {name!r} does not use latent steps, so a sweep over m would repeat one run; "
-                           f"choose one of {', '.join(latent)}")
+        raise DiffmasError(
+            f"method {name!r} does not use latent steps, so a sweep over m would repeat one run; "
+            f"choose one of {', '.join(latent)}"
+        )
 
 
 @app.command()
 def sweep(
     task: str = typer.Option(..., "--task", help="Task name (diffmas tasks) or jsonl:PATH?..."),
     method: str = typer.Option("latent_mas", help="latent_mas or diffmas."),
-    latent_steps: str = typer.Option("0,5,10,20,40", "--latent-steps", "-m",
-                                     help="Comma-separated latent step counts; the first is the baseline."),
+    latent_steps: str = typer.Option(
+        "0,5,10,20,40", "--latent-steps", "-m", help="Comma-separated latent step counts; the first is the baseline."
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for one run directory per m (m0, m5, ...) and report/."),
     agents_sweep: Optional[str] = typer.Option(
-        None, "--agents-sweep", help="Also sweep the number of agents, e.g. 2,3,4 (runs a{n}-m{m})."),
+        None, "--agents-sweep", help="Also sweep the number of agents, e.g. 2,3,4 (runs a{n}-m{m})."
+    ),
     split: str = c.SplitOpt,
     limit: Optional[int] = c.LimitOpt,
     subset_seed: Optional[int] = c.SubsetSeedOpt,
@@ -71,10 +75,12 @@ def sweep(
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
+    allow_weak_sandbox: bool = c.AllowWeakSandboxOpt,
 ) -> None:
     """Evaluate a method at several latent step counts (model loaded once); compare them and write a report."""
     # Every option but the sweep's own goes unchanged into each run's EvalConfig.
     options = {k: v for k, v in locals().items() if k not in ("latent_steps", "out", "agents_sweep", "agents")}
+    c.allow_weak_sandbox(options.pop("allow_weak_sandbox"))
     from diffmas.evaluate import runner
     from diffmas.roles import build_topology
     from diffmas.tasks import get_task

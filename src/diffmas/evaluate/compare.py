@@ -65,18 +65,30 @@ def compare_runs(runs: Sequence[Run], baseline: int = 0, n_boot: int = 1000, see
     for i, run in enumerate(runs):
         acc = np.array([scores[i][q] for q in shared])
         entry = {
-            "name": run.name, "path": str(run.path), "task": run.task, "method": run.method,
+            "name": run.name,
+            "path": str(run.path),
+            "task": run.task,
+            "method": run.method,
             "latent_steps": run.latent_steps,
             "k": max(len(recs) for recs in by_question(run.records).values()),
-            "n_questions": len(scores[i]), "n_dropped": len(scores[i]) - len(shared),
-            "accuracy": float(acc.mean()), "accuracy_ci": list(bootstrap_ci(acc, n_boot, seed)),
+            "n_questions": len(scores[i]),
+            "n_dropped": len(scores[i]) - len(shared),
+            "accuracy": float(acc.mean()),
+            "accuracy_ci": list(bootstrap_ci(acc, n_boot, seed)),
             "is_baseline": i == baseline,
         }
-        entry.update(_paired(acc, base, np.array([firsts[i][q] for q in shared]), base_first, n_boot, seed)
-                     if i != baseline else dict.fromkeys(_PAIRED_KEYS))
+        entry.update(
+            _paired(acc, base, np.array([firsts[i][q] for q in shared]), base_first, n_boot, seed)
+            if i != baseline
+            else dict.fromkeys(_PAIRED_KEYS)
+        )
         entries.append(entry)
-    return {"baseline": runs[baseline].name, "n_shared": len(shared),
-            "mcnemar_on": "first sample of each question", "runs": entries}
+    return {
+        "baseline": runs[baseline].name,
+        "n_shared": len(shared),
+        "mcnemar_on": "first sample of each question",
+        "runs": entries,
+    }
 
 
 _PAIRED_KEYS = ("delta", "delta_ci", "wins", "losses", "ties", "mcnemar_b", "mcnemar_c", "p_value")
@@ -86,9 +98,16 @@ def _paired(acc, base, first, base_first, n_boot, seed) -> dict:
     diff = acc - base  # (n_shared,) per-question difference of mean correctness
     b = int(np.sum(first & ~base_first))
     c = int(np.sum(~first & base_first))
-    return {"delta": float(diff.mean()), "delta_ci": list(bootstrap_ci(diff, n_boot, seed)),
-            "wins": int(np.sum(diff > 0)), "losses": int(np.sum(diff < 0)), "ties": int(np.sum(diff == 0)),
-            "mcnemar_b": b, "mcnemar_c": c, "p_value": mcnemar_p(b, c)}
+    return {
+        "delta": float(diff.mean()),
+        "delta_ci": list(bootstrap_ci(diff, n_boot, seed)),
+        "wins": int(np.sum(diff > 0)),
+        "losses": int(np.sum(diff < 0)),
+        "ties": int(np.sum(diff == 0)),
+        "mcnemar_b": b,
+        "mcnemar_c": c,
+        "p_value": mcnemar_p(b, c),
+    }
 
 
 def _check_same_questions(runs: Sequence[Run]) -> None:

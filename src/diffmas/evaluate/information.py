@@ -22,8 +22,9 @@ def _entropy_nats(counts: Counter, n: int, correct_bias: bool) -> float:
     return h + ((len(counts) - 1) / (2 * n) if correct_bias else 0.0)  # Miller–Madow
 
 
-def mutual_information_bits(secrets: Sequence[Hashable], answers: Sequence[Hashable],
-                            correct_bias: bool = True) -> float:
+def mutual_information_bits(
+    secrets: Sequence[Hashable], answers: Sequence[Hashable], correct_bias: bool = True
+) -> float:
     """I(secret; answer) in bits, never below 0. `answers` may hold None (no answer: one more symbol)."""
     if len(secrets) != len(answers):
         raise ValueError(f"{len(secrets)} secrets but {len(answers)} answers")
@@ -36,8 +37,9 @@ def mutual_information_bits(secrets: Sequence[Hashable], answers: Sequence[Hasha
     return max(hx + hy - hxy, 0.0) / math.log(2)
 
 
-def mutual_information_ci(secrets: Sequence[Hashable], answers: Sequence[Hashable], n_boot: int = 1000,
-                          seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def mutual_information_ci(
+    secrets: Sequence[Hashable], answers: Sequence[Hashable], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `mutual_information_bits` over resampled pairs."""
     rng = np.random.default_rng(seed)
     pairs = list(zip(secrets, answers))

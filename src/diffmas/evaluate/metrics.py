@@ -27,8 +27,9 @@ import numpy as np
 _BOOT_CHUNK = 1 << 22  # indices drawn at once: bounds memory for large runs (n_boot x n questions)
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of `values` (shape (n,)).
 
     Draws `n_boot` resamples of the n entries with replacement (vectorised), and returns the
@@ -190,8 +191,11 @@ def _agreement(groups: dict[str, list[dict]], k: int) -> dict:
         voted.append(winner is not None and is_correct(winner))
         consistent.append(sum(map(is_correct, recs)) >= 0.75 * len(recs))
         agreement.append(n_votes / len(recs))
-    return {"majority_vote_accuracy": _mean(voted), "self_consistency": _mean(consistent),
-            "answer_agreement": _mean(agreement)}
+    return {
+        "majority_vote_accuracy": _mean(voted),
+        "self_consistency": _mean(consistent),
+        "answer_agreement": _mean(agreement),
+    }
 
 
 def _option_accuracy(groups: dict[str, list[dict]], n_boot: int, seed: int) -> dict:
@@ -205,8 +209,12 @@ def _option_accuracy(groups: dict[str, list[dict]], n_boot: int, seed: int) -> d
         acc.append(np.mean([bool(s["correct"]) for s in scored]))
         acc_norm.append(np.mean([bool(s["correct_norm"]) for s in scored]))
         chance.append(1 / len(scored[0]["labels"]))
-    return {"n_option_questions": len(acc), **_accuracy("option_accuracy", acc, n_boot, seed),
-            **_accuracy("option_accuracy_norm", acc_norm, n_boot, seed), "chance": _mean(chance)}
+    return {
+        "n_option_questions": len(acc),
+        **_accuracy("option_accuracy", acc, n_boot, seed),
+        **_accuracy("option_accuracy_norm", acc_norm, n_boot, seed),
+        "chance": _mean(chance),
+    }
 
 
 def _stability(ok: list[dict]) -> dict:
@@ -248,14 +256,18 @@ def _cost(ok: list[dict]) -> dict:
     wall = np.array([r["wall_s"] for r in timed], dtype=float)
     # Records of one batch share its wall time, so wall_s / batch_size sums to each batch's time once.
     shares = [r["wall_s"] / r["batch_size"] for r in timed if r.get("batch_size")]
-    option_shares = [r["option_likelihood"]["wall_s"] / r["batch_size"] for r in ok
-                     if (r.get("option_likelihood") or {}).get("wall_s") is not None and r.get("batch_size")]
+    option_shares = [
+        r["option_likelihood"]["wall_s"] / r["batch_size"]
+        for r in ok
+        if (r.get("option_likelihood") or {}).get("wall_s") is not None and r.get("batch_size")
+    ]
     trace = [r["trace_bytes"] for r in ok if r.get("trace_bytes") is not None]
     peak = [r["peak_memory_bytes"] for r in ok if r.get("peak_memory_bytes") is not None]
     return {
         "tokens": {"per_role": _per_role(ok), "per_question": per_question, "total": total},
-        "latency_s": ({"p50": float(np.percentile(wall, 50)), "p95": float(np.percentile(wall, 95))}
-                      if wall.size else None),
+        "latency_s": (
+            {"p50": float(np.percentile(wall, 50)), "p95": float(np.percentile(wall, 95))} if wall.size else None
+        ),
         "seconds_per_question": _mean(shares),
         "option_seconds_per_question": _mean(option_shares),
         "trace_bytes": {"mean": _mean(trace), "max": int(max(trace))} if trace else None,

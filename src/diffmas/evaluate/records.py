@@ -23,9 +23,16 @@ def sample_seed(base_seed: int, example_id: str, sample: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def run_examples(method: Method, task, examples: Sequence[Example], batch_size: int = 8,
-                 samples: int = 1, base_seed: int = 0, option_likelihood: bool = False,
-                 skip: Container[tuple[str, int]] = ()) -> Iterator[dict]:
+def run_examples(
+    method: Method,
+    task,
+    examples: Sequence[Example],
+    batch_size: int = 8,
+    samples: int = 1,
+    base_seed: int = 0,
+    option_likelihood: bool = False,
+    skip: Container[tuple[str, int]] = (),
+) -> Iterator[dict]:
     """Yield one record per (example, sample), in input order, a batch at a time.
 
     option_likelihood: for multiple-choice tasks, also rank the options by their likelihood under
@@ -43,8 +50,9 @@ def _run_jobs(method, task, jobs, base_seed, scored: bool) -> list[dict]:
     seeds = [sample_seed(base_seed, ex.id, k) for ex, k in jobs]
     options = [OptionQuery(ex.question, tuple(task.option_texts(ex))) for ex, _ in jobs] if scored else None
     try:
-        results = method.run_batch(prompts, task.format_instruction, seeds, options,
-                                   privates=[ex.private for ex, _ in jobs])
+        results = method.run_batch(
+            prompts, task.format_instruction, seeds, options, privates=[ex.private for ex, _ in jobs]
+        )
     except DiffmasError as exc:
         if len(jobs) == 1:
             ex, k = jobs[0]
@@ -55,9 +63,12 @@ def _run_jobs(method, task, jobs, base_seed, scored: bool) -> list[dict]:
     for (ex, k), r in zip(jobs, results):
         record = answer_record(ex, k, r, _score(task, ex, r))
         if r.option_logprobs is not None:
-            record["option_likelihood"] = {**option_record(ex, task.option_texts(ex), r.option_logprobs),
-                                           # the scoring's own cost (whole batch), not in the method's
-                                           "wall_s": r.option_wall_s, "peak_memory_bytes": r.option_peak_memory_bytes}
+            record["option_likelihood"] = {
+                **option_record(ex, task.option_texts(ex), r.option_logprobs),
+                # the scoring's own cost (whole batch), not in the method's
+                "wall_s": r.option_wall_s,
+                "peak_memory_bytes": r.option_peak_memory_bytes,
+            }
         records.append(record)
     return records
 
@@ -69,9 +80,15 @@ def option_record(example: Example, options: Sequence[str], logprobs: Sequence[f
     norm = [lp / max(n, 1) for lp, n in zip(logprobs, n_chars)]
     pred = example.labels[max(range(len(logprobs)), key=logprobs.__getitem__)]
     pred_norm = example.labels[max(range(len(norm)), key=norm.__getitem__)]
-    return {"labels": list(example.labels), "logprobs": list(logprobs), "n_chars": n_chars,
-            "pred": pred, "pred_norm": pred_norm,
-            "correct": pred == example.answer, "correct_norm": pred_norm == example.answer}
+    return {
+        "labels": list(example.labels),
+        "logprobs": list(logprobs),
+        "n_chars": n_chars,
+        "pred": pred,
+        "pred_norm": pred_norm,
+        "correct": pred == example.answer,
+        "correct_norm": pred_norm == example.answer,
+    }
 
 
 def _score(task, example: Example, result: RunResult) -> Score:
@@ -93,8 +110,11 @@ def answer_record(example: Example, sample: int, result: RunResult, score: Score
         "correct": bool(score.correct),
         "reason": score.reason,
         # strict-match beside the flexible `extracted` / `correct` (choice tasks)
-        **({"extracted_strict": score.extracted_strict, "correct_strict": bool(score.correct_strict)}
-           if score.correct_strict is not None else {}),
+        **(
+            {"extracted_strict": score.extracted_strict, "correct_strict": bool(score.correct_strict)}
+            if score.correct_strict is not None
+            else {}
+        ),
         "truncated": result.truncated,
         "agents": [asdict(a) for a in result.agents],
         "n_tokens": result.n_tokens,
@@ -110,5 +130,14 @@ def answer_record(example: Example, sample: int, result: RunResult, score: Score
 
 
 def skipped_record(example: Example, sample: int, method: str, reason: str) -> dict:
-    return {"id": example.id, "sample": sample, "method": method, "status": "skipped",
-            "gold": example.answer, "text": None, "extracted": None, "correct": None, "reason": reason}
+    return {
+        "id": example.id,
+        "sample": sample,
+        "method": method,
+        "status": "skipped",
+        "gold": example.answer,
+        "text": None,
+        "extracted": None,
+        "correct": None,
+        "reason": reason,
+    }

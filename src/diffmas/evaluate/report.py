@@ -45,9 +45,12 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, n_boot: int = 1000, s
     summaries = [summarize(run.records, n_boot=n_boot, seed=seed) for run in runs]
     blocks = [
         ("h1", "diffmas report"),
-        ("p", f"{len(runs)} run(s). Accuracy is pass@1 in %: the mean over questions of the share of "
-              "correct samples, skipped samples counted as wrong, with a 95 % bootstrap interval over "
-              "questions. Costs are per answered sample (one question, one sample)."),
+        (
+            "p",
+            f"{len(runs)} run(s). Accuracy is pass@1 in %: the mean over questions of the share of "
+            "correct samples, skipped samples counted as wrong, with a 95 % bootstrap interval over "
+            "questions. Costs are per answered sample (one question, one sample).",
+        ),
         ("h2", "Summary"),
         _summary_table(runs, summaries),
         ("h2", "Details"),
@@ -92,31 +95,59 @@ def _summary_table(runs, summaries) -> tuple:
     rows = []
     for run, s in zip(runs, summaries):
         m = "—" if run.latent_steps is None else str(run.latent_steps)
-        row = [run.name, run.task or "—", run.method or "—", m, str(s["n_samples_per_question"]),
-               str(s["n_questions"]), _pct_ci(s["accuracy"], s["accuracy_ci"])]
+        row = [
+            run.name,
+            run.task or "—",
+            run.method or "—",
+            m,
+            str(s["n_samples_per_question"]),
+            str(s["n_questions"]),
+            _pct_ci(s["accuracy"], s["accuracy_ci"]),
+        ]
         if options:
-            row += [_pct_ci(s["option_accuracy"], s["option_accuracy_ci"]),
-                    _pct_ci(s["option_accuracy_norm"], s["option_accuracy_norm_ci"]), _pct(s["chance"])]
+            row += [
+                _pct_ci(s["option_accuracy"], s["option_accuracy_ci"]),
+                _pct_ci(s["option_accuracy_norm"], s["option_accuracy_norm_ci"]),
+                _pct(s["chance"]),
+            ]
         per_q = s["tokens"]["per_question"]
-        row += [_num(s["perplexity"], ".3f"), _num(per_q and per_q["total"], ".0f"),
-                _num(s["seconds_per_question"], ".3f"),
-                _num(s["trace_bytes"] and s["trace_bytes"]["mean"] / 1024, ".1f"),
-                _num(s["peak_memory_bytes"] and s["peak_memory_bytes"] / 2**20, ".1f")]
+        row += [
+            _num(s["perplexity"], ".3f"),
+            _num(per_q and per_q["total"], ".0f"),
+            _num(s["seconds_per_question"], ".3f"),
+            _num(s["trace_bytes"] and s["trace_bytes"]["mean"] / 1024, ".1f"),
+            _num(s["peak_memory_bytes"] and s["peak_memory_bytes"] / 2**20, ".1f"),
+        ]
         rows.append(row)
     return ("table", header, rows, 3)
 
 
 def _details_table(runs, summaries) -> tuple:
     voting = any(s["n_samples_per_question"] > 1 for s in summaries)
-    header = ["run", "records", "skipped", "accuracy answered", "truncated %", "entropy",
-              "latency p50 s", "latency p95 s"]
+    header = [
+        "run",
+        "records",
+        "skipped",
+        "accuracy answered",
+        "truncated %",
+        "entropy",
+        "latency p50 s",
+        "latency p95 s",
+    ]
     header += ["majority vote", "self-consistency", "agreement"] if voting else []
     rows = []
     for run, s in zip(runs, summaries):
         lat = s["latency_s"] or {"p50": None, "p95": None}
-        row = [run.name, str(s["n_records"]), str(s["n_skipped"]), _pct(s["accuracy_answered"]),
-               _pct(s["truncated_rate"]), _num(s["mean_entropy"], ".3f"), _num(lat["p50"], ".3f"),
-               _num(lat["p95"], ".3f")]
+        row = [
+            run.name,
+            str(s["n_records"]),
+            str(s["n_skipped"]),
+            _pct(s["accuracy_answered"]),
+            _pct(s["truncated_rate"]),
+            _num(s["mean_entropy"], ".3f"),
+            _num(lat["p50"], ".3f"),
+            _num(lat["p95"], ".3f"),
+        ]
         if voting:
             row += [_pct(s["majority_vote_accuracy"]), _pct(s["self_consistency"]), _pct(s["answer_agreement"])]
         rows.append(row)
@@ -137,19 +168,32 @@ def _comparisons(runs, n_boot, seed) -> list[tuple]:
         except CompareError as exc:
             blocks.append(("p", f"{task} / {split}: not compared: {exc}"))
             continue
-        blocks.append(("p", f"{task} / {split}: {result['n_shared']} questions shared by all runs, "
-                            f"against {result['baseline']}. Δ is in accuracy points with a paired "
-                            f"bootstrap 95 % interval; p is an exact McNemar test on the "
-                            f"{result['mcnemar_on']}."))
+        blocks.append(
+            (
+                "p",
+                f"{task} / {split}: {result['n_shared']} questions shared by all runs, "
+                f"against {result['baseline']}. Δ is in accuracy points with a paired "
+                f"bootstrap 95 % interval; p is an exact McNemar test on the "
+                f"{result['mcnemar_on']}.",
+            )
+        )
         rows = []
         for e in result["runs"]:
-            paired = ["baseline", "—", "—"] if e["is_baseline"] else [
-                f"{100 * e['delta']:+.1f} [{100 * e['delta_ci'][0]:+.1f}, {100 * e['delta_ci'][1]:+.1f}]",
-                f"{e['wins']}/{e['losses']}/{e['ties']}", f"{e['p_value']:.3g}"]
-            rows.append([e["name"], e["method"] or "—", _pct_ci(e["accuracy"], e["accuracy_ci"]), *paired,
-                         str(e["n_dropped"])])
-        blocks.append(("table", ["run", "method", "accuracy [95% CI]", "Δ vs baseline", "W/L/T", "p",
-                                 "dropped"], rows, 2))
+            paired = (
+                ["baseline", "—", "—"]
+                if e["is_baseline"]
+                else [
+                    f"{100 * e['delta']:+.1f} [{100 * e['delta_ci'][0]:+.1f}, {100 * e['delta_ci'][1]:+.1f}]",
+                    f"{e['wins']}/{e['losses']}/{e['ties']}",
+                    f"{e['p_value']:.3g}",
+                ]
+            )
+            rows.append(
+                [e["name"], e["method"] or "—", _pct_ci(e["accuracy"], e["accuracy_ci"]), *paired, str(e["n_dropped"])]
+            )
+        blocks.append(
+            ("table", ["run", "method", "accuracy [95% CI]", "Δ vs baseline", "W/L/T", "p", "dropped"], rows, 2)
+        )
     return blocks or [("p", "No task has two runs to compare.")]
 
 
@@ -159,8 +203,14 @@ def _provenance_table(runs) -> tuple:
     for run in runs:
         values = [run.setting(key) for key in ("model", "split", "samples", "temperature", "seed")]
         commit = run.setting("git_commit")
-        rows.append([run.name, str(run.path), *("—" if v is None else str(v) for v in values),
-                     str(commit)[:12] if commit else "—"])
+        rows.append(
+            [
+                run.name,
+                str(run.path),
+                *("—" if v is None else str(v) for v in values),
+                str(commit)[:12] if commit else "—",
+            ]
+        )
     return ("table", header, rows, len(header))
 
 
@@ -224,8 +274,11 @@ def _plot_cost(runs, summaries) -> Figure | str:
     fig = Figure(figsize=(11, 4.5))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, xlabel, cost in (
-        (axes[0], "tokens per question (prompt + latent + generated)",
-         lambda s: s["tokens"]["per_question"] and s["tokens"]["per_question"]["total"]),
+        (
+            axes[0],
+            "tokens per question (prompt + latent + generated)",
+            lambda s: s["tokens"]["per_question"] and s["tokens"]["per_question"]["total"],
+        ),
         (axes[1], "seconds per question", lambda s: s["seconds_per_question"]),
     ):
         xs = []
@@ -234,20 +287,39 @@ def _plot_cost(runs, summaries) -> Figure | str:
             if x is None:
                 continue
             xs.append(x)
-            ax.errorbar([x], [y], yerr=np.array([_err(s["accuracy"], s["accuracy_ci"])]).T,
-                        fmt=markers[run.task], color=colors[run.method], capsize=2, elinewidth=0.8, alpha=0.85)
+            ax.errorbar(
+                [x],
+                [y],
+                yerr=np.array([_err(s["accuracy"], s["accuracy_ci"])]).T,
+                fmt=markers[run.task],
+                color=colors[run.method],
+                capsize=2,
+                elinewidth=0.8,
+                alpha=0.85,
+            )
             ax.annotate(str(i), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=8, weight="bold")
         if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy % (95% CI)")
-    axes[0].legend([Line2D([], [], marker="o", ls="", color=colors[m]) for m in methods], methods,
-                   fontsize=8, title="method", title_fontsize=8)
-    fig.legend([Line2D([], [], marker=markers[run.task], ls="", color=colors[run.method]) for _, run, _ in points],
-               [f"{i}  {run.name}" for i, run, _ in points], loc="center left", bbox_to_anchor=(1.0, 0.5),
-               fontsize=8, title="run" + (" (marker: task)" if len(tasks) > 1 else ""), title_fontsize=8,
-               frameon=False)
+    axes[0].legend(
+        [Line2D([], [], marker="o", ls="", color=colors[m]) for m in methods],
+        methods,
+        fontsize=8,
+        title="method",
+        title_fontsize=8,
+    )
+    fig.legend(
+        [Line2D([], [], marker=markers[run.task], ls="", color=colors[run.method]) for _, run, _ in points],
+        [f"{i}  {run.name}" for i, run, _ in points],
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+        title="run" + (" (marker: task)" if len(tasks) > 1 else ""),
+        title_fontsize=8,
+        frameon=False,
+    )
     fig.suptitle("Accuracy vs cost (one point per run)")
     fig.tight_layout()
     return fig
@@ -275,7 +347,7 @@ def _plot_tokens(runs, summaries) -> Figure | str:
             bottom += heights
         tilt = len(roles) > 3  # long role lists overlap when upright
         ax.set_xticks(x, list(roles), rotation=30 if tilt else 0, ha="right" if tilt else "center", fontsize=8)
-    for ax in axes[len(runs):]:
+    for ax in axes[len(runs) :]:
         ax.set_visible(False)
     for row in range(n_rows):
         axes[row * n_cols].set_ylabel("mean tokens per question")
@@ -302,8 +374,10 @@ def _to_markdown(blocks) -> str:
         elif kind == "table":
             _, header, rows, n_text = block
             cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
-            lines = ["| " + " | ".join(map(cell, header)) + " |",
-                     "|" + "|".join("---" if i < n_text else "---:" for i in range(len(header))) + "|"]
+            lines = [
+                "| " + " | ".join(map(cell, header)) + " |",
+                "|" + "|".join("---" if i < n_text else "---:" for i in range(len(header))) + "|",
+            ]
             lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
             out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
@@ -315,8 +389,10 @@ th{background:#f3f3f3}img{max-width:100%}"""
 
 
 def _to_html(blocks, out_dir: Path) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffmas report</title>"
-           f"<style>{_CSS}</style></head><body>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>diffmas report</title>"
+        f"<style>{_CSS}</style></head><body>"
+    ]
     esc = html.escape
     for block in blocks:
         kind = block[0]
@@ -329,10 +405,16 @@ def _to_html(blocks, out_dir: Path) -> str:
             out.append(f"<p><img src='data:image/png;base64,{data}' alt='{esc(block[2])}'></p>")
         elif kind == "table":
             _, header, rows, n_text = block
-            align = lambda i: "left" if i < n_text else "right"  # noqa: E731
             out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
-            out += ["<tr>" + "".join(f"<td style='text-align:{align(i)}'>{esc(str(c))}</td>"
-                                     for i, c in enumerate(row)) + "</tr>" for row in rows]
+            out += [
+                "<tr>"
+                + "".join(
+                    f"<td style='text-align:{'left' if i < n_text else 'right'}'>{esc(str(c))}</td>"
+                    for i, c in enumerate(row)
+                )
+                + "</tr>"
+                for row in rows
+            ]
             out.append("</table>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

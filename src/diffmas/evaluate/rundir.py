@@ -76,8 +76,10 @@ def load_run(path: str | Path) -> Run:
     sample_files += sorted((path / "shards").glob("rank*.jsonl"))  # an unfinished multi-process run
     for required, present in ((CONFIG_FILE, (path / CONFIG_FILE).is_file()), (SAMPLES_FILE, bool(sample_files))):
         if not present:
-            raise RunDirError(f"run directory '{path}' has no {required} "
-                              f"(expected {CONFIG_FILE} and {SAMPLES_FILE} written by `diffmas eval`)")
+            raise RunDirError(
+                f"run directory '{path}' has no {required} "
+                f"(expected {CONFIG_FILE} and {SAMPLES_FILE} written by `diffmas eval`)"
+            )
     config = _read_json(path / CONFIG_FILE)
     records = [record for file in sample_files for record in _read_jsonl(file)]
     if not records:
@@ -112,8 +114,11 @@ def _read_jsonl(file: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             if number == len(lines):
-                warnings.warn(f"ignored the cut-off last line {number} of '{file}' (a killed run?)",
-                              TruncatedRunWarning, stacklevel=2)
+                warnings.warn(
+                    f"ignored the cut-off last line {number} of '{file}' (a killed run?)",
+                    TruncatedRunWarning,
+                    stacklevel=2,
+                )
                 break
             raise RunDirError(f"'{file}' line {number} is not valid JSON ({exc})") from None
         if not isinstance(record, dict) or "id" not in record:

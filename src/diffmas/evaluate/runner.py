@@ -74,8 +74,10 @@ class EvalConfig:
         if self.batch_size < 1:
             raise DiffmasError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.samples > 1 and self.method_config.decode.greedy:
-            raise DiffmasError(f"{self.samples} samples with greedy decoding would repeat one answer; "
-                               "set a temperature > 0 (e.g. --temperature 0.6 --top-p 0.95)")
+            raise DiffmasError(
+                f"{self.samples} samples with greedy decoding would repeat one answer; "
+                "set a temperature > 0 (e.g. --temperature 0.6 --top-p 0.95)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +102,9 @@ def _saved_config(out: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunConflictError(f"{path} is not valid JSON ({exc}); restore it or choose another --out") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("eval"), dict):
-        raise RunConflictError(f"{path} holds no 'eval' settings; it was not written by `diffmas eval`, "
-                               "choose another --out")
+        raise RunConflictError(
+            f"{path} holds no 'eval' settings; it was not written by `diffmas eval`, choose another --out"
+        )
     return saved
 
 
@@ -119,7 +122,8 @@ def _run_scope(out: Path, config: EvalConfig, saved: dict | None) -> EvalConfig:
     if diff:
         raise RunConflictError(
             f"{out} holds a run with other settings ({'; '.join(diff)}); "
-            "resume with the same settings or choose another --out")
+            "resume with the same settings or choose another --out"
+        )
     old_limit, old_samples = _saved_scope(saved)
     limit = None if None in (old_limit, config.limit) else max(old_limit, config.limit)
     return replace(config, limit=limit, samples=max(old_samples, config.samples))
@@ -177,8 +181,14 @@ def _shard_path(out: Path, rank: int) -> Path:
 # ----------------------------------------------------------------------------- evaluate
 
 
-def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool = True,
-             on_record: Callable[[dict], None] | None = None) -> dict:
+def evaluate(
+    config: EvalConfig,
+    out: str | Path,
+    *,
+    method=None,
+    progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
     """Run (or resume, or grow) an evaluation into `out`; return the summary of what `config` asks for.
 
     method: an already built Method (tests, sweeps); built from the config when None.
@@ -223,8 +233,16 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     if todo:
         shard.parent.mkdir(parents=True, exist_ok=True)
         with open(shard, "a") as sink, _progress(progress and rank == 0, len(todo) * config.samples) as advance:
-            for record in run_examples(method, task, todo, config.batch_size, config.samples, config.seed,
-                                       option_likelihood=config.option_likelihood, skip=done):
+            for record in run_examples(
+                method,
+                task,
+                todo,
+                config.batch_size,
+                config.samples,
+                config.seed,
+                option_likelihood=config.option_likelihood,
+                skip=done,
+            ):
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 os.fsync(sink.fileno())
@@ -235,17 +253,24 @@ def evaluate(config: EvalConfig, out: str | Path, *, method=None, progress: bool
     if rank != 0:
         return {}
     in_scope = _in_scope(out, examples, config.samples)
-    summary = {"task": config.task, "method": config.method, "latent_steps": config.method_config.latent_steps,
-               **summarize(in_scope)}
+    summary = {
+        "task": config.task,
+        "method": config.method,
+        "latent_steps": config.method_config.latent_steps,
+        **summarize(in_scope),
+    }
     if sandbox:
         summary["sandbox"] = sandbox
     if whole:
         _merge(out, in_scope)
         _write_json_atomic(out / SUMMARY, summary)
     else:
-        warnings.warn(f"{out} holds a larger run ({_describe(run)}); this summary covers the "
-                      f"{_describe(config)} asked for, and the run's files are left as they are",
-                      SubsetWarning, stacklevel=2)
+        warnings.warn(
+            f"{out} holds a larger run ({_describe(run)}); this summary covers the "
+            f"{_describe(config)} asked for, and the run's files are left as they are",
+            SubsetWarning,
+            stacklevel=2,
+        )
     return summary
 
 
@@ -276,12 +301,14 @@ def _check_belongs(out: Path, records: list[dict], examples, run: EvalConfig) ->
     ids = {ex.id for ex in examples}
     foreign = [r for r in records if r.get("id") not in ids or not 0 <= r.get("sample", -1) < run.samples]
     if foreign:
-        draw = (" or the --subset-seed draw (diffmas 0.1 drew subsets differently)"
-                if run.subset_seed is not None else "")
+        draw = (
+            " or the --subset-seed draw (diffmas 0.1 drew subsets differently)" if run.subset_seed is not None else ""
+        )
         raise RunConflictError(
             f"{out} holds {len(foreign)} records outside this run's questions (first: id {foreign[0].get('id')!r}, "
             f"sample {foreign[0].get('sample')!r}): the data file{draw} changed since the run was written; "
-            "finish it with the version and data that wrote it, or choose another --out")
+            "finish it with the version and data that wrote it, or choose another --out"
+        )
 
 
 def _in_scope(out: Path, examples, samples: int) -> list[dict]:
@@ -311,16 +338,30 @@ def _merge(out: Path, ordered: list[dict]) -> None:
 def build_method(config: EvalConfig):
     """Backbone (+ adapter) + topology + method, from the config."""
     from diffmas.roles import build_topology
-
     from diffmas.tasks import get_task
 
     topology = build_topology(config.topology, config.n_agents, config.roles, get_task(config.task))
-    return load_method(config.method, topology, config.method_config, model=config.model, dtype=config.dtype,
-                       device=config.device, adapter=config.adapter)
+    return load_method(
+        config.method,
+        topology,
+        config.method_config,
+        model=config.model,
+        dtype=config.dtype,
+        device=config.device,
+        adapter=config.adapter,
+    )
 
 
-def load_method(name: str, topology, method_config: MethodConfig, *, model: str, dtype: str = "auto",
-                device: str = "auto", adapter: str | Path | None = None):
+def load_method(
+    name: str,
+    topology,
+    method_config: MethodConfig,
+    *,
+    model: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    adapter: str | Path | None = None,
+):
     """A method on a freshly loaded backbone, under a trained adapter when given. The adapter's
     files are checked before the model is loaded, its fit to the model after."""
     from diffmas.backbone import load_backbone
@@ -349,8 +390,10 @@ def _distributed():
     hours = float(os.environ.get("DIFFMAS_SHARD_WAIT_HOURS", "48"))
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=hours))
     if state.num_processes != world:
-        raise DiffmasError(f"WORLD_SIZE is {world} but accelerate set up {state.num_processes} process(es) "
-                           f"({state.distributed_type}); launch with torchrun or `accelerate launch`")
+        raise DiffmasError(
+            f"WORLD_SIZE is {world} but accelerate set up {state.num_processes} process(es) "
+            f"({state.distributed_type}); launch with torchrun or `accelerate launch`"
+        )
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 

@@ -39,9 +39,32 @@ from diffmas.tasks.base import Score
 # Words that may follow a bare label in an answer ("B because ..."); any other lowercase word
 # makes the label read as prose ("A plant", "B cells").
 _CONTINUATIONS = {
-    "is", "was", "because", "since", "as", "and", "or", "which", "with", "for", "from", "due",
-    "given", "based", "that", "would", "should", "seems", "appears", "are", "so", "then",
-    "here", "there", "in", "the",
+    "is",
+    "was",
+    "because",
+    "since",
+    "as",
+    "and",
+    "or",
+    "which",
+    "with",
+    "for",
+    "from",
+    "due",
+    "given",
+    "based",
+    "that",
+    "would",
+    "should",
+    "seems",
+    "appears",
+    "are",
+    "so",
+    "then",
+    "here",
+    "there",
+    "in",
+    "the",
 }
 _ANSWER_LEAD = (
     r"(?:final\s+answer|correct\s+answer|best\s+answer|right\s+answer|answer"
@@ -102,8 +125,7 @@ def _from_boxed(text: str, labels: Sequence[str], choices: Sequence[str]) -> str
     if boxed is None:
         return None
     content = _TEXT_WRAPPERS.sub(r"\1", boxed).strip()
-    match = re.match(rf"[(\[]?\s*(?P<label>{_label_pattern(labels)})\s*[)\]]?(?:[\s.:\-]|$)",
-                     content, re.IGNORECASE)
+    match = re.match(rf"[(\[]?\s*(?P<label>{_label_pattern(labels)})\s*[)\]]?(?:[\s.:\-]|$)", content, re.IGNORECASE)
     if match:
         return _canonical(match.group("label"), labels)
     return _match_option_text(content, labels, choices)
@@ -115,12 +137,23 @@ def _label_rules(labels: Sequence[str]) -> tuple[list, list]:
     any_case = re.IGNORECASE
     strong = [
         (re.compile(rf"{_ANSWER_LEAD}(?P<label>{alt})(?![\w])", any_case), True),
-        (re.compile(rf"^[ \t]*[(\[*]*[ \t]*(?:(?i:option|choice)[ \t]+)?(?P<label>{alt})"
-                    rf"[ \t]*[)\]*.:]*[ \t]*$", re.MULTILINE | any_case), False),
+        (
+            re.compile(
+                rf"^[ \t]*[(\[*]*[ \t]*(?:(?i:option|choice)[ \t]+)?(?P<label>{alt})"
+                rf"[ \t]*[)\]*.:]*[ \t]*$",
+                re.MULTILINE | any_case,
+            ),
+            False,
+        ),
     ]
     weak = [
-        (re.compile(rf"\((?P<label>{alt})\)|\[(?P<l2>{alt})\]|\*\*(?P<l3>{alt})\*\*"
-                    rf"|\b(?i:option|choice)\s+(?P<l4>{alt})(?![\w])"), False),
+        (
+            re.compile(
+                rf"\((?P<label>{alt})\)|\[(?P<l2>{alt})\]|\*\*(?P<l3>{alt})\*\*"
+                rf"|\b(?i:option|choice)\s+(?P<l4>{alt})(?![\w])"
+            ),
+            False,
+        ),
         (re.compile(rf"(?<![\w'.,°\-])(?P<label>{alt})[ \t]*[.)!]?[ \t]*\Z", any_case), True),
     ]
     return strong, weak
@@ -148,8 +181,11 @@ def _last_marked(regex: re.Pattern, text: str, labels: Sequence[str]) -> str | N
 
 def _from_labelled_option(text: str, labels: Sequence[str], choices: Sequence[str]) -> str | None:
     """A line "A. <text of option A>" (or "(A) ...", "A) ..."): the label and its own option agree."""
-    regex = re.compile(rf"^[ \t]*[(\[*]*[ \t]*(?P<label>{_label_pattern(labels)})[ \t]*[)\].:]+[ \t]*\**[ \t]*"
-                       rf"(?P<rest>\S.*)$", re.MULTILINE | re.IGNORECASE)
+    regex = re.compile(
+        rf"^[ \t]*[(\[*]*[ \t]*(?P<label>{_label_pattern(labels)})[ \t]*[)\].:]+[ \t]*\**[ \t]*"
+        rf"(?P<rest>\S.*)$",
+        re.MULTILINE | re.IGNORECASE,
+    )
     restated = []
     for match in regex.finditer(text):
         label = _canonical(match.group("label"), labels)
@@ -178,11 +214,12 @@ def _from_option_text(text: str, labels: Sequence[str], choices: Sequence[str]) 
 def _check_labels(labels: Sequence[str], choices: Sequence[str]) -> list[str]:
     labels = [str(lab).strip() for lab in labels]
     if not labels or any(not lab for lab in labels):
-        raise ValueError(f"labels must be non-empty option labels such as ['A', 'B', 'C', 'D'], "
-                         f"got {labels!r}")
+        raise ValueError(f"labels must be non-empty option labels such as ['A', 'B', 'C', 'D'], got {labels!r}")
     if choices and len(choices) != len(labels):
-        raise ValueError(f"got {len(choices)} choices for {len(labels)} labels {labels!r}; pass "
-                         "one option text per label, in the same order (or no choices)")
+        raise ValueError(
+            f"got {len(choices)} choices for {len(labels)} labels {labels!r}; pass "
+            "one option text per label, in the same order (or no choices)"
+        )
     return labels
 
 
@@ -190,10 +227,13 @@ def extract_choice(text: str, labels: Sequence[str], choices: Sequence[str] = ()
     """The option label chosen in `text` (one of `labels`, as given), or None if there is none."""
     labels = _check_labels(labels, choices)
     strong, weak = _label_rules(labels)
-    return (_from_boxed(text, labels, choices) or _apply(strong, text, labels)
-            or (_from_labelled_option(text, labels, choices) if choices else None)
-            or (_from_option_text(text, labels, choices) if choices else None)
-            or _apply(weak, text, labels))
+    return (
+        _from_boxed(text, labels, choices)
+        or _apply(strong, text, labels)
+        or (_from_labelled_option(text, labels, choices) if choices else None)
+        or (_from_option_text(text, labels, choices) if choices else None)
+        or _apply(weak, text, labels)
+    )
 
 
 def extract_choice_strict(text: str, labels: Sequence[str], choices: Sequence[str] = ()) -> str | None:
@@ -204,19 +244,26 @@ def extract_choice_strict(text: str, labels: Sequence[str], choices: Sequence[st
     return _from_boxed(text, labels, choices) or _apply(statement, text, labels)
 
 
-def score_choice(text: str, gold_label: str, labels: Sequence[str],
-                 choices: Sequence[str] = ()) -> Score:
+def score_choice(text: str, gold_label: str, labels: Sequence[str], choices: Sequence[str] = ()) -> Score:
     """Extract the chosen label and compare it with `gold_label`."""
     labels = _check_labels(labels, choices)
     gold = str(gold_label).strip()
     if gold not in labels:
-        raise ValueError(f"gold label {gold_label!r} is not one of the labels {labels!r}; pass "
-                         "the correct option's label (e.g. 'B'), not its text or position")
+        raise ValueError(
+            f"gold label {gold_label!r} is not one of the labels {labels!r}; pass "
+            "the correct option's label (e.g. 'B'), not its text or position"
+        )
     extracted = extract_choice(text, labels, choices)
     strict = extract_choice_strict(text, labels, choices)
     if extracted is None:
-        return Score(correct=False, extracted=None, reason="no answer", extracted_strict=strict,
-                     correct_strict=strict == gold)
+        return Score(
+            correct=False, extracted=None, reason="no answer", extracted_strict=strict, correct_strict=strict == gold
+        )
     correct = extracted == gold
-    return Score(correct=correct, extracted=extracted, reason=None if correct else "wrong answer",
-                 extracted_strict=strict, correct_strict=strict == gold)
+    return Score(
+        correct=correct,
+        extracted=extracted,
+        reason=None if correct else "wrong answer",
+        extracted_strict=strict,
+        correct_strict=strict == gold,
+    )

@@ -47,8 +47,7 @@ def _preamble(prompt: str, entry_point: str) -> str:
     match = re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", prompt, re.M)
     if match:
         return prompt[: match.start()]
-    return "".join(line for line in prompt.splitlines(keepends=True)
-                   if line.startswith(("import ", "from ")))
+    return "".join(line for line in prompt.splitlines(keepends=True) if line.startswith(("import ", "from ")))
 
 
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
@@ -65,8 +64,9 @@ def humaneval_program(prompt: str, completion: str, test: str, entry_point: str)
     return f"{body}\n\n{test}\n\ncheck({entry_point})\n"
 
 
-def mbpp_program(code: str, test_list: Sequence[str], test_setup_code: str = "",
-                 test_imports: Sequence[str] = ()) -> str:
+def mbpp_program(
+    code: str, test_list: Sequence[str], test_setup_code: str = "", test_imports: Sequence[str] = ()
+) -> str:
     """imports + code + setup + the assert lines (MBPP's `test_list`)."""
     parts = [*test_imports, code, test_setup_code, *test_list]
     return "\n".join(p.replace("\r\n", "\n") for p in parts if p.strip()) + "\n"
@@ -100,8 +100,30 @@ def mbppplus_deserialize_inputs(task_id: str | int, inputs: list) -> list:
     """evalplus's `mbpp_deserialize_inputs`: JSON lists back to the tuples/sets/complex numbers
     that some MBPP+ tasks take (e.g. Mbpp/2 takes two tuples). Other tasks are returned as is."""
     n = int(str(task_id).rsplit("/", 1)[-1])
-    if n in {2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616,
-             630, 726, 740, 744, 809}:
+    if n in {
+        2,
+        116,
+        132,
+        143,
+        222,
+        261,
+        273,
+        394,
+        399,
+        421,
+        424,
+        429,
+        470,
+        560,
+        579,
+        596,
+        616,
+        630,
+        726,
+        740,
+        744,
+        809,
+    }:
         return [[tuple(lst) for lst in inp] for inp in inputs]
     if n in {63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780}:
         return [[[tuple(lst) for lst in lst_lst] for lst_lst in inp] for inp in inputs]
@@ -110,8 +132,7 @@ def mbppplus_deserialize_inputs(task_id: str | int, inputs: list) -> list:
     if n in {106, 750}:
         return [[inp[0]] + [tuple(inp[1])] for inp in inputs]
     if n == 115:  # `{}` (an empty dict) for empty items is evalplus's own quirk, kept as is
-        return [[[set(item) if isinstance(item, list) and len(item) else {} for item in inp[0]]]
-                for inp in inputs]
+        return [[[set(item) if isinstance(item, list) and len(item) else {} for item in inp[0]]] for inp in inputs]
     if n == 124:
         return [(float(inp[0]), complex(inp[1])) for inp in inputs]
     if n in {250, 405, 446, 617, 720, 763, 808}:
@@ -119,8 +140,7 @@ def mbppplus_deserialize_inputs(task_id: str | int, inputs: list) -> list:
     if n in {259, 401, 445}:
         return [[tuple(tuple(lst) for lst in lst_lst) for lst_lst in inp] for inp in inputs]
     if n == 278:
-        return [[tuple(tuple(item) if isinstance(item, list) else item for item in inp[0])]
-                for inp in inputs]
+        return [[tuple(tuple(item) if isinstance(item, list) else item for item in inp[0])] for inp in inputs]
     if n == 307:
         return [[tuple(inp[0])] + [inp[1], inp[2]] for inp in inputs]
     if n == 722:
@@ -138,7 +158,7 @@ def mbppplus_deserialize_inputs(task_id: str | int, inputs: list) -> list:
 # reference's time on it), the candidate as a whole min(60 s, their sum) + 1 s. One addition:
 # an output holding an object of a class made by Python code (e.g. one whose __eq__ is always
 # true) fails, unless the reference's outputs or the standard library's data types have it.
-_MBPPPLUS_HARNESS = r'''
+_MBPPPLUS_HARNESS = r"""
 import collections as _collections
 import copy as _copy
 import decimal as _decimal
@@ -320,12 +340,18 @@ def _check():
 
 
 _check()
-'''
+"""
 
 
-def mbppplus_program(code: str, entry_point: str, base_input: Sequence[Any],
-                     plus_input: Sequence[Any], atol: float, canonical_solution: str,
-                     task_id: str | int | None = None) -> str:
+def mbppplus_program(
+    code: str,
+    entry_point: str,
+    base_input: Sequence[Any],
+    plus_input: Sequence[Any],
+    atol: float,
+    canonical_solution: str,
+    task_id: str | int | None = None,
+) -> str:
     """A program that checks `code` on MBPP+'s base and plus inputs, evalplus style.
 
     The canonical solution computes the expected outputs inside the same sandboxed program
@@ -353,5 +379,4 @@ def score_code(program: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> 
     `reason` is the sandbox status ('failed', 'timeout', 'error', 'killed') when not correct.
     """
     result = run_in_sandbox(program, timeout_s=timeout_s, memory_mb=memory_mb)
-    return Score(correct=result.passed, extracted=program,
-                 reason=None if result.passed else result.status)
+    return Score(correct=result.passed, extracted=program, reason=None if result.passed else result.status)

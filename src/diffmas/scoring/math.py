@@ -26,8 +26,7 @@ _MAX_ANSWER_CHARS = 400  # longer "answers" are prose, not worth a symbolic comp
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 _HASHES = re.compile(r"####\s*([^\n]*)")
-_ANSWER_IS = re.compile(
-    r"\banswer\s*(?:is\s*:?|:|=|would\s+be|will\s+be|should\s+be)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"\banswer\s*(?:is\s*:?|:|=|would\s+be|will\s+be|should\s+be)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
 _PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 _NUMBER_WITH_UNIT = re.compile(r"([-+]?[\d,]*\.?\d+)\s+((?:[a-zA-Z]{2,}\.?\s*){1,3})")
@@ -159,6 +158,8 @@ def score_math(text: str, gold: str) -> Score:
 def gsm8k_gold(answer_field: str) -> str:
     """The final answer of a GSM8K `answer` field: the number after '####', commas removed."""
     if "####" not in answer_field:
-        raise ValueError(f"GSM8K answer field has no '#### N' line: {answer_field[-80:]!r}; pass "
-                         "the dataset's `answer` field, whose last line is '#### <number>'")
+        raise ValueError(
+            f"GSM8K answer field has no '#### N' line: {answer_field[-80:]!r}; pass "
+            "the dataset's `answer` field, whose last line is '#### <number>'"
+        )
     return answer_field.rsplit("####", 1)[1].strip().replace(",", "")

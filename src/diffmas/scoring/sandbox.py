@@ -518,15 +518,54 @@ def _limit_resources(memory_bytes: int, cpu_s: int) -> None:
 # Denied with EPERM (the program sees an ordinary OSError). Sockets of every family: AF_UNIX
 # reaches host servers through the filesystem, which no network namespace covers.
 _DENIED_SYSCALLS = (
-    "socket", "socketpair", "ptrace", "process_vm_readv", "process_vm_writev", "mount",
-    "umount2", "pivot_root", "chroot", "unshare", "setns", "bpf", "perf_event_open", "keyctl",
-    "add_key", "request_key", "userfaultfd", "io_uring_setup", "io_uring_enter",
-    "io_uring_register", "open_by_handle_at", "name_to_handle_at", "kexec_load",
-    "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot", "swapon",
-    "swapoff", "acct", "quotactl", "personality", "fsopen", "fsmount", "move_mount", "open_tree",
+    "socket",
+    "socketpair",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "bpf",
+    "perf_event_open",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "userfaultfd",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "personality",
+    "fsopen",
+    "fsmount",
+    "move_mount",
+    "open_tree",
 )
-_CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                          0x20000000, 0x40000000, 0x00000080)  # NEWNS ... NEWNET, NEWTIME
+_CLONE_NAMESPACE_FLAGS = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+    0x00000080,
+)  # NEWNS ... NEWNET, NEWTIME
 
 _filter_lock = threading.Lock()
 _filter_hex: str | None = None
@@ -570,20 +609,29 @@ def _bwrap_path() -> str | None:
 
 def _interpreter_roots() -> list[str]:
     """The interpreter's own prefixes (venv and base), outside /usr which is bound anyway."""
-    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                           sys.base_exec_prefix)}
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     return sorted(r for r in roots if not r.startswith("/usr/"))
 
 
 def _bwrap_args(bwrap: str, workdir: str) -> list[str]:
     """bubblewrap's command line: namespaces, the few read-only trees, the sandbox tmpfs."""
-    args = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-            "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent"]
+    args = [
+        bwrap,
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "sandbox",
+        "--die-with-parent",
+    ]
     # no --new-session: the program stays in the process group that a timeout kills at once
     # (the group was started in a new session, away from any terminal)
     if os.geteuid() == 0:  # the runner needs these to switch to the throwaway uid, then none
-        args += ["--cap-drop", "ALL"] + [a for cap in ("SETUID", "SETGID", "SETPCAP", "CHOWN")
-                                         for a in ("--cap-add", f"CAP_{cap}")]
+        args += ["--cap-drop", "ALL"] + [
+            a for cap in ("SETUID", "SETGID", "SETPCAP", "CHOWN") for a in ("--cap-add", f"CAP_{cap}")
+        ]
     for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(path):  # merged /usr: /lib -> usr/lib
             args += ["--symlink", os.readlink(path), path]
@@ -600,11 +648,26 @@ def _bwrap_args(bwrap: str, workdir: str) -> list[str]:
                 made.add(parent)
                 args += ["--perms", "0755", "--dir", parent]
         args += ["--ro-bind", root, root]
-    args += ["--proc", "/proc", "--dev", "/dev",
-             "--size", str(_SANDBOX_DIR_BYTES), "--perms", "0700", "--tmpfs", _BWRAP_SANDBOX,
-             "--ro-bind", os.path.join(workdir, "program.py"),
-             os.path.join(_BWRAP_SANDBOX, "program.py"),
-             "--remount-ro", "/", "--chdir", _BWRAP_SANDBOX, "--"]
+    args += [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(_SANDBOX_DIR_BYTES),
+        "--perms",
+        "0700",
+        "--tmpfs",
+        _BWRAP_SANDBOX,
+        "--ro-bind",
+        os.path.join(workdir, "program.py"),
+        os.path.join(_BWRAP_SANDBOX, "program.py"),
+        "--remount-ro",
+        "/",
+        "--chdir",
+        _BWRAP_SANDBOX,
+        "--",
+    ]
     return args
 
 
@@ -697,17 +760,23 @@ def _command(plan: _Plan, workdir: str, fds: tuple[int, int, int], probe: bool) 
     """The child's argv: [bwrap ...] python -I -B -c RUNNER args (see the top of _RUNNER)."""
     low, high = _SANDBOX_UID_RANGE
     sandbox_dir = _BWRAP_SANDBOX if plan.bwrap else workdir
-    runner_args = [sandbox_dir, ",".join(plan.features),
-                   str(low + secrets.randbelow(high - low)), _real_home(), "1" if probe else "0",
-                   f"{_EXIT_FAILED},{_EXIT_SYNTAX},{_EXIT_SETUP}", *map(str, fds),
-                   seccomp_filter() if "seccomp" in plan.features else "",
-                   str(_SANDBOX_DIR_BYTES), "" if plan.bwrap else ":".join(_hidden_dirs(workdir))]
+    runner_args = [
+        sandbox_dir,
+        ",".join(plan.features),
+        str(low + secrets.randbelow(high - low)),
+        _real_home(),
+        "1" if probe else "0",
+        f"{_EXIT_FAILED},{_EXIT_SYNTAX},{_EXIT_SETUP}",
+        *map(str, fds),
+        seccomp_filter() if "seccomp" in plan.features else "",
+        str(_SANDBOX_DIR_BYTES),
+        "" if plan.bwrap else ":".join(_hidden_dirs(workdir)),
+    ]
     prefix = _bwrap_args(plan.bwrap, workdir) if plan.bwrap else []
     return [*prefix, sys.executable, "-I", "-B", "-c", _RUNNER, *runner_args]
 
 
-def _execute(program: str, timeout_s: float, memory_mb: int, plan: _Plan,
-             probe: bool = False) -> _Outcome:
+def _execute(program: str, timeout_s: float, memory_mb: int, plan: _Plan, probe: bool = False) -> _Outcome:
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="diffmas-sandbox-"))
     token = secrets.token_hex(16).encode()
     token_r, token_w = os.pipe()
@@ -717,21 +786,30 @@ def _execute(program: str, timeout_s: float, memory_mb: int, plan: _Plan,
         os.write(token_w, token)
         os.close(token_w)
         token_w = -1
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-                tempfile.TemporaryFile() as started, tempfile.TemporaryFile() as done:
+        with (
+            tempfile.TemporaryFile() as out,
+            tempfile.TemporaryFile() as err,
+            tempfile.TemporaryFile() as started,
+            tempfile.TemporaryFile() as done,
+        ):
             fds = (token_r, started.fileno(), done.fileno())
             env = _child_env(_BWRAP_SANDBOX if plan.bwrap else workdir)
             start = time.monotonic()
             try:
                 proc = subprocess.Popen(
-                    _command(plan, workdir, fds, probe), cwd=workdir, env=env,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
-                    pass_fds=fds, start_new_session=True,
-                    preexec_fn=lambda: _limit_resources(memory_mb * 1024 * 1024,
-                                                        int(timeout_s) + 1))
+                    _command(plan, workdir, fds, probe),
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    close_fds=True,
+                    pass_fds=fds,
+                    start_new_session=True,
+                    preexec_fn=lambda: _limit_resources(memory_mb * 1024 * 1024, int(timeout_s) + 1),
+                )
             except (OSError, subprocess.SubprocessError) as e:
-                raise SandboxError(f"could not start the sandbox ({plan.bwrap or sys.executable})"
-                                   f": {e}") from e
+                raise SandboxError(f"could not start the sandbox ({plan.bwrap or sys.executable}): {e}") from e
             os.close(token_r)
             token_r = -1
             timed_out = _wait_then_kill(proc, timeout_s)
@@ -741,8 +819,15 @@ def _execute(program: str, timeout_s: float, memory_mb: int, plan: _Plan,
             returncode = proc.returncode
             if plan.bwrap and returncode > 128:  # bwrap reports a signal death as 128 + signal
                 returncode = 128 - returncode
-            return _Outcome(returncode, timed_out, started.read() == b"started",
-                            done.read() == token, _tail(out), _tail(err), wall_s)
+            return _Outcome(
+                returncode,
+                timed_out,
+                started.read() == b"started",
+                done.read() == token,
+                _tail(out),
+                _tail(err),
+                wall_s,
+            )
     finally:
         for fd in (token_r, token_w):
             if fd >= 0:
@@ -775,11 +860,12 @@ def _probed() -> tuple[Isolation, _Plan]:
 
 
 def _plan_for(iso: Isolation) -> _Plan:
-    runner = ("unprivileged_uid", "seccomp") if iso.bubblewrap else (
-        "user_namespace", "network_namespace", "private_filesystem", "unprivileged_uid",
-        "seccomp")
-    return _Plan(_bwrap_path() if iso.bubblewrap else None,
-                 tuple(f for f in runner if getattr(iso, f)))
+    runner = (
+        ("unprivileged_uid", "seccomp")
+        if iso.bubblewrap
+        else ("user_namespace", "network_namespace", "private_filesystem", "unprivileged_uid", "seccomp")
+    )
+    return _Plan(_bwrap_path() if iso.bubblewrap else None, tuple(f for f in runner if getattr(iso, f)))
 
 
 def _probe_plan(plan: _Plan) -> dict[str, bool]:
@@ -788,8 +874,7 @@ def _probe_plan(plan: _Plan) -> dict[str, bool]:
     lines = outcome.stdout.strip().splitlines()
     if outcome.returncode != 0 or not lines:
         return {}
-    return {name: value == "1" for name, _, value in
-            (item.partition("=") for item in lines[-1].split(",") if item)}
+    return {name: value == "1" for name, _, value in (item.partition("=") for item in lines[-1].split(",") if item)}
 
 
 def _probe() -> tuple[Isolation, _Plan]:
@@ -800,17 +885,20 @@ def _probe() -> tuple[Isolation, _Plan]:
         plan = _Plan(bwrap, (("unprivileged_uid",) if root else ()) + wants_seccomp)
         done = _probe_plan(plan)
         if done and (done.get("unprivileged_uid") or not root):
-            iso = Isolation(bubblewrap=True, network_namespace=True, private_filesystem=True,
-                            unprivileged_uid=bool(done.get("unprivileged_uid")),
-                            seccomp=bool(done.get("seccomp")))
+            iso = Isolation(
+                bubblewrap=True,
+                network_namespace=True,
+                private_filesystem=True,
+                unprivileged_uid=bool(done.get("unprivileged_uid")),
+                seccomp=bool(done.get("seccomp")),
+            )
             return iso, _plan_for(iso)
     wanted = ("network_namespace", "private_filesystem")
     wanted = wanted + ("unprivileged_uid",) if root else ("user_namespace",) + wanted
     done = _probe_plan(_Plan(None, wanted + wants_seccomp))
     if not root and not done.get("user_namespace"):  # then the other two were not possible
         done = {"seccomp": done.get("seccomp", False)}
-    iso = Isolation(**{f.name: bool(done.get(f.name)) for f in fields(Isolation)
-                       if f.name != "bubblewrap"})
+    iso = Isolation(**{f.name: bool(done.get(f.name)) for f in fields(Isolation) if f.name != "bubblewrap"})
     return iso, _plan_for(iso)
 
 
@@ -835,7 +923,8 @@ def check_isolation() -> Isolation:
         raise SandboxError(
             f"the code sandbox here is only {iso.describe()}, below the required "
             f"'{_required}'; install {missing or 'what is missing'} so that generated code "
-            "cannot reach the host, or pass --allow-weak-sandbox to run it anyway")
+            "cannot reach the host, or pass --allow-weak-sandbox to run it anyway"
+        )
     return iso
 
 
@@ -843,8 +932,7 @@ def _check_limits(timeout_s: float, memory_mb: int) -> None:
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
     if memory_mb < _MIN_MEMORY_MB:
-        raise ValueError(f"memory_mb must be at least {_MIN_MEMORY_MB} (the interpreter needs it), "
-                         f"got {memory_mb!r}")
+        raise ValueError(f"memory_mb must be at least {_MIN_MEMORY_MB} (the interpreter needs it), got {memory_mb!r}")
 
 
 def _status(outcome: _Outcome) -> str:
@@ -876,5 +964,4 @@ def run_in_sandbox(program: str, timeout_s: float = 10.0, memory_mb: int = 1024)
     stderr = outcome.stderr
     if outcome.returncode == 0 and not outcome.completed:
         stderr += "sandbox: the program left before its end (no completion token)\n"
-    return SandboxResult(status == "passed", status, outcome.stdout, stderr[-_TAIL_CHARS:],
-                         outcome.wall_s)
+    return SandboxResult(status == "passed", status, outcome.stdout, stderr[-_TAIL_CHARS:], outcome.wall_s)

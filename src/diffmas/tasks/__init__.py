@@ -10,8 +10,8 @@ Data files are found as described in `diffmas.tasks.data`; custom JSONL tasks in
 
 from diffmas.tasks.base import AnswerType, Example, Score
 from diffmas.tasks.data import TaskError
-from diffmas.tasks.registry import Task, get_task, list_tasks, register_task
 from diffmas.tasks.families import ChoiceTask, CodeTask, MathTask, jsonl_task  # registers the built-in tasks
+from diffmas.tasks.registry import Task, get_task, list_tasks, register_task
 from diffmas.tasks.relay import RelayTask  # registers the communication tasks
 
 __all__ = [

@@ -88,8 +88,7 @@ class Source:
         return self.demo is not None and seed is None and limit is not None and limit <= self.n_demo_rows
 
 
-def load_rows(task: str, split: str, source: Source, data_dir: str | Path | None, *,
-              demo_ok: bool) -> list[Row]:
+def load_rows(task: str, split: str, source: Source, data_dir: str | Path | None, *, demo_ok: bool) -> list[Row]:
     """Read the rows of one task split, following the resolution order in the module docstring."""
     if data_dir is not None:
         directory = Path(data_dir).expanduser()
@@ -168,8 +167,10 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise TaskError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
-                        "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        raise TaskError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+            "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def read_jsonl(path: Path) -> list[Row]:

@@ -86,8 +86,15 @@ class MathTask(Task):
         return f"{example.target.rstrip()}\n{_boxed_sentence(example.answer)}"
 
 
-def _math_example(row: dict[str, Any], index: int, split: str, *, id_field: str | None,
-                  target_field: str | None, meta_fields: tuple[str, ...] = ()) -> Example:
+def _math_example(
+    row: dict[str, Any],
+    index: int,
+    split: str,
+    *,
+    id_field: str | None,
+    target_field: str | None,
+    meta_fields: tuple[str, ...] = (),
+) -> Example:
     """MATH-500 / AIME layout: problem, answer, optional solution."""
     return Example(
         id=_row_id(row, id_field, index, split),
@@ -139,8 +146,9 @@ class MATH500(MathTask):
     }
 
     def parse(self, row: dict[str, Any], index: int, split: str) -> Example:
-        return _math_example(row, index, split, id_field="unique_id", target_field="solution",
-                             meta_fields=("subject", "level"))
+        return _math_example(
+            row, index, split, id_field="unique_id", target_field="solution", meta_fields=("subject", "level")
+        )
 
 
 @register_task
@@ -188,20 +196,23 @@ class ChoiceTask(Task):
         return [" " + text for text in example.choices]
 
 
-def _choice_example(example_id: str, question: str, choices: list, labels: list, answer: str,
-                    meta: dict | None = None) -> Example:
+def _choice_example(
+    example_id: str, question: str, choices: list, labels: list, answer: str, meta: dict | None = None
+) -> Example:
     """Check the options and the gold label, then build the Example."""
     if len(choices) < 2 or len(choices) != len(labels):
-        raise RowError(f"needs at least 2 options with one label each, got {len(choices)} options "
-                       f"and {len(labels)} labels")
+        raise RowError(
+            f"needs at least 2 options with one label each, got {len(choices)} options and {len(labels)} labels"
+        )
     if not all(isinstance(x, str) for x in (*choices, *labels)):
         raise RowError("option texts and labels should be strings")
     if len(set(labels)) != len(labels):
         raise RowError(f"option labels repeat: {labels}")
     if answer not in labels:
         raise RowError(f"gold label {answer!r} is not one of the option labels {labels}")
-    return Example(id=example_id, question=question, answer=answer, choices=tuple(choices),
-                   labels=tuple(labels), meta=meta or {})
+    return Example(
+        id=example_id, question=question, answer=answer, choices=tuple(choices), labels=tuple(labels), meta=meta or {}
+    )
 
 
 def _hf_choice_example(row: dict[str, Any], meta_fields: tuple[str, ...] = ()) -> Example:
@@ -229,8 +240,7 @@ class _ARC(ChoiceTask):
 
 def _arc_sources(file_prefix: str, hub_config: str) -> dict[str, Source]:
     return {
-        split: Source(files=(f"{file_prefix}_{split}.jsonl",),
-                      hub=HubSource("allenai/ai2_arc", hub_config, split))
+        split: Source(files=(f"{file_prefix}_{split}.jsonl",), hub=HubSource("allenai/ai2_arc", hub_config, split))
         for split in ("test", "train", "validation")
     }
 
@@ -251,8 +261,7 @@ class ARCChallenge(_ARC):
 class CommonsenseQA(ChoiceTask):
     name = "commonsenseqa"
     sources = {
-        split: Source(files=(f"commonsenseqa_{split}.jsonl",),
-                      hub=HubSource("tau/commonsense_qa", None, split))
+        split: Source(files=(f"commonsenseqa_{split}.jsonl",), hub=HubSource("tau/commonsense_qa", None, split))
         for split in ("train", "validation")
     }
     split_aliases = {"test": "validation"}
@@ -266,8 +275,7 @@ class CommonsenseQA(ChoiceTask):
 class MedQA(ChoiceTask):
     name = "medqa"
     sources = {
-        split: Source(files=(f"medqa_{split}.jsonl",),
-                      hub=HubSource("GBaker/MedQA-USMLE-4-options", None, split))
+        split: Source(files=(f"medqa_{split}.jsonl",), hub=HubSource("GBaker/MedQA-USMLE-4-options", None, split))
         for split in ("test", "train")
     }
 
@@ -298,9 +306,7 @@ class GPQADiamond(ChoiceTask):
             hub=HubSource("Idavidrein/gpqa", "gpqa_diamond", "train"),  # gated: accept its terms, log in
             zip_member="dataset/gpqa_diamond.csv",
             zip_password=GPQA_ZIP_PASSWORD,
-            how_to_get=(
-                "The official dataset.zip is in github.com/idavidrein/gpqa; never publish it unzipped."
-            ),
+            how_to_get=("The official dataset.zip is in github.com/idavidrein/gpqa; never publish it unzipped."),
         )
     }
 
@@ -358,8 +364,7 @@ class CodeTask(Task):
 class HumanEval(CodeTask):
     name = "humaneval"
     sources = {
-        "test": Source(files=("humaneval_test.jsonl",),
-                       hub=HubSource("openai/openai_humaneval", None, "test")),
+        "test": Source(files=("humaneval_test.jsonl",), hub=HubSource("openai/openai_humaneval", None, "test")),
     }
 
     def parse(self, row: dict[str, Any], index: int, split: str) -> Example:
@@ -494,8 +499,15 @@ class MBPPPlus(CodeTask):
 
     def program(self, example: Example, code: str) -> str:
         t = example.tests
-        return scoring.mbppplus_program(code, t["entry_point"], t["base_input"], t["plus_input"], t["atol"],
-                                        t["canonical_solution"], task_id=example.id)
+        return scoring.mbppplus_program(
+            code,
+            t["entry_point"],
+            t["base_input"],
+            t["plus_input"],
+            t["atol"],
+            t["canonical_solution"],
+            task_id=example.id,
+        )
 
 
 # ============================================================================= custom JSONL tasks
@@ -510,8 +522,9 @@ class _JsonlTask(Task):
     fields: Mapping[str, str]  # key of CUSTOM_FIELDS -> the row's field name
     sources: Mapping[str, Source] = {}
 
-    def load(self, split: str = "test", data_dir: str | Path | None = None, limit: int | None = None,
-             seed: int | None = None) -> list[Example]:
+    def load(
+        self, split: str = "test", data_dir: str | Path | None = None, limit: int | None = None, seed: int | None = None
+    ) -> list[Example]:
         check_limit(limit)
         path = Path(self.path.replace("{split}", split)).expanduser()
         if not path.is_absolute() and data_dir is not None:
@@ -592,8 +605,9 @@ def jsonl_task(path: str | Path, answer_type: str = "math", name: str | None = N
         raise TaskError(f"custom task type {answer_type!r}: expected one of {', '.join(_JSONL_CLASSES)}")
     unknown = sorted(set(fields) - set(CUSTOM_FIELDS))
     if unknown:
-        raise TaskError(f"custom task: unknown field key(s) {unknown}; "
-                        f"valid keys: type, name, {', '.join(CUSTOM_FIELDS)}")
+        raise TaskError(
+            f"custom task: unknown field key(s) {unknown}; valid keys: type, name, {', '.join(CUSTOM_FIELDS)}"
+        )
     task = _JSONL_CLASSES[answer_type]()
     task.path = str(path)
     task.fields = {key: fields.get(key, key) for key in CUSTOM_FIELDS}
@@ -603,15 +617,15 @@ def jsonl_task(path: str | Path, answer_type: str = "math", name: str | None = N
 
 def jsonl_task_from_spec(spec: str) -> Task:
     """Parse ``jsonl:PATH[?key=value&...]`` (see the module docstring)."""
-    path, _, query = spec[len(CUSTOM_PREFIX):].partition("?")
+    path, _, query = spec[len(CUSTOM_PREFIX) :].partition("?")
     if not path:
-        raise TaskError(f"custom task {spec!r}: no path; "
-                        f"expected {CUSTOM_PREFIX}PATH[?question=...&type=math]")
+        raise TaskError(f"custom task {spec!r}: no path; expected {CUSTOM_PREFIX}PATH[?question=...&type=math]")
     try:
         pairs = parse_qsl(query, strict_parsing=bool(query))
     except ValueError:
-        raise TaskError(f"custom task {spec!r}: cannot read {query!r}; "
-                        f"expected key=value pairs joined by '&'") from None
+        raise TaskError(
+            f"custom task {spec!r}: cannot read {query!r}; expected key=value pairs joined by '&'"
+        ) from None
     options = dict(pairs)
     if len(options) != len(pairs):
         raise TaskError(f"custom task {spec!r}: a key is given twice")

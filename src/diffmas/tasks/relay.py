@@ -33,9 +33,40 @@ from diffmas.tasks.registry import Task, check_limit, register_task, select_exam
 SPLIT_SEEDS = {"train": 1, "test": 2}  # one generator seed per split
 SPLIT_SIZES = {"train": 4096, "test": 512}  # examples per split (draw fewer with `limit`)
 TEST_EVERY = 5  # one (name, secret) pair in 5 is held out for test, by a stable hash
-NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen",
-         "Leo", "Maria", "Nina", "Oscar", "Paul", "Quinn", "Rosa", "Sam", "Tina", "Uma", "Victor", "Wendy",
-         "Xavier", "Yara", "Zoe", "Adam", "Bella", "Chris", "Diana", "Ethan", "Fiona")
+NAMES = (
+    "Alice",
+    "Bob",
+    "Carol",
+    "David",
+    "Emma",
+    "Frank",
+    "Grace",
+    "Henry",
+    "Irene",
+    "Jack",
+    "Karen",
+    "Leo",
+    "Maria",
+    "Nina",
+    "Oscar",
+    "Paul",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tina",
+    "Uma",
+    "Victor",
+    "Wendy",
+    "Xavier",
+    "Yara",
+    "Zoe",
+    "Adam",
+    "Bella",
+    "Chris",
+    "Diana",
+    "Ethan",
+    "Fiona",
+)
 
 # Short prompts on purpose: training cost on a CPU is proportional to the tokens in the trace, and
 # the task needs no more than the fact and the question (an empty system message also keeps
@@ -77,8 +108,9 @@ class RelayTask(Task):
     def __init__(self, **values: int):
         unknown = sorted(set(values) - set(self.params))
         if unknown:
-            raise TaskError(f"{self.name}: unknown parameter {unknown[0]!r}; parameters: "
-                            f"{', '.join(self.params) or 'none'}")
+            raise TaskError(
+                f"{self.name}: unknown parameter {unknown[0]!r}; parameters: {', '.join(self.params) or 'none'}"
+            )
         self.values = {k: int(values.get(k, default)) for k, (default, _, _) in self.params.items()}
         for key, (_, low, high) in self.params.items():
             if not low <= self.values[key] <= high:
@@ -101,8 +133,9 @@ class RelayTask(Task):
 
     # ------------------------------------------------------------------ data
 
-    def load(self, split: str = "test", data_dir: str | Path | None = None, limit: int | None = None,
-             seed: int | None = None) -> list[Example]:
+    def load(
+        self, split: str = "test", data_dir: str | Path | None = None, limit: int | None = None, seed: int | None = None
+    ) -> list[Example]:
         """`SPLIT_SIZES[split]` generated examples; `limit` and `seed` select as for file tasks."""
         check_limit(limit)
         if split not in SPLIT_SEEDS:
@@ -133,8 +166,10 @@ class RelayTask(Task):
     def topology(self, n_agents: int | None = None) -> Topology:
         topology = self.roles()
         if n_agents is not None and n_agents != len(topology.roles):
-            raise TaskError(f"{self.spec} has {len(topology.roles)} agents, not {n_agents}; "
-                            "set the size through the task's parameters (see `diffmas.tasks.relay`)")
+            raise TaskError(
+                f"{self.spec} has {len(topology.roles)} agents, not {n_agents}; "
+                "set the size through the task's parameters (see `diffmas.tasks.relay`)"
+            )
         return topology
 
     def roles(self) -> Topology:
@@ -146,9 +181,14 @@ class RelayTask(Task):
 
 
 def _secret_example(example_id: str, name: str, kind: str, secret: str, **meta: Any) -> Example:
-    return Example(id=example_id, question=f"What is {name}'s secret {kind}?", answer=secret, target=secret,
-                   private={"sender": f"{name}'s secret {kind} is {secret}."},
-                   meta={"secret": secret, "pair": f"{name}:{secret}", **meta})
+    return Example(
+        id=example_id,
+        question=f"What is {name}'s secret {kind}?",
+        answer=secret,
+        target=secret,
+        private={"sender": f"{name}'s secret {kind} is {secret}."},
+        meta={"secret": secret, "pair": f"{name}:{secret}", **meta},
+    )
 
 
 @register_task
@@ -201,9 +241,14 @@ class RelaySum(RelayTask):
         digits = [rng.randrange(10) for _ in range(self.values["agents"])]
         private = {f"holder_{i}": f"Your number is {d}." for i, d in enumerate(digits, 1)}
         total = str(sum(digits))
-        return Example(id=example_id, question="What is the sum of the team's numbers?", answer=total,
-                       target=total, private=private,
-                       meta={"secret": total, "digits": digits, "pair": ",".join(map(str, digits))})
+        return Example(
+            id=example_id,
+            question="What is the sum of the team's numbers?",
+            answer=total,
+            target=total,
+            private=private,
+            meta={"secret": total, "digits": digits, "pair": ",".join(map(str, digits))},
+        )
 
     def roles(self) -> Topology:
         holders = tuple(_holder(i) for i in range(1, self.values["agents"] + 1))

@@ -51,12 +51,13 @@ def embedding_probe(backbone: Backbone) -> list[float]:
 
 
 # bf16 keeps 8 significant bits (relative error <= 2^-9); fp16 loses absolute precision below 6e-5
-_PROBE_RTOL, _PROBE_ATOL = 2.0 ** -7, 1e-6
+_PROBE_RTOL, _PROBE_ATOL = 2.0**-7, 1e-6
 
 
 def _same_probe(saved: list[float], current: list[float]) -> bool:
     return len(saved) == len(current) and all(
-        abs(a - b) <= _PROBE_RTOL * max(abs(a), abs(b)) + _PROBE_ATOL for a, b in zip(saved, current))
+        abs(a - b) <= _PROBE_RTOL * max(abs(a), abs(b)) + _PROBE_ATOL for a, b in zip(saved, current)
+    )
 
 
 def _legacy_fingerprint(backbone: Backbone) -> str:
@@ -73,15 +74,22 @@ def trained_for(trained_on: dict, backbone: Backbone) -> bool:
         return True  # a plain peft adapter: nothing recorded to check
     if "embedding_probe" not in trained_on:
         return trained_on["fingerprint"] == _legacy_fingerprint(backbone)
-    return (trained_on["fingerprint"] == base_fingerprint(backbone)
-            and _same_probe(trained_on["embedding_probe"], embedding_probe(backbone)))
+    return trained_on["fingerprint"] == base_fingerprint(backbone) and _same_probe(
+        trained_on["embedding_probe"], embedding_probe(backbone)
+    )
 
 
 def lora_config(config):
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def add_trainable_adapters(backbone: Backbone, config, topology: Topology) -> dict[str, str]:
@@ -109,16 +117,20 @@ def add_trainable_adapters(backbone: Backbone, config, topology: Topology) -> di
     return mapping
 
 
-def write_metadata(out_dir: str | Path, backbone: Backbone, config, topology: Topology,
-                   mapping: dict[str, str], data_hash: str) -> None:
+def write_metadata(
+    out_dir: str | Path, backbone: Backbone, config, topology: Topology, mapping: dict[str, str], data_hash: str
+) -> None:
     payload = {
         "method": config.method,
         "apply_to": config.apply_to,
         "adapters": mapping,
         "topology": topology.to_dict(),
         "latent_steps": config.latent_steps,
-        "base_model": {"name": config.model, "fingerprint": base_fingerprint(backbone),
-                       "embedding_probe": embedding_probe(backbone)},
+        "base_model": {
+            "name": config.model,
+            "fingerprint": base_fingerprint(backbone),
+            "embedding_probe": embedding_probe(backbone),
+        },
         "data_hash": data_hash,
         "train_config": config.to_dict(),
         "versions": package_versions(),
@@ -145,8 +157,9 @@ def trained_settings(meta: dict, keys: Sequence[str] = TRAINED_SETTINGS) -> dict
     return {k: config[k] for k in keys if k in config}
 
 
-def reconcile_settings(trained: Mapping, given: Mapping, defaults: Mapping,
-                       keys: Sequence[str] = TRAINED_SETTINGS) -> tuple[dict, list[str]]:
+def reconcile_settings(
+    trained: Mapping, given: Mapping, defaults: Mapping, keys: Sequence[str] = TRAINED_SETTINGS
+) -> tuple[dict, list[str]]:
     """Inference settings for an adapter: per key, the given value; where none was given (None),
     the trained value, else the default. Returns (settings, one warning per key given a value
     other than the trained one)."""
@@ -158,8 +171,10 @@ def reconcile_settings(trained: Mapping, given: Mapping, defaults: Mapping,
             continue
         settings[key] = value
         if key in trained and trained[key] != value:
-            notes.append(f"the adapter was trained with {key}={trained[key]!r} but runs with {key}={value!r}; "
-                         f"its results may not carry over (leave {key} unset to use the trained value)")
+            notes.append(
+                f"the adapter was trained with {key}={trained[key]!r} but runs with {key}={value!r}; "
+                f"its results may not carry over (leave {key} unset to use the trained value)"
+            )
     return settings, notes
 
 
@@ -177,13 +192,16 @@ def attach_adapter(backbone: Backbone, path: str | Path, topology: Topology) -> 
         raise BackboneError(
             f"adapter {str(path)!r} was trained for base model {trained_on.get('name')!r} "
             f"({trained_on['fingerprint']}), not for {backbone.name!r} ({base_fingerprint(backbone)}, "
-            "or these are other weights of that shape); load it with the model it was trained on")
+            "or these are other weights of that shape); load it with the model it was trained on"
+        )
     if meta["apply_to"] == "per-role":
         trained = list(meta["adapters"])
         roles = [r.name for r in topology.roles]
         if sorted(trained) != sorted(roles):
-            raise BackboneError(f"per-role adapter {str(path)!r} has roles {trained}, the topology has {roles}; "
-                                "use the roles it was trained with (--roles / --topology / --agents)")
+            raise BackboneError(
+                f"per-role adapter {str(path)!r} has roles {trained}, the topology has {roles}; "
+                "use the roles it was trained with (--roles / --topology / --agents)"
+            )
         model = PeftModel.from_pretrained(backbone.model, path / roles[0], adapter_name=roles[0])
         for name in roles[1:]:
             model.load_adapter(path / name, adapter_name=name)
@@ -231,8 +249,10 @@ def check_adapter_dir(path: str | Path) -> dict:
     if (path / DIFFMAS_CONFIG).is_file():
         meta = _json_object(path / DIFFMAS_CONFIG)
         if meta.get("apply_to") not in ("all", "final", "per-role") or not isinstance(meta.get("adapters"), dict):
-            raise BackboneError(f"{path / DIFFMAS_CONFIG} lacks 'apply_to' (all, final or per-role) or "
-                                "'adapters'; it was not written by `diffmas train`, retrain or restore it")
+            raise BackboneError(
+                f"{path / DIFFMAS_CONFIG} lacks 'apply_to' (all, final or per-role) or "
+                "'adapters'; it was not written by `diffmas train`, retrain or restore it"
+            )
     else:
         meta = read_metadata(path)  # a plain peft adapter, or the error for a non-adapter directory
     folders = [path / role for role in meta["adapters"]] if meta["apply_to"] == "per-role" else [path]
@@ -248,8 +268,9 @@ def _json_object(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BackboneError(f"adapter file {str(file)!r} is not valid JSON ({exc}); retrain the adapter "
-                            "or restore the file") from None
+        raise BackboneError(
+            f"adapter file {str(file)!r} is not valid JSON ({exc}); retrain the adapter or restore the file"
+        ) from None
     if not isinstance(data, dict):
         raise BackboneError(f"adapter file {str(file)!r} should hold a JSON object, got {type(data).__name__}")
     return data
@@ -264,8 +285,10 @@ def _check_safetensors(file: Path) -> None:
         with safe_open(str(file), framework="pt") as weights:
             weights.keys()
     except (SafetensorError, OSError) as exc:
-        raise BackboneError(f"adapter file {str(file)!r} is not a readable safetensors file ({exc}); "
-                            "retrain the adapter or restore the file") from None
+        raise BackboneError(
+            f"adapter file {str(file)!r} is not a readable safetensors file ({exc}); "
+            "retrain the adapter or restore the file"
+        ) from None
 
 
 def attach_checked(backbone: Backbone, path: str | Path, topology: Topology) -> dict[str, str]:
@@ -278,5 +301,7 @@ def attach_checked(backbone: Backbone, path: str | Path, topology: Topology) -> 
         return attach_adapter(backbone, path, topology)
     except (ValueError, RuntimeError, TypeError, KeyError, OSError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackboneError(f"adapter {str(path)!r} does not fit model {backbone.name!r}: {first[:300]}; "
-                            "use the model it was trained on") from None
+        raise BackboneError(
+            f"adapter {str(path)!r} does not fit model {backbone.name!r}: {first[:300]}; "
+            "use the model it was trained on"
+        ) from None

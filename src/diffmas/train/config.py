@@ -68,8 +68,10 @@ class TrainConfig:
         if self.upstream_grad not in ("full", "none"):
             raise TrainConfigError(f"upstream_grad must be 'full' or 'none', got {self.upstream_grad!r}")
         if self.adapters == "per-role" and self.method != "diffmas":
-            raise TrainConfigError(f"per-role adapters only make sense for diffmas ({self.method} trains "
-                                   "the final agent alone); use --adapters shared")
+            raise TrainConfigError(
+                f"per-role adapters only make sense for diffmas ({self.method} trains "
+                "the final agent alone); use --adapters shared"
+            )
         if self.latent_steps < 0 or self.lora_r < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TrainConfigError("latent_steps >= 0, lora_r >= 1, batch_size >= 1 and grad_accum >= 1 are required")
 

@@ -27,10 +27,19 @@ def load_items(config) -> list[dict]:
     for ex in examples:
         target = overrides.get(ex.id) if config.targets else task.target_text(ex)
         if not target:
-            raise TrainDataError(f"no target for example {ex.id!r}"
-                                 + (f" in {config.targets}" if config.targets else f" in task {task.name}"))
-        items.append({"id": ex.id, "question": task.prompt(ex), "target": target,
-                      "format": task.format_instruction, "private": dict(ex.private)})
+            raise TrainDataError(
+                f"no target for example {ex.id!r}"
+                + (f" in {config.targets}" if config.targets else f" in task {task.name}")
+            )
+        items.append(
+            {
+                "id": ex.id,
+                "question": task.prompt(ex),
+                "target": target,
+                "format": task.format_instruction,
+                "private": dict(ex.private),
+            }
+        )
     if not items:
         raise TrainDataError(f"task {config.task!r} split {config.split!r} gave no training examples")
     return items
@@ -74,8 +83,10 @@ def attach_text_contexts(items: list[dict], method, cache_path: Path, batch_size
     cached = {}
     for row in read_records(cache_path, repair=True):  # a line cut short by a kill is computed again
         if not isinstance(row.get("id"), str) or not isinstance(row.get("context"), str):
-            raise TrainDataError(f"{cache_path}: a row without string 'id' and 'context'; delete the file "
-                                 "to write the upstream texts again")
+            raise TrainDataError(
+                f"{cache_path}: a row without string 'id' and 'context'; delete the file "
+                "to write the upstream texts again"
+            )
         cached[row["id"]] = row["context"]
     todo = [it for it in items if it["id"] not in cached]
     with open(cache_path, "a") as sink:

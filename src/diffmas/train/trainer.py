@@ -140,8 +140,14 @@ class _StopAt(TrainerCallback):
             control.should_save = True
 
 
-def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: int | None = None,
-          report_to: list[str] | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    backbone=None,
+    stop_after: int | None = None,
+    report_to: list[str] | None = None,
+) -> dict:
     """Train (or resume) into `out`; return the training summary.
 
     backbone: an already loaded (bare) backbone; loaded from config.model when None.
@@ -171,16 +177,27 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
     _write_config(out, config, digest)
     context_start = time.perf_counter()
     if config.method == "sft_text_mas":  # the frozen model writes the upstream text once (cached on disk)
-        frozen = get_method("text_mas", backbone, topology, MethodConfig(
-            upstream_max_new_tokens=config.upstream_max_new_tokens, chat_kwargs=config.chat_kwargs,
-            reads=config.reads))
+        frozen = get_method(
+            "text_mas",
+            backbone,
+            topology,
+            MethodConfig(
+                upstream_max_new_tokens=config.upstream_max_new_tokens,
+                chat_kwargs=config.chat_kwargs,
+                reads=config.reads,
+            ),
+        )
         attach_text_contexts(items, frozen, out / "text_mas_contexts.jsonl", batch_size=max(config.batch_size, 4))
     context_seconds = time.perf_counter() - context_start
     mapping = add_trainable_adapters(backbone, config, topology)
     infer = "latent_mas" if config.method == "diffmas" else "single"
-    method = get_method(infer, backbone, topology,
-                        MethodConfig(latent_steps=config.latent_steps, chat_kwargs=config.chat_kwargs,
-                                     reads=config.reads), mapping)
+    method = get_method(
+        infer,
+        backbone,
+        topology,
+        MethodConfig(latent_steps=config.latent_steps, chat_kwargs=config.chat_kwargs, reads=config.reads),
+        mapping,
+    )
     model = TrajectoryModel(method, config.method, config.upstream_grad, config.max_target_tokens)
     model.train()
 
@@ -189,7 +206,10 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
         args=_training_args(config, out, report_to),
         train_dataset=_Items(items),
         data_collator=collate,
-        backbone=backbone, topology=topology, mapping=mapping, train_config=config,
+        backbone=backbone,
+        topology=topology,
+        mapping=mapping,
+        train_config=config,
         data_hash=digest,
         callbacks=[_StopAt(stop_after)] if stop_after else None,
     )
@@ -202,12 +222,16 @@ def train(config: TrainConfig, out: str | Path, *, backbone=None, stop_after: in
         return {"stopped_at": trainer.state.global_step}
     trainer.save_model(str(out))
     summary = {
-        "method": config.method, "examples": len(items), "steps": trainer.state.global_step,
-        "resumed_from": str(last) if last else None, "train_seconds": round(wall, 2),
+        "method": config.method,
+        "examples": len(items),
+        "steps": trainer.state.global_step,
+        "resumed_from": str(last) if last else None,
+        "train_seconds": round(wall, 2),
         # sft_text_mas: writing the upstream texts in this run (not counted in train_seconds; 0 when cached)
         "upstream_text_seconds": round(context_seconds, 2),
         "seconds_per_step": round(wall / max(trainer.state.global_step - _step_of(last), 1), 3),
-        "peak_memory_bytes": memory.peak_bytes, "final_loss": result.training_loss,
+        "peak_memory_bytes": memory.peak_bytes,
+        "final_loss": result.training_loss,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
     }
     if not trainer.args.should_save:
@@ -271,8 +295,10 @@ def _check_config(out: Path, config: TrainConfig) -> dict | None:
     settings = {k: v for k, v in saved.items() if k != "data_hash"}
     diff = config_diff(settings, config.to_dict(), dataclass_defaults(TrainConfig))
     if diff:
-        raise TrainRunConflictError(f"{out} holds a training run with other settings ({'; '.join(diff)}); "
-                                    "resume with the same settings or choose another --out")
+        raise TrainRunConflictError(
+            f"{out} holds a training run with other settings ({'; '.join(diff)}); "
+            "resume with the same settings or choose another --out"
+        )
     return saved
 
 
@@ -281,9 +307,11 @@ def _check_data(out: Path, saved: dict | None, digest: str) -> None:
     of another diffmas version): resuming would then train on a mix."""
     before = _saved_data_hash(out, saved)
     if before not in (None, digest):
-        raise TrainRunConflictError(f"{out} was trained on other examples (data hash {before}, now "
-                                    f"{digest}): the data file or the --subset-seed draw changed; "
-                                    "choose another --out")
+        raise TrainRunConflictError(
+            f"{out} was trained on other examples (data hash {before}, now "
+            f"{digest}): the data file or the --subset-seed draw changed; "
+            "choose another --out"
+        )
 
 
 def _saved_data_hash(out: Path, saved: dict | None) -> str | None:
@@ -307,17 +335,27 @@ def _check_target_modules(backbone, config: TrainConfig) -> None:
     # peft's rule for a list of names: a module matches a target equal to its name or a suffix of it
     missing = [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.model.named_modules()
-                         if isinstance(module, torch.nn.Linear)})
-        raise DiffmasError(f"--target-modules {','.join(missing)}: not in model {backbone.name!r}; "
-                           f"its linear layers are {', '.join(linear)}")
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in backbone.model.named_modules()
+                if isinstance(module, torch.nn.Linear)
+            }
+        )
+        raise DiffmasError(
+            f"--target-modules {','.join(missing)}: not in model {backbone.name!r}; "
+            f"its linear layers are {', '.join(linear)}"
+        )
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").is_file()]
+    found = [
+        p
+        for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return max(found, key=_step_of) if found else None
 
 

@@ -32,8 +32,7 @@ class TrajectoryModel(torch.nn.Module):
     gradients of every adapter once per step.
     """
 
-    def __init__(self, method: Method, train_method: str, upstream_grad: str = "full",
-                 max_target_tokens: int = 512):
+    def __init__(self, method: Method, train_method: str, upstream_grad: str = "full", max_target_tokens: int = 512):
         super().__init__()
         self.method = method
         self.peft_model = method.backbone.model  # registered: its LoRA weights are the parameters
@@ -42,9 +41,15 @@ class TrajectoryModel(torch.nn.Module):
         self.max_target_tokens = max_target_tokens
         self.last_stats: dict[str, float] = {}
 
-    def forward(self, questions: Sequence[str], targets: Sequence[str], formats: Sequence[str],
-                contexts: Sequence[str] | None = None, ids: Sequence[str] | None = None,
-                privates: Sequence[dict] | None = None) -> dict:
+    def forward(
+        self,
+        questions: Sequence[str],
+        targets: Sequence[str],
+        formats: Sequence[str],
+        contexts: Sequence[str] | None = None,
+        ids: Sequence[str] | None = None,
+        privates: Sequence[dict] | None = None,
+    ) -> dict:
         method = self.method
         asks = asks_of(questions, privates)
         up = self._upstream(asks, contexts)
@@ -79,8 +84,9 @@ def target_ids(tokenizer, target: str, max_target_tokens: int) -> list[int]:
     return ids + [tokenizer.eos_token_id]
 
 
-def teacher_forced_loss(trace: LatentTrace, agent: str, prompts: Sequence[str], targets: Sequence[str],
-                        max_target_tokens: int = 512) -> tuple[torch.Tensor, int]:
+def teacher_forced_loss(
+    trace: LatentTrace, agent: str, prompts: Sequence[str], targets: Sequence[str], max_target_tokens: int = 512
+) -> tuple[torch.Tensor, int]:
     """Append prompt + target for each row in one chunk; summed cross-entropy on the target tokens.
 
     Each row's chunk is [padding, prompt, target, EOS]: the same positions and mask the final agent
@@ -100,8 +106,8 @@ def teacher_forced_loss(trace: LatentTrace, agent: str, prompts: Sequence[str], 
     labels = torch.full_like(ids, IGNORE)
     for b, (p_ids, t_ids) in enumerate(rows):
         seq = p_ids + t_ids
-        ids[b, width - len(seq):] = torch.tensor(seq)
-        mask[b, width - len(seq):] = 1
+        ids[b, width - len(seq) :] = torch.tensor(seq)
+        mask[b, width - len(seq) :] = 1
         # column c predicts token c + 1: the last prompt token predicts the first target token
         labels[b, width - len(t_ids) - 1 : width - 1] = torch.tensor(t_ids)
     ids, mask, labels = (x.to(bb.device) for x in (ids, mask, labels))
