@@ -20,7 +20,12 @@ IMG = DOCS / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffmas.evaluate.compare import compare_runs  # noqa: E402
-from diffmas.evaluate.information import above_chance_p, mutual_information_bits, mutual_information_ci  # noqa: E402
+from diffmas.evaluate.information import (  # noqa: E402
+    above_chance_p,
+    mutual_information_bits,
+    mutual_information_ci,
+    permutation_p,
+)
 from diffmas.evaluate.rundir import load_run  # noqa: E402
 from diffmas.tasks import get_task  # noqa: E402
 
@@ -54,8 +59,11 @@ class Result:
         self.ci = self.summary["accuracy_ci"]
         secrets = [r["gold"] for r in self.run.records]
         answers = [r.get("extracted") for r in self.run.records]
-        self.bits = mutual_information_bits(secrets, answers)
-        self.bits_ci = mutual_information_ci(secrets, answers)
+        # Mutual information needs many examples per secret: with thousands of codes it is noise.
+        self.has_bits = len(set(secrets)) <= len(secrets) / 4
+        self.bits = mutual_information_bits(secrets, answers) if self.has_bits else None
+        self.bits_ci = mutual_information_ci(secrets, answers) if self.has_bits else None
+        self.bits_p = permutation_p(secrets, answers) if self.has_bits else None
         self.chance = self.task.chance()
         self.p_chance = above_chance_p(self.n_correct, self.n, self.chance)
         training = OUT / stage.name / "adapter" / "training_summary.json"
@@ -88,6 +96,10 @@ def pct(x, ci=None) -> str:
 def table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def bits(r: Result) -> str:
+    return "—" if r.bits is None else f"{r.bits:.2f} (p={r.bits_p:.2g})"
 
 
 def verdict(r: Result) -> str:
@@ -189,7 +201,7 @@ def bits_section(results, s: ChannelSettings) -> str:
         row = [m]
         for method, grad in LABELS:
             r = find(results, "grid", method, grad, m)
-            row.append("—" if r is None else f"{r.bits:.2f} [{r.bits_ci[0]:.2f}, {r.bits_ci[1]:.2f}]")
+            row.append("—" if r is None else f"{r.bits:.2f} [{r.bits_ci[0]:.2f}, {r.bits_ci[1]:.2f}], p={r.bits_p:.2g}")
         full = find(results, "grid", "diffmas", "full", m)
         row.append(f"{full.bits / m:.2f}" if full is not None and m else "—")
         rows.append(row)
@@ -198,8 +210,10 @@ def bits_section(results, s: ChannelSettings) -> str:
             [
                 "## Information: bits through the channel",
                 f"Mutual information between the secret and the extracted answer, in bits (plug-in with the "
-                f"Miller–Madow correction, 95 % bootstrap CI); the secret carries log2 {s.k} = {math.log2(s.k):.0f} bits. "
-                "Bits per step = full DiffMAS's bits / m.",
+                f"Miller–Madow correction, 95 % bootstrap CI) and its permutation p-value (answers shuffled across "
+                f"examples: what the estimate's small-sample bias alone gives); the secret carries log2 {s.k} = "
+                f"{math.log2(s.k):.0f} bits. Bits per step = full DiffMAS's bits / m. Bits count wrong answers too: "
+                "a reader that is wrong in a way that depends on the secret still carries information.",
                 "",
                 table(["m", *LABELS.values(), "bits per latent step (full)"], rows),
             ]
@@ -258,7 +272,7 @@ def probe_section(results, s: ChannelSettings, group: str, title: str, intro: st
                 LABELS.get((st.method, st.upstream_grad), st.method),
                 pct(r.accuracy, r.ci),
                 pct(r.chance),
-                f"{r.bits:.2f}",
+                bits(r),
                 verdict(r),
             ]
         )
@@ -291,8 +305,8 @@ def roles_section(results, s: ChannelSettings) -> str:
                 table(
                     ["adapters", "accuracy % [95 % CI]", "bits"],
                     [
-                        ["one shared LoRA", pct(shared.accuracy, shared.ci), f"{shared.bits:.2f}"],
-                        ["one LoRA per role", pct(per_role.accuracy, per_role.ci), f"{per_role.bits:.2f}"],
+                        ["one shared LoRA", pct(shared.accuracy, shared.ci), bits(shared)],
+                        ["one LoRA per role", pct(per_role.accuracy, per_role.ci), bits(per_role)],
                     ],
                 ),
                 "",

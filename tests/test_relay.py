@@ -26,8 +26,8 @@ def test_generation_is_deterministic_and_splits_are_disjoint(spec):
     assert [e.id for e in test] == [e.id for e in get_task(spec).load("test")]
     assert [e.private for e in test[:20]] == [e.private for e in get_task(spec).load("test")[:20]]
     assert len(test) == SPLIT_SIZES["test"] and len(task.load("train")) == SPLIT_SIZES["train"]
-    train_pairs = {e.meta["pair"] for e in task.load("train")}
-    assert train_pairs.isdisjoint(e.meta["pair"] for e in test)
+    train_keys = {e.meta["split_key"] for e in task.load("train")}
+    assert train_keys.isdisjoint(e.meta["split_key"] for e in test)  # test names never seen in training
     # a larger limit contains the smaller one (growing runs keep their records)
     assert [e.id for e in task.load("test", limit=5)] == [e.id for e in task.load("test", limit=9)[:5]]
     for ex in test[:5]:
@@ -99,3 +99,17 @@ def test_above_chance_p():
     assert above_chance_p(3, 8, 0.125) == pytest.approx(
         1 - sum(math.comb(8, k) * 0.125**k * 0.875 ** (8 - k) for k in range(3))
     )
+
+
+def test_the_question_says_nothing_about_the_secret():
+    """Held-out *names*, not pairs: within the test split the question is independent of the
+    secret, so a reader that repeats the name carries no information."""
+    from diffmas.evaluate.information import permutation_p
+
+    for spec in ("relay_word", "relay_chain?hops=2", "relay_word?k=32"):
+        test = get_task(spec).load("test")
+        questions, secrets = [e.question for e in test], [e.answer for e in test]
+        # no more dependence than shuffling shows (the estimate's small-sample bias included)
+        assert permutation_p(secrets, questions, n_perm=100) > 0.05, spec
+    assert mutual_information_bits(secrets, questions) < 0.3
+    assert permutation_p(secrets, secrets, n_perm=100) < 0.02

@@ -4,8 +4,11 @@ Each example gives the first agent a private fact ("Alice's secret word is tiger
 `{private}` template field) and asks the last agent a question about it ("What is Alice's secret
 word?"). Under `reads=latent` the last agent cannot read the sender's prompt, so every correct
 answer above chance is information that crossed the latent channel. The tasks are generated
-deterministically (no data files): each split has its own seed, and the (name, secret) pairs are
-partitioned by a stable hash so that no test pair is ever seen in training.
+deterministically (no data files): each split has its own seed, and the *names* are partitioned
+by a stable hash, so every test example is about a person never seen in training. Partitioning
+names rather than (name, secret) pairs matters: with held-out pairs, each test name co-occurs with
+only a few secrets, the question then predicts the secret, and a reader that merely repeats the
+name would look informative to the mutual-information estimate.
 
     relay_word?k=K          one secret among the first K words of `relay_words.txt` (2..1024, default
                             8): capacity log2 K bits; chance 1/K
@@ -32,7 +35,7 @@ from diffmas.tasks.registry import Task, check_limit, register_task, select_exam
 
 SPLIT_SEEDS = {"train": 1, "test": 2}  # one generator seed per split
 SPLIT_SIZES = {"train": 4096, "test": 512}  # examples per split (draw fewer with `limit`)
-TEST_EVERY = 5  # one (name, secret) pair in 5 is held out for test, by a stable hash
+TEST_EVERY = 5  # one name (relay_sum: one digit tuple) in 5 is held out for test, by a stable hash
 NAMES = (
     "Alice",
     "Bob",
@@ -66,6 +69,38 @@ NAMES = (
     "Diana",
     "Ethan",
     "Fiona",
+    "George",
+    "Hannah",
+    "Ivan",
+    "Julia",
+    "Kevin",
+    "Laura",
+    "Mark",
+    "Nora",
+    "Omar",
+    "Peter",
+    "Rachel",
+    "Simon",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Will",
+    "Amy",
+    "Ben",
+    "Clara",
+    "Dan",
+    "Eva",
+    "Felix",
+    "Gina",
+    "Hugo",
+    "Ida",
+    "Jonas",
+    "Kim",
+    "Luke",
+    "Mia",
+    "Noah",
+    "Olga",
+    "Ray",
 )
 
 # Short prompts on purpose: training cost on a CPU is proportional to the tokens in the trace, and
@@ -93,7 +128,7 @@ def vocabulary() -> tuple[str, ...]:
 
 
 def held_out(key: str) -> bool:
-    """Whether a (name, secret) pair belongs to the test split: a stable hash, not the draw order."""
+    """Whether a split key (a name) belongs to the test split: a stable hash, not the draw order."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % TEST_EVERY == 0
 
 
@@ -144,12 +179,12 @@ class RelayTask(Task):
         examples = []
         while len(examples) < SPLIT_SIZES[split]:
             example = self.draw(rng, f"{split}-{len(examples)}")
-            if held_out(example.meta["pair"]) == (split == "test"):
+            if held_out(example.meta["split_key"]) == (split == "test"):
                 examples.append(example)
         return select_examples(examples, limit, seed)
 
     def draw(self, rng: random.Random, example_id: str) -> Example:
-        """One random example; `meta["pair"]` is the key that decides its split."""
+        """One random example; `meta["split_key"]` is the key that decides its split."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ asking and scoring
@@ -187,7 +222,7 @@ def _secret_example(example_id: str, name: str, kind: str, secret: str, **meta: 
         answer=secret,
         target=secret,
         private={"sender": f"{name}'s secret {kind} is {secret}."},
-        meta={"secret": secret, "pair": f"{name}:{secret}", **meta},
+        meta={"secret": secret, "split_key": name, **meta},
     )
 
 
@@ -247,7 +282,7 @@ class RelaySum(RelayTask):
             answer=total,
             target=total,
             private=private,
-            meta={"secret": total, "digits": digits, "pair": ",".join(map(str, digits))},
+            meta={"secret": total, "digits": digits, "split_key": ",".join(map(str, digits))},
         )
 
     def roles(self) -> Topology:
