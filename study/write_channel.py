@@ -30,6 +30,7 @@ from diffmas.evaluate.rundir import load_run  # noqa: E402
 from diffmas.tasks import get_task  # noqa: E402
 
 from channel import OUT, ChannelSettings, Stage, stages  # noqa: E402
+from markdown import pct, table  # noqa: E402
 
 LABELS = {
     ("latent_mas", None): "latent_mas (untrained)",
@@ -85,17 +86,6 @@ def load(s: ChannelSettings) -> tuple[dict[Stage, Result], list[Stage]]:
 
 
 # ----------------------------------------------------------------------------- formatting
-
-
-def pct(x, ci=None) -> str:
-    if x is None:
-        return "—"
-    return f"{100 * x:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-
-
-def table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def bits(r: Result) -> str:

@@ -15,6 +15,7 @@ DOCS = REPO / "docs"
 IMG = DOCS / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from markdown import pct, table  # noqa: E402
 from run_study import EVALS, GSM8K_METHODS, GSM8K_OUT, STREAMS, TRAINED  # noqa: E402
 
 LABELS = {
@@ -25,17 +26,6 @@ LABELS = {
     "latent_mas": "latent_mas",
     "diffmas": "DiffMAS",
 }
-
-
-def pct(x, ci=None) -> str:
-    if x is None:
-        return "—"
-    return f"{100 * x:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-
-
-def table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def load_runs(folder: Path, names) -> dict:
