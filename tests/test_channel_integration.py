@@ -1,6 +1,6 @@
 """Integration: a trained latent channel carries a secret the reader cannot otherwise see.
 
-relay_word with K=4 on the embedded SmolLM2-135M under reads=latent: the reader attends to the
+relay_word (K=8) on the embedded SmolLM2-135M under reads=latent: the reader attends to the
 sender's latent steps only. DiffMAS trained through the trajectory must answer far above chance;
 the untrained channel and a channel trained with no latent step (m=0: nothing can pass) must not.
 This is the test that fails if gradients stop reaching the channel or the mask lets the prompt
@@ -9,12 +9,15 @@ through (then m=0 would learn too).
 
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from diffmas.evaluate.information import above_chance_p, mutual_information_bits
+from diffmas.evaluate.information import above_chance_p, mutual_information_bits, permutation_p
 from diffmas.evaluate.runner import EvalConfig, evaluate
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig
@@ -23,10 +26,15 @@ from diffmas.train.trainer import train
 
 pytestmark = pytest.mark.integration
 
-TASK = "relay_word?k=4"
-CHANCE = 0.25
+TASK = "relay_word"
+CHANCE = 1 / 8
 N_TEST = 32
-STEPS = 48  # about a minute on 2 CPU threads; the loss drops between steps ~25 and ~40
+M = 4
+# The channel study's recipe (study/channel.py): the loss drops between steps ~40 and ~55.
+STEPS = 80
+# The m=0 control needs no long training: with nothing to read there is no path from the secret
+# to the answer at all (tests/test_reads.py checks that no gradient reaches the sender).
+CONTROL_STEPS = 40
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,8 +45,8 @@ def threads():
     torch.set_num_threads(previous)
 
 
-def channel(tmp_path, m: int, trained: bool) -> tuple[float, float, float]:
-    """(accuracy, p-value against chance, bits) on held-out examples."""
+def channel(tmp_path, m: int, trained: bool, steps: int = STEPS) -> "Outcome":
+    """Accuracy and information on held-out examples."""
     adapter = tmp_path / f"adapter-m{m}"
     if trained:
         train(
@@ -46,14 +54,14 @@ def channel(tmp_path, m: int, trained: bool) -> tuple[float, float, float]:
                 task=TASK,
                 latent_steps=m,
                 reads="latent",
-                limit=STEPS * 8,
+                limit=steps * 8,
                 batch_size=8,
                 grad_accum=1,
-                max_steps=STEPS,
+                max_steps=steps,
                 learning_rate=3e-3,
-                lr_scheduler="constant_with_warmup",
-                warmup_ratio=5,
-                save_steps=STEPS,
+                lr_scheduler="cosine",
+                warmup_ratio=10,
+                save_steps=steps,
                 device="cpu",
             ),
             adapter,
@@ -72,21 +80,34 @@ def channel(tmp_path, m: int, trained: bool) -> tuple[float, float, float]:
         tmp_path / f"eval-m{m}-{trained}",
         progress=False,
     )
-    records = [line for line in (tmp_path / f"eval-m{m}-{trained}" / "samples.jsonl").read_text().splitlines()]
-    import json
+    rows = [json.loads(line) for line in (tmp_path / f"eval-m{m}-{trained}" / "samples.jsonl").read_text().splitlines()]
+    secrets, answers = [r["gold"] for r in rows], [r["extracted"] for r in rows]
+    return Outcome(
+        accuracy=summary["accuracy"],
+        p_chance=above_chance_p(sum(bool(r["correct"]) for r in rows), len(rows), CHANCE),
+        bits=mutual_information_bits(secrets, answers),
+        p_bits=permutation_p(secrets, answers, n_perm=200),
+        top_share=max(Counter(secrets).values()) / len(secrets),  # always answering the commonest secret
+    )
 
-    rows = [json.loads(r) for r in records]
-    bits = mutual_information_bits([r["gold"] for r in rows], [r["extracted"] for r in rows])
-    n_correct = sum(bool(r["correct"]) for r in rows)
-    return summary["accuracy"], above_chance_p(n_correct, len(rows), CHANCE), bits
+
+@dataclass
+class Outcome:
+    accuracy: float
+    p_chance: float  # one-sided binomial test against 1/K
+    bits: float  # mutual information between secret and answer
+    p_bits: float  # its permutation p-value
+    top_share: float
 
 
 def test_trained_channel_carries_the_secret_and_the_controls_do_not(tmp_path):
-    untrained = channel(tmp_path, 2, trained=False)
-    trained = channel(tmp_path, 2, trained=True)
-    blind = channel(tmp_path, 0, trained=True)
-    summary = f"untrained {untrained}, trained m=2 {trained}, trained m=0 {blind}"
+    untrained = channel(tmp_path, M, trained=False)
+    trained = channel(tmp_path, M, trained=True)
+    blind = channel(tmp_path, 0, trained=True, steps=CONTROL_STEPS)
+    summary = f"untrained {untrained}, trained m={M} {trained}, trained m=0 {blind}"
     print(summary)
-    assert trained[0] >= 0.75 and trained[1] < 1e-6 and trained[2] > 1.0, summary
-    for _, p, bits in (untrained, blind):
-        assert p > 0.01 and bits < 0.3, summary  # not above chance, and the answer ignores the secret
+    assert trained.accuracy >= 0.75 and trained.p_chance < 1e-6 and trained.bits > 1.5, summary
+    for control in (untrained, blind):
+        # no dependence of the answer on the secret, and no better than always giving the commonest
+        # secret (a reader may learn the prior; 32 examples make 1/K itself a loose bound)
+        assert control.p_bits > 0.01 and control.accuracy <= control.top_share, summary

@@ -113,3 +113,16 @@ def test_run_examples_records_strict_and_the_option_scoring_cost(tmp_path):
     records = list(run_examples(method, task, task.load("test"), batch_size=2, option_likelihood=True))
     assert all("correct_strict" in r and "extracted_strict" in r for r in records)
     assert all(r["option_likelihood"]["wall_s"] > 0 for r in records)
+
+
+def test_summary_table_shows_strict_beside_flexible():
+    from rich.console import Console
+
+    from diffmas.cli.common import summary_table
+
+    records = [_record("a", r"\boxed{B}"), _record("b", "I think it is\n\nB\n"), _record("c", r"\boxed{C}")]
+    summary = {"task": "arc_easy", "method": "single", "latent_steps": 0, **summarize(records)}
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary, "out"))
+    text = console.export_text()
+    assert "accuracy, strict extraction" in text and "33.3%" in text and "66.7%" in text

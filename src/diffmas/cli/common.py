@@ -266,6 +266,10 @@ def summary_table(summary: dict, out) -> Table:
         ("questions (records, skipped)", f"{summary['n_questions']} ({summary['n_records']}, {summary['n_skipped']})"),
         ("accuracy [95% CI]", _pct(summary["accuracy"]) + _ci(summary["accuracy_ci"])),
     ]
+    if summary.get("accuracy_strict") is not None:  # multiple choice: lm-eval's strict-match beside it
+        rows.append(
+            ("accuracy, strict extraction", _pct(summary["accuracy_strict"]) + _ci(summary["accuracy_strict_ci"]))
+        )
     if summary.get("n_option_questions"):
         rows += [
             ("option likelihood acc", _pct(summary["option_accuracy"]) + _ci(summary["option_accuracy_ci"])),
@@ -287,6 +291,11 @@ def summary_table(summary: dict, out) -> Table:
             ", ".join(_num(tok.get(kind), ".0f") for kind in ("prompt", "latent", "generated")),
         ),
         ("seconds / question", _num(summary["seconds_per_question"], ".2f")),
+        *(
+            [("option scoring s / question (apart)", _num(summary["option_seconds_per_question"], ".2f"))]
+            if summary.get("option_seconds_per_question") is not None
+            else []
+        ),
         ("latency p50 / p95 (batch)", f"{_num(latency.get('p50'), '.2f')} / {_num(latency.get('p95'), '.2f', ' s')}"),
         ("trace (mean)", _mib_or_dash((summary["trace_bytes"] or {}).get("mean"))),
         ("peak memory", _mib_or_dash(summary["peak_memory_bytes"])),

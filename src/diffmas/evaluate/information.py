@@ -60,9 +60,7 @@ def above_chance_p(n_correct: int, n: int, chance: float) -> float:
     return min(1.0, tail)
 
 
-def permutation_p(
-    secrets: Sequence[Hashable], answers: Sequence[Hashable], n_perm: int = 500, seed: int = 0
-) -> float:
+def permutation_p(secrets: Sequence[Hashable], answers: Sequence[Hashable], n_perm: int = 500, seed: int = 0) -> float:
     """P-value of the observed mutual information against answers shuffled across examples (the
     null of no dependence), with the +1 correction: small alphabets and few examples leave a
     positive bias that a fixed threshold would misread as a channel."""
