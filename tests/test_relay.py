@@ -113,3 +113,18 @@ def test_the_question_says_nothing_about_the_secret():
         assert permutation_p(secrets, questions, n_perm=100) > 0.05, spec
     assert mutual_information_bits(secrets, questions) < 0.3
     assert permutation_p(secrets, secrets, n_perm=100) < 0.02
+
+
+def test_the_text_channel_reaches_the_reader_and_the_latent_prompts_stay_bare(tied_backbone):
+    from diffmas.methods import MethodConfig, asks_of, get_method
+
+    task = get_task("relay_chain?hops=2")
+    example = task.load("test", limit=1)[0]
+    topology = task.topology()
+    method = get_method("text_mas", tied_backbone, topology, MethodConfig())
+    asks = asks_of([example.question], [example.private])
+    for role in topology.roles[1:]:  # every agent after the sender reads its predecessor's message
+        prompt = method.prompts(role, asks, task.format_instruction, ["\nMessages from earlier agents:\n[x]\nhi\n"])[0]
+        assert "Messages from earlier agents" in prompt, role.name
+    reader = method.prompts(topology.final, asks, task.format_instruction)[0]
+    assert f"user\n{example.question} {task.format_instruction}<|im_end|>" in reader  # latent channel: bare

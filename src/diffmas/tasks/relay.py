@@ -108,12 +108,14 @@ NAMES = (
 # chat templates from inserting their default one).
 SYSTEM = ""
 SENDER = Role("sender", SYSTEM, "{private} Your team is asked: {question}")
-READER = Role("reader", SYSTEM, "{question} {format}")
-AGGREGATOR = Role("aggregator", SYSTEM, "{question} {format}")
+# {context} is empty on the latent channel (the prompts are then exactly the fact and the question)
+# and holds the earlier agents' messages on the text channel.
+READER = Role("reader", SYSTEM, "{context}{question} {format}")
+AGGREGATOR = Role("aggregator", SYSTEM, "{context}{question} {format}")
 
 
 def _relay(index: int) -> Role:
-    return Role(f"relay_{index}", SYSTEM, "Pass on what you were told. Your team is asked: {question}")
+    return Role(f"relay_{index}", SYSTEM, "{context}Pass on what you were told. Your team is asked: {question}")
 
 
 def _holder(index: int) -> Role:
