@@ -26,18 +26,54 @@ REPO = Path(__file__).resolve().parents[1]
 # weights: paper-scale costs (time, memory, trace bytes) on a machine that has no hub access.
 # Its outputs are meaningless, so the benchmarks then decode fixed lengths (DecodeConfig.ignore_eos).
 RANDOM_SHAPES = {
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                         tie_word_embeddings=True, max_position_embeddings=8192),
-    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     tie_word_embeddings=True, max_position_embeddings=40960),
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     tie_word_embeddings=False, max_position_embeddings=40960),
-    "qwen3-14b": dict(model_type="qwen3", hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
-                      num_attention_heads=40, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                      tie_word_embeddings=False, max_position_embeddings=40960),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "qwen3-4b": dict(
+        model_type="qwen3",
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+    ),
+    "qwen3-8b": dict(
+        model_type="qwen3",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
+    "qwen3-14b": dict(
+        model_type="qwen3",
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
 }
 
 
@@ -61,16 +97,18 @@ SETTINGS = ModelSettings()
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     d = ModelSettings()
-    p.add_argument("--model", default=d.model, help="embedded name, local dir, hub id, or random:" +
-                   "|".join(RANDOM_SHAPES))
+    p.add_argument(
+        "--model", default=d.model, help="embedded name, local dir, hub id, or random:" + "|".join(RANDOM_SHAPES)
+    )
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--device", default=d.device)
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for random:* models")
     p.add_argument("--tag", default="", help="result file suffix (results/<name>_<tag>.json)")
 
 
-def setup(threads: int | None = None, args: argparse.Namespace | None = None,
-          settings: ModelSettings | None = None) -> None:
+def setup(
+    threads: int | None = None, args: argparse.Namespace | None = None, settings: ModelSettings | None = None
+) -> None:
     global SETTINGS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
@@ -93,8 +131,9 @@ def backbone():
     from diffmas import load_backbone
 
     if SETTINGS.random_weights:
-        return random_backbone(SETTINGS.model.removeprefix("random:"), SETTINGS.dtype, SETTINGS.device,
-                               SETTINGS.tokenizer)
+        return random_backbone(
+            SETTINGS.model.removeprefix("random:"), SETTINGS.dtype, SETTINGS.device, SETTINGS.tokenizer
+        )
     return load_backbone(SETTINGS.model, dtype=SETTINGS.dtype, device=SETTINGS.device)
 
 
@@ -131,9 +170,15 @@ def gsm8k(n: int):
 def machine() -> dict:
     from diffmas.provenance import device_description, git_commit, package_versions
 
-    return {"device": device_description(), "torch_threads": torch.get_num_threads(), "bench_model": asdict(SETTINGS),
-            "python": platform.python_version(), "versions": package_versions(), "git_commit": git_commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "device": device_description(),
+        "torch_threads": torch.get_num_threads(),
+        "bench_model": asdict(SETTINGS),
+        "python": platform.python_version(),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def write(name: str, payload: dict) -> Path:

@@ -14,9 +14,13 @@ def run(n: int, sizes: list[int], max_new_tokens: int, m: int) -> dict:
     bb = c.backbone()
     task, examples = c.gsm8k(n)
     prompts = [task.prompt(ex) for ex in examples]
-    method = get_method("latent_mas", bb, config=MethodConfig(latent_steps=m,
-                                                              decode=DecodeConfig(max_new_tokens=max_new_tokens,
-                                                                                  ignore_eos=c.ignore_eos())))
+    method = get_method(
+        "latent_mas",
+        bb,
+        config=MethodConfig(
+            latent_steps=m, decode=DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=c.ignore_eos())
+        ),
+    )
     method.run_batch(prompts[:1], task.format_instruction)  # warm-up
     rows = {}
     for size in sizes:
@@ -29,9 +33,20 @@ def run(n: int, sizes: list[int], max_new_tokens: int, m: int) -> dict:
         rows[str(size)] = {"wall_s": wall, "questions_per_s": n / wall, "generated_tokens": generated}
     base = rows[str(sizes[0])]["questions_per_s"]
     speedup = {k: v["questions_per_s"] / base for k, v in rows.items()}
-    return {"settings": {"questions": n, "batch_sizes": sizes, "max_new_tokens": max_new_tokens,
-                         "latent_steps": m, "agents": 4, "fixed_lengths": c.ignore_eos(), **c.model_settings()},
-            "batches": rows, "speedup_over_batch1": speedup, "targets": {"speedup_at_16_min": 5.0}}
+    return {
+        "settings": {
+            "questions": n,
+            "batch_sizes": sizes,
+            "max_new_tokens": max_new_tokens,
+            "latent_steps": m,
+            "agents": 4,
+            "fixed_lengths": c.ignore_eos(),
+            **c.model_settings(),
+        },
+        "batches": rows,
+        "speedup_over_batch1": speedup,
+        "targets": {"speedup_at_16_min": 5.0},
+    }
 
 
 def main() -> None:
@@ -45,8 +60,15 @@ def main() -> None:
     c.setup(args.threads, args)
     result = run(args.n, [1, 4, 16], args.max_new_tokens, args.latent_steps)
     c.write("batching", result)
-    print(c.table([[k, f"{v['wall_s']:.1f}", f"{v['questions_per_s']:.3f}", f"{result['speedup_over_batch1'][k]:.2f}x"]
-                   for k, v in result["batches"].items()], ["batch", "wall s", "questions/s", "speedup"]))
+    print(
+        c.table(
+            [
+                [k, f"{v['wall_s']:.1f}", f"{v['questions_per_s']:.3f}", f"{result['speedup_over_batch1'][k]:.2f}x"]
+                for k, v in result["batches"].items()
+            ],
+            ["batch", "wall s", "questions/s", "speedup"],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
 
     bb = c.backbone()
     task, examples = c.gsm8k(n)
-    config = MethodConfig(latent_steps=m, decode=DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=c.ignore_eos()),
-                          upstream_max_new_tokens=upstream_max_new_tokens)
+    config = MethodConfig(
+        latent_steps=m,
+        decode=DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=c.ignore_eos()),
+        upstream_max_new_tokens=upstream_max_new_tokens,
+    )
     methods = {}
     for name in ("single", "text_mas", "latent_mas"):
         method = get_method(name, bb, default_topology("sequential"), config)
@@ -25,9 +28,13 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
         wall = c.time.perf_counter() - start
         print(f"{name}: {wall:.1f} s", file=c.sys.stderr, flush=True)
         roles = [a["role"] for a in records[0]["agents"]]
-        per_agent = {role: {k: sum(r["agents"][i][k] for r in records) / len(records)
-                            for k in ("n_prompt_tokens", "n_latent_steps", "n_generated_tokens")}
-                     for i, role in enumerate(roles)}
+        per_agent = {
+            role: {
+                k: sum(r["agents"][i][k] for r in records) / len(records)
+                for k in ("n_prompt_tokens", "n_latent_steps", "n_generated_tokens")
+            }
+            for i, role in enumerate(roles)
+        }
         # a record's wall_s is its whole batch's generation time: count each batch once
         firsts = records[::batch_size]
         for i, role in enumerate(roles):
@@ -38,20 +45,34 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
             "generation_s": generation,  # the method alone: what the ratios compare
             "seconds_per_question": wall / len(records),
             "correct": sum(r["correct"] for r in records),
-            "tokens_per_question": {k: sum(r["n_tokens"][k] for r in records) / len(records)
-                                    for k in ("prompt", "latent", "generated")},
+            "tokens_per_question": {
+                k: sum(r["n_tokens"][k] for r in records) / len(records) for k in ("prompt", "latent", "generated")
+            },
             "tokens_per_agent": per_agent,
             "trace_bytes_mean": sum(r["trace_bytes"] for r in records) / len(records),
             "trace_len_mean": sum(r["trace_len"] for r in records) / len(records),
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
         }
-    ratios = {"latent_over_single": methods["latent_mas"]["generation_s"] / methods["single"]["generation_s"],
-              "text_over_latent": methods["text_mas"]["generation_s"] / methods["latent_mas"]["generation_s"]}
-    return {"settings": {"questions": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                         "upstream_max_new_tokens": upstream_max_new_tokens, "latent_steps": m,
-                         "agents": 4, "decoding": "greedy", "fixed_lengths": c.ignore_eos(), **c.model_settings()},
-            "methods": methods, "ratios": ratios,
-            "targets": {"latent_over_single_max": 1.3, "text_over_latent_min": 4.0}}
+    ratios = {
+        "latent_over_single": methods["latent_mas"]["generation_s"] / methods["single"]["generation_s"],
+        "text_over_latent": methods["text_mas"]["generation_s"] / methods["latent_mas"]["generation_s"],
+    }
+    return {
+        "settings": {
+            "questions": n,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "upstream_max_new_tokens": upstream_max_new_tokens,
+            "latent_steps": m,
+            "agents": 4,
+            "decoding": "greedy",
+            "fixed_lengths": c.ignore_eos(),
+            **c.model_settings(),
+        },
+        "methods": methods,
+        "ratios": ratios,
+        "targets": {"latent_over_single_max": 1.3, "text_over_latent_min": 4.0},
+    }
 
 
 def main() -> None:
@@ -67,11 +88,26 @@ def main() -> None:
     c.setup(args.threads, args)
     result = run(args.n, args.batch_size, args.max_new_tokens, args.upstream_max_new_tokens, args.latent_steps)
     c.write("inference_cost", result)
-    rows = [[name, f"{m['generation_s']:.1f}", f"{m['wall_s']:.1f}", f"{m['tokens_per_question']['prompt']:.0f}",
-             f"{m['tokens_per_question']['latent']:.0f}", f"{m['tokens_per_question']['generated']:.0f}",
-             f"{m['trace_bytes_mean'] / 2**20:.1f}", f"{m['peak_memory_bytes'] / 2**20:.0f}", m["correct"]]
-            for name, m in result["methods"].items()]
-    print(c.table(rows, ["method", "generation s", "wall s", "prompt/q", "latent/q", "gen/q", "trace MiB", "peak MiB", "correct"]))
+    rows = [
+        [
+            name,
+            f"{m['generation_s']:.1f}",
+            f"{m['wall_s']:.1f}",
+            f"{m['tokens_per_question']['prompt']:.0f}",
+            f"{m['tokens_per_question']['latent']:.0f}",
+            f"{m['tokens_per_question']['generated']:.0f}",
+            f"{m['trace_bytes_mean'] / 2**20:.1f}",
+            f"{m['peak_memory_bytes'] / 2**20:.0f}",
+            m["correct"],
+        ]
+        for name, m in result["methods"].items()
+    ]
+    print(
+        c.table(
+            rows,
+            ["method", "generation s", "wall s", "prompt/q", "latent/q", "gen/q", "trace MiB", "peak MiB", "correct"],
+        )
+    )
     print({k: round(v, 2) for k, v in result["ratios"].items()})
 
 

@@ -46,11 +46,21 @@ def run(context: int, steps: int, repeats: int, batch: int) -> dict:
         lat = sorted(latent_run() / steps for _ in range(repeats))
         dec = sorted(decode_run() / steps for _ in range(repeats))
     med = lambda xs: xs[len(xs) // 2]
-    return {"settings": {"context_tokens": context, "steps": steps, "repeats": repeats, "batch": batch,
-                         **c.model_settings()},
-            "latent_step_ms": med(lat) * 1000, "decode_step_ms": med(dec) * 1000,
-            "ratio_latent_over_decode": med(lat) / med(dec), "latent_all_ms": [x * 1000 for x in lat],
-            "decode_all_ms": [x * 1000 for x in dec], "targets": {"ratio_max": 1.1}}
+    return {
+        "settings": {
+            "context_tokens": context,
+            "steps": steps,
+            "repeats": repeats,
+            "batch": batch,
+            **c.model_settings(),
+        },
+        "latent_step_ms": med(lat) * 1000,
+        "decode_step_ms": med(dec) * 1000,
+        "ratio_latent_over_decode": med(lat) / med(dec),
+        "latent_all_ms": [x * 1000 for x in lat],
+        "decode_all_ms": [x * 1000 for x in dec],
+        "targets": {"ratio_max": 1.1},
+    }
 
 
 def main() -> None:
@@ -65,8 +75,16 @@ def main() -> None:
     c.setup(args.threads, args)
     result = run(args.context, args.steps, args.repeats, args.batch)
     c.write("step_cost", result)
-    print(c.table([["latent step", f"{result['latent_step_ms']:.1f}"], ["decode step", f"{result['decode_step_ms']:.1f}"],
-                   ["ratio", f"{result['ratio_latent_over_decode']:.3f}"]], ["", "ms (median)"]))
+    print(
+        c.table(
+            [
+                ["latent step", f"{result['latent_step_ms']:.1f}"],
+                ["decode step", f"{result['decode_step_ms']:.1f}"],
+                ["ratio", f"{result['ratio_latent_over_decode']:.3f}"],
+            ],
+            ["", "ms (median)"],
+        )
+    )
 
 
 if __name__ == "__main__":

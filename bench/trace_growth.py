@@ -12,8 +12,11 @@ import _common as c
 
 # Published config.json values (num_hidden_layers, num_key_value_heads, head_dim).
 PAPER_MODELS = {
-    name: (c.RANDOM_SHAPES[key]["num_hidden_layers"], c.RANDOM_SHAPES[key]["num_key_value_heads"],
-           c.RANDOM_SHAPES[key]["head_dim"])
+    name: (
+        c.RANDOM_SHAPES[key]["num_hidden_layers"],
+        c.RANDOM_SHAPES[key]["num_key_value_heads"],
+        c.RANDOM_SHAPES[key]["head_dim"],
+    )
     for name, key in (("Qwen3-4B", "qwen3-4b"), ("Qwen3-8B", "qwen3-8b"), ("Qwen3-14B", "qwen3-14b"))
 }
 
@@ -37,9 +40,17 @@ def measure(agents_list, steps_list, prompt_list) -> list[dict]:
                         h = prefill(trace, f"agent{a}", ["word " * words])
                         latent_steps(trace, f"agent{a}", h, m)
                     formula = bytes_per_position(bb.n_layers, bb.n_kv_heads, bb.head_dim, 4) * trace.length
-                    rows.append({"agents": agents, "latent_steps": m, "prompt_tokens": trace.length // agents - m,
-                                 "length": trace.length, "bytes": trace.n_bytes(), "formula_bytes": formula,
-                                 "matches": trace.n_bytes() == formula})
+                    rows.append(
+                        {
+                            "agents": agents,
+                            "latent_steps": m,
+                            "prompt_tokens": trace.length // agents - m,
+                            "length": trace.length,
+                            "bytes": trace.n_bytes(),
+                            "formula_bytes": formula,
+                            "matches": trace.n_bytes() == formula,
+                        }
+                    )
     return rows
 
 
@@ -59,16 +70,30 @@ def main() -> None:
     rows = measure([1, 2, 4, 8], [0, 10, 40], [50, 200])
     # a 4-agent trace: 3 upstream x (prompt + m) + final prompt + decode; lengths for typical settings
     lengths = [1_000, 4_000, 16_000, 32_000]
-    result = {"settings": {"model": "smollm2-135m", "dtype": "float32", "batch": 1},
-              "smollm2_bytes_per_position_fp32": rows[0]["bytes"] // rows[0]["length"],
-              "measured": rows, "all_match_formula": all(r["matches"] for r in rows),
-              "extrapolation_bf16": extrapolate(lengths), "paper_model_shapes": PAPER_MODELS}
+    result = {
+        "settings": {"model": "smollm2-135m", "dtype": "float32", "batch": 1},
+        "smollm2_bytes_per_position_fp32": rows[0]["bytes"] // rows[0]["length"],
+        "measured": rows,
+        "all_match_formula": all(r["matches"] for r in rows),
+        "extrapolation_bf16": extrapolate(lengths),
+        "paper_model_shapes": PAPER_MODELS,
+    }
     c.write("trace_growth", result)
-    print(c.table([[r["agents"], r["latent_steps"], r["prompt_tokens"], r["length"], r["bytes"], r["matches"]]
-                   for r in rows], ["agents", "m", "prompt/agent", "length", "bytes", "= formula"]))
-    print(c.table([[k, v["bytes_per_position_bf16"]] + [f"{x:.0f}" for x in v["mib_at_length"].values()]
-                   for k, v in result["extrapolation_bf16"].items()],
-                  ["model", "B/pos"] + [f"MiB@{n}" for n in lengths]))
+    print(
+        c.table(
+            [[r["agents"], r["latent_steps"], r["prompt_tokens"], r["length"], r["bytes"], r["matches"]] for r in rows],
+            ["agents", "m", "prompt/agent", "length", "bytes", "= formula"],
+        )
+    )
+    print(
+        c.table(
+            [
+                [k, v["bytes_per_position_bf16"]] + [f"{x:.0f}" for x in v["mib_at_length"].values()]
+                for k, v in result["extrapolation_bf16"].items()
+            ],
+            ["model", "B/pos"] + [f"MiB@{n}" for n in lengths],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import torch
 import _common as c
 
 
-def step_time(settings: c.ModelSettings, train_method: str, items: list[dict], m: int, repeats: int,
-              checkpointing: bool = False) -> dict:
+def step_time(
+    settings: c.ModelSettings, train_method: str, items: list[dict], m: int, repeats: int, checkpointing: bool = False
+) -> dict:
     from diffmas import MethodConfig, default_topology, get_method
     from diffmas.accounting import MemoryMeter
     from diffmas.train import TrainConfig
@@ -38,8 +39,12 @@ def step_time(settings: c.ModelSettings, train_method: str, items: list[dict], m
     step()  # warm-up
     with MemoryMeter(bb.device) as memory:
         seconds = c.median_time(step, repeats)
-    return {"seconds_per_step": seconds, "trace_len": model.last_stats["trace_len"],
-            "target_tokens": model.last_stats["n_target_tokens"], "peak_memory_bytes": memory.peak_bytes}
+    return {
+        "seconds_per_step": seconds,
+        "trace_len": model.last_stats["trace_len"],
+        "target_tokens": model.last_stats["n_target_tokens"],
+        "peak_memory_bytes": memory.peak_bytes,
+    }
 
 
 def isolated(fn, *args):
@@ -58,19 +63,35 @@ def run(sizes: list[int], m: int, repeats: int) -> dict:
 
     task = get_task("gsm8k")
     examples = task.load("train", limit=max(sizes))
-    items = [{"question": task.prompt(ex), "target": task.target_text(ex), "format": task.format_instruction}
-             for ex in examples]
-    result = {"settings": {"examples_per_step": sizes, "latent_steps": m, "agents": 4, "repeats": repeats,
-                           "lora": "r=8, alpha=16, q/k/v/o", "task": "gsm8k train (worked solutions)",
-                           **c.model_settings()},
-              "by_batch": {}, "targets": {"ratio_max": 3.0}}
+    items = [
+        {"question": task.prompt(ex), "target": task.target_text(ex), "format": task.format_instruction}
+        for ex in examples
+    ]
+    result = {
+        "settings": {
+            "examples_per_step": sizes,
+            "latent_steps": m,
+            "agents": 4,
+            "repeats": repeats,
+            "lora": "r=8, alpha=16, q/k/v/o",
+            "task": "gsm8k train (worked solutions)",
+            **c.model_settings(),
+        },
+        "by_batch": {},
+        "targets": {"ratio_max": 3.0},
+    }
     for n in sizes:
         row = result["by_batch"][str(n)] = {}
-        for key, method, checkpointing in (("diffmas", "diffmas", False), ("sft_single", "sft_single", False),
-                                           ("diffmas_checkpointed", "diffmas", True)):
+        for key, method, checkpointing in (
+            ("diffmas", "diffmas", False),
+            ("sft_single", "sft_single", False),
+            ("diffmas_checkpointed", "diffmas", True),
+        ):
             row[key] = isolated(step_time, c.SETTINGS, method, items[:n], m, repeats, checkpointing)
             if "sft_single" in row:
-                row["ratio_diffmas_over_single"] = row["diffmas"]["seconds_per_step"] / row["sft_single"]["seconds_per_step"]
+                row["ratio_diffmas_over_single"] = (
+                    row["diffmas"]["seconds_per_step"] / row["sft_single"]["seconds_per_step"]
+                )
             c.write("training_step", result)
     return result
 
@@ -86,9 +107,19 @@ def main() -> None:
     c.setup(args.threads, args)
     torch.manual_seed(0)
     result = run([int(x) for x in args.sizes.split(",")], args.latent_steps, args.repeats)
-    rows = [[n, k, f"{r[k]['seconds_per_step']:.2f}", f"{r[k]['trace_len']:.0f}", r[k]["target_tokens"],
-             f"{r[k]['peak_memory_bytes'] / 2**20:.0f}", f"{r['ratio_diffmas_over_single']:.2f}x"]
-            for n, r in result["by_batch"].items() for k in ("diffmas", "diffmas_checkpointed", "sft_single")]
+    rows = [
+        [
+            n,
+            k,
+            f"{r[k]['seconds_per_step']:.2f}",
+            f"{r[k]['trace_len']:.0f}",
+            r[k]["target_tokens"],
+            f"{r[k]['peak_memory_bytes'] / 2**20:.0f}",
+            f"{r['ratio_diffmas_over_single']:.2f}x",
+        ]
+        for n, r in result["by_batch"].items()
+        for k in ("diffmas", "diffmas_checkpointed", "sft_single")
+    ]
     print(c.table(rows, ["batch", "method", "s/step", "trace len", "target tok", "peak MiB", "ratio"]))
 
 

@@ -30,14 +30,17 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 def machine_line(result: dict) -> str:
     m = result["machine"]
-    return (f"_Measured {m['date']} on {m['device']}, torch {m['versions'].get('torch')}, "
-            f"transformers {m['versions'].get('transformers')}, commit {m['git_commit']}._")
+    return (
+        f"_Measured {m['date']} on {m['device']}, torch {m['versions'].get('torch')}, "
+        f"transformers {m['versions'].get('transformers')}, commit {m['git_commit']}._"
+    )
 
 
 def tagged(name: str) -> list[tuple[str, dict]]:
     """Results of runs elsewhere (e.g. a GPU), written as <name>_<tag>.json."""
-    return [(p.stem.removeprefix(name + "_"), json.loads(p.read_text()))
-            for p in sorted(c.RESULTS.glob(f"{name}_*.json"))]
+    return [
+        (p.stem.removeprefix(name + "_"), json.loads(p.read_text())) for p in sorted(c.RESULTS.glob(f"{name}_*.json"))
+    ]
 
 
 def section_inference(r: dict) -> str:
@@ -46,48 +49,103 @@ def section_inference(r: dict) -> str:
     rows = []
     for name, m in r["methods"].items():
         t = m["tokens_per_question"]
-        rows.append([name] + ([f"{m['generation_s']:.1f}"] if split else []) +
-                    [f"{m['wall_s']:.1f}", f"{m['seconds_per_question']:.2f}", f"{t['prompt']:.0f}",
-                     f"{t['latent']:.0f}", f"{t['generated']:.0f}", f"{m['trace_bytes_mean'] / 2**20:.1f}",
-                     f"{m['peak_memory_bytes'] / 2**20:.0f}", f"{m['correct']}/{s['questions']}"])
+        rows.append(
+            [name]
+            + ([f"{m['generation_s']:.1f}"] if split else [])
+            + [
+                f"{m['wall_s']:.1f}",
+                f"{m['seconds_per_question']:.2f}",
+                f"{t['prompt']:.0f}",
+                f"{t['latent']:.0f}",
+                f"{t['generated']:.0f}",
+                f"{m['trace_bytes_mean'] / 2**20:.1f}",
+                f"{m['peak_memory_bytes'] / 2**20:.0f}",
+                f"{m['correct']}/{s['questions']}",
+            ]
+        )
     agents = []
     for name, m in r["methods"].items():
         for role, a in m["tokens_per_agent"].items():
-            agents.append([name, role, f"{a['n_prompt_tokens']:.0f}", f"{a['n_latent_steps']:.0f}",
-                           f"{a['n_generated_tokens']:.0f}"])
+            agents.append(
+                [
+                    name,
+                    role,
+                    f"{a['n_prompt_tokens']:.0f}",
+                    f"{a['n_latent_steps']:.0f}",
+                    f"{a['n_generated_tokens']:.0f}",
+                ]
+            )
     ratio_ls, ratio_tl = r["ratios"]["latent_over_single"], r["ratios"]["text_over_latent"]
     t = r["targets"]
-    return "\n\n".join(part for part in [
-        "## Inference cost: single vs text_mas vs latent_mas",
-        f"{s['questions']} GSM8K test questions, {s['agents']} agents, m={s['latent_steps']}, greedy, batch "
-        f"{s['batch_size']}, final agent ≤ {s['max_new_tokens']} new tokens, text_mas upstream agents ≤ "
-        f"{s['upstream_max_new_tokens']} each; {s['model']} in {s['dtype']}.",
-        ("Fixed-length decoding (random weights): every decoding agent writes exactly its token budget."
-         if s.get("fixed_lengths") else ""),
-        md_table(["method"] + (["generation s"] if split else []) + ["wall s", "s/question", "prompt tok/q",
-                 "latent steps/q", "generated tok/q", "trace MiB/q", "peak MiB", "correct"], rows),
-        ("_generation s_: the method alone (what the ratios compare); _wall s_: end to end, answer scoring "
-         "included, after one warm-up question per method." if split else
-         "_wall s_ is end to end: it includes answer scoring and, for the first method, warm-up (this result "
-         "predates the split into generation and scoring time; the ratios compare these wall times)."),
-        md_table(["ratio (same run)", "value", "target", "verdict"], [
-            ["latent_mas / single", f"{ratio_ls:.2f}x", f"≤ {t['latent_over_single_max']}x",
-             verdict(ratio_ls <= t["latent_over_single_max"])],
-            ["text_mas / latent_mas", f"{ratio_tl:.2f}x", f"≥ {t['text_over_latent_min']}x",
-             verdict(ratio_tl >= t["text_over_latent_min"])]]),
-        _why_inference(r) if not s.get("random_weights") else _why_inference_gpu(r),
-        "Tokens per agent (mean per question):",
-        md_table(["method", "agent", "prompt", "latent steps", "generated"], agents),
-        machine_line(r),
-    ] if part)
+    return "\n\n".join(
+        part
+        for part in [
+            "## Inference cost: single vs text_mas vs latent_mas",
+            f"{s['questions']} GSM8K test questions, {s['agents']} agents, m={s['latent_steps']}, greedy, batch "
+            f"{s['batch_size']}, final agent ≤ {s['max_new_tokens']} new tokens, text_mas upstream agents ≤ "
+            f"{s['upstream_max_new_tokens']} each; {s['model']} in {s['dtype']}.",
+            (
+                "Fixed-length decoding (random weights): every decoding agent writes exactly its token budget."
+                if s.get("fixed_lengths")
+                else ""
+            ),
+            md_table(
+                ["method"]
+                + (["generation s"] if split else [])
+                + [
+                    "wall s",
+                    "s/question",
+                    "prompt tok/q",
+                    "latent steps/q",
+                    "generated tok/q",
+                    "trace MiB/q",
+                    "peak MiB",
+                    "correct",
+                ],
+                rows,
+            ),
+            (
+                "_generation s_: the method alone (what the ratios compare); _wall s_: end to end, answer scoring "
+                "included, after one warm-up question per method."
+                if split
+                else "_wall s_ is end to end: it includes answer scoring and, for the first method, warm-up (this result "
+                "predates the split into generation and scoring time; the ratios compare these wall times)."
+            ),
+            md_table(
+                ["ratio (same run)", "value", "target", "verdict"],
+                [
+                    [
+                        "latent_mas / single",
+                        f"{ratio_ls:.2f}x",
+                        f"≤ {t['latent_over_single_max']}x",
+                        verdict(ratio_ls <= t["latent_over_single_max"]),
+                    ],
+                    [
+                        "text_mas / latent_mas",
+                        f"{ratio_tl:.2f}x",
+                        f"≥ {t['text_over_latent_min']}x",
+                        verdict(ratio_tl >= t["text_over_latent_min"]),
+                    ],
+                ],
+            ),
+            _why_inference(r) if not s.get("random_weights") else _why_inference_gpu(r),
+            "Tokens per agent (mean per question):",
+            md_table(["method", "agent", "prompt", "latent steps", "generated"], agents),
+            machine_line(r),
+        ]
+        if part
+    )
 
 
 def _why_inference(r: dict) -> str:
     single, latent, text = (r["methods"][k] for k in ("single", "latent_mas", "text_mas"))
     prompt_ratio = latent["tokens_per_question"]["prompt"] / single["tokens_per_question"]["prompt"]
     trace_ratio = latent["trace_len_mean"] / single["trace_len_mean"]
-    upstream_gen = sum(a["n_generated_tokens"] for role, a in text["tokens_per_agent"].items()
-                       if role != list(text["tokens_per_agent"])[-1])
+    upstream_gen = sum(
+        a["n_generated_tokens"]
+        for role, a in text["tokens_per_agent"].items()
+        if role != list(text["tokens_per_agent"])[-1]
+    )
     upstream_latent = latent["tokens_per_question"]["latent"]
     notes = []
     if r["ratios"]["latent_over_single"] > r["targets"]["latent_over_single_max"]:
@@ -99,14 +157,16 @@ def _why_inference(r: dict) -> str:
             "step, so each decode step's cost grows with the trace — and latent_mas's final agent decodes on "
             "the longer one, so a longer answer budget does not dilute the overhead here. On a GPU, where a "
             "decode step of a large model is bound by its weights and kernel launches rather than by the trace, "
-            "the ratio is lower (see Other machines below).")
+            "the ratio is lower (see Other machines below)."
+        )
     if r["ratios"]["text_over_latent"] < r["targets"]["text_over_latent_min"]:
         notes.append(
             f"**Why text_mas is not ≥ 4x latent_mas here.** The upstream text agents wrote {upstream_gen:.0f} "
             f"tokens per question in all (capped at {r['settings']['upstream_max_new_tokens']} each) where "
             f"latent_mas took {upstream_latent:.0f} latent steps; the ratio is set by that exchange and grows "
             "with the upstream budget (reasoning models write thousands of tokens per agent), while SmolLM2's "
-            "upstream messages are short.")
+            "upstream messages are short."
+        )
     return "\n\n".join(notes)
 
 
@@ -115,16 +175,20 @@ def _why_inference_gpu(r: dict) -> str:
     upstream_gen = sum(a["n_generated_tokens"] for a in list(text["tokens_per_agent"].values())[:-1])
     if r["ratios"]["text_over_latent"] >= r["targets"]["text_over_latent_min"]:
         return ""
-    return (f"text_mas's upstream agents wrote {upstream_gen:.0f} tokens per question here (budget "
-            f"{s['upstream_max_new_tokens']} each) against {r['methods']['latent_mas']['tokens_per_question']['latent']:.0f} "
-            "latent steps; its cost over latent_mas grows with that budget, which for reasoning models is "
-            "thousands of tokens per agent.")
+    return (
+        f"text_mas's upstream agents wrote {upstream_gen:.0f} tokens per question here (budget "
+        f"{s['upstream_max_new_tokens']} each) against {r['methods']['latent_mas']['tokens_per_question']['latent']:.0f} "
+        "latent steps; its cost over latent_mas grows with that budget, which for reasoning models is "
+        "thousands of tokens per agent."
+    )
 
 
 def section_batching(r: dict) -> str:
     s = r["settings"]
-    rows = [[k, f"{v['wall_s']:.1f}", f"{v['questions_per_s']:.3f}", f"{r['speedup_over_batch1'][k]:.2f}x"]
-            for k, v in r["batches"].items()]
+    rows = [
+        [k, f"{v['wall_s']:.1f}", f"{v['questions_per_s']:.3f}", f"{r['speedup_over_batch1'][k]:.2f}x"]
+        for k, v in r["batches"].items()
+    ]
     top = r["speedup_over_batch1"]["16"]
     fig = Figure(figsize=(4.5, 3))
     ax = fig.subplots()
@@ -134,124 +198,193 @@ def section_batching(r: dict) -> str:
     ax.set_xlabel("batch size"), ax.set_ylabel("throughput vs batch 1"), ax.legend()
     fig.tight_layout()
     fig.savefig(IMG / "batching.png", dpi=110)
-    return "\n\n".join([
-        "## Batching: latent_mas throughput",
-        f"{s['questions']} GSM8K questions, {s['agents']} agents, m={s['latent_steps']}, ≤ {s['max_new_tokens']} "
-        "new tokens, greedy. A batch decodes until its slowest row stops.",
-        md_table(["batch", "wall s", "questions/s", "speedup"], rows),
-        f"Target ≥ {r['targets']['speedup_at_16_min']}x at batch 16: {verdict(top >= r['targets']['speedup_at_16_min'])} "
-        f"({top:.2f}x)." + ("" if top >= r["targets"]["speedup_at_16_min"] else
-        " On 2 CPU cores the 4 agents' prompt prefill is compute-bound and gains nothing from batching; only "
-        "the sequential parts (latent steps, decoding) do. A batch also pads each agent's prompt to its "
-        "longest row and decodes until its slowest row stops. On a GPU, where a batch-1 step leaves the device "
-        "mostly idle, batching gains far more."),
-        "![batching](img/batching.png)",
-        machine_line(r),
-    ])
+    return "\n\n".join(
+        [
+            "## Batching: latent_mas throughput",
+            f"{s['questions']} GSM8K questions, {s['agents']} agents, m={s['latent_steps']}, ≤ {s['max_new_tokens']} "
+            "new tokens, greedy. A batch decodes until its slowest row stops.",
+            md_table(["batch", "wall s", "questions/s", "speedup"], rows),
+            f"Target ≥ {r['targets']['speedup_at_16_min']}x at batch 16: {verdict(top >= r['targets']['speedup_at_16_min'])} "
+            f"({top:.2f}x)."
+            + (
+                ""
+                if top >= r["targets"]["speedup_at_16_min"]
+                else " On 2 CPU cores the 4 agents' prompt prefill is compute-bound and gains nothing from batching; only "
+                "the sequential parts (latent steps, decoding) do. A batch also pads each agent's prompt to its "
+                "longest row and decodes until its slowest row stops. On a GPU, where a batch-1 step leaves the device "
+                "mostly idle, batching gains far more."
+            ),
+            "![batching](img/batching.png)",
+            machine_line(r),
+        ]
+    )
 
 
 def section_steps(r: dict) -> str:
     s = r["settings"]
     ratio = r["ratio_latent_over_decode"]
-    return "\n\n".join([
-        "## One latent step vs one decode step",
-        f"Trace of {s['context_tokens']} prompt tokens, batch {s['batch']}, median of {s['repeats']} runs of "
-        f"{s['steps']} steps. A decode step includes the LM head, token choice and its statistics; a latent "
-        "step includes the realignment.",
-        md_table(["step", "ms (median)"], [["latent", f"{r['latent_step_ms']:.1f}"],
-                                           ["decode", f"{r['decode_step_ms']:.1f}"],
-                                           ["latent / decode", f"{ratio:.2f}x"]]),
-        f"Target ≤ {r['targets']['ratio_max']}x: {verdict(ratio <= r['targets']['ratio_max'])}.",
-        machine_line(r),
-    ])
+    return "\n\n".join(
+        [
+            "## One latent step vs one decode step",
+            f"Trace of {s['context_tokens']} prompt tokens, batch {s['batch']}, median of {s['repeats']} runs of "
+            f"{s['steps']} steps. A decode step includes the LM head, token choice and its statistics; a latent "
+            "step includes the realignment.",
+            md_table(
+                ["step", "ms (median)"],
+                [
+                    ["latent", f"{r['latent_step_ms']:.1f}"],
+                    ["decode", f"{r['decode_step_ms']:.1f}"],
+                    ["latent / decode", f"{ratio:.2f}x"],
+                ],
+            ),
+            f"Target ≤ {r['targets']['ratio_max']}x: {verdict(ratio <= r['targets']['ratio_max'])}.",
+            machine_line(r),
+        ]
+    )
 
 
 def section_training(r: dict) -> str:
     s = r["settings"]
     target = r["targets"]["ratio_max"]
-    rows = [[n, k, f"{b[k]['seconds_per_step']:.2f}", f"{b[k]['trace_len']:.0f}", b[k]["target_tokens"],
-             f"{b[k]['peak_memory_bytes'] / 2**20:.0f}"]
-            for n, b in r["by_batch"].items() for k in ("diffmas", "diffmas_checkpointed", "sft_single") if k in b]
-    ratios = [[n, f"{b['ratio_diffmas_over_single']:.2f}x", f"≤ {target}x", verdict(b["ratio_diffmas_over_single"] <= target)]
-              for n, b in r["by_batch"].items() if "ratio_diffmas_over_single" in b]
+    rows = [
+        [
+            n,
+            k,
+            f"{b[k]['seconds_per_step']:.2f}",
+            f"{b[k]['trace_len']:.0f}",
+            b[k]["target_tokens"],
+            f"{b[k]['peak_memory_bytes'] / 2**20:.0f}",
+        ]
+        for n, b in r["by_batch"].items()
+        for k in ("diffmas", "diffmas_checkpointed", "sft_single")
+        if k in b
+    ]
+    ratios = [
+        [n, f"{b['ratio_diffmas_over_single']:.2f}x", f"≤ {target}x", verdict(b["ratio_diffmas_over_single"] <= target)]
+        for n, b in r["by_batch"].items()
+        if "ratio_diffmas_over_single" in b
+    ]
     first = next(iter(r["by_batch"].values()))
-    why = ("" if all(b.get("ratio_diffmas_over_single", 0) <= target for b in r["by_batch"].values()) else
-           f"**Why the target is missed.** A DiffMAS step runs the upstream agents' prompts and "
-           f"{s['latent_steps'] * (s['agents'] - 1)} latent steps with gradients: its trace is "
-           f"{first['diffmas']['trace_len'] / first['sft_single']['trace_len']:.1f}x the final agent's own "
-           "context, and the latent steps are sequential one-position forwards and backwards, which a CPU runs "
-           "(or a GPU, where each is bound by kernel launches) far below its batched throughput. Larger batches amortise them (the ratio falls with examples per "
-           "step), but the extra positions are inherent to training through the trajectory.")
-    return "\n\n".join([
-        "## Training step: DiffMAS vs the final agent alone",
-        f"Examples per step {s['examples_per_step']} from {s['task']}, {s['agents']} agents, m={s['latent_steps']}, "
-        f"LoRA {s['lora']}, median of {s['repeats']} forward+backward passes.",
-        md_table(["examples/step", "method", "s/step", "trace length/example", "target tokens", "peak MiB"], rows),
-        md_table(["examples/step", "DiffMAS / sft_single", "target", "verdict"], ratios),
-        "`diffmas_checkpointed` recomputes each trace chunk during backward (`--gradient-checkpointing`). "
-        "Without it, memory grows with m × trace length: every latent step's attention keeps its own copy "
-        "of the keys and values for backward.",
-        why,
-        machine_line(r),
-    ])
+    why = (
+        ""
+        if all(b.get("ratio_diffmas_over_single", 0) <= target for b in r["by_batch"].values())
+        else f"**Why the target is missed.** A DiffMAS step runs the upstream agents' prompts and "
+        f"{s['latent_steps'] * (s['agents'] - 1)} latent steps with gradients: its trace is "
+        f"{first['diffmas']['trace_len'] / first['sft_single']['trace_len']:.1f}x the final agent's own "
+        "context, and the latent steps are sequential one-position forwards and backwards, which a CPU runs "
+        "(or a GPU, where each is bound by kernel launches) far below its batched throughput. Larger batches amortise them (the ratio falls with examples per "
+        "step), but the extra positions are inherent to training through the trajectory."
+    )
+    return "\n\n".join(
+        [
+            "## Training step: DiffMAS vs the final agent alone",
+            f"Examples per step {s['examples_per_step']} from {s['task']}, {s['agents']} agents, m={s['latent_steps']}, "
+            f"LoRA {s['lora']}, median of {s['repeats']} forward+backward passes.",
+            md_table(["examples/step", "method", "s/step", "trace length/example", "target tokens", "peak MiB"], rows),
+            md_table(["examples/step", "DiffMAS / sft_single", "target", "verdict"], ratios),
+            "`diffmas_checkpointed` recomputes each trace chunk during backward (`--gradient-checkpointing`). "
+            "Without it, memory grows with m × trace length: every latent step's attention keeps its own copy "
+            "of the keys and values for backward.",
+            why,
+            machine_line(r),
+        ]
+    )
 
 
 def section_trace(r: dict) -> str:
-    rows = [[x["agents"], x["latent_steps"], x["prompt_tokens"], x["length"], x["bytes"], x["formula_bytes"],
-             "yes" if x["matches"] else "NO"] for x in r["measured"]]
+    rows = [
+        [
+            x["agents"],
+            x["latent_steps"],
+            x["prompt_tokens"],
+            x["length"],
+            x["bytes"],
+            x["formula_bytes"],
+            "yes" if x["matches"] else "NO",
+        ]
+        for x in r["measured"]
+    ]
     ext = r["extrapolation_bf16"]
     lengths = list(next(iter(ext.values()))["mib_at_length"])
-    ext_rows = [[name, r["paper_model_shapes"][name][0], r["paper_model_shapes"][name][1],
-                 r["paper_model_shapes"][name][2], v["bytes_per_position_bf16"]]
-                + [f"{v['mib_at_length'][n]:.0f}" for n in lengths] for name, v in ext.items()]
+    ext_rows = [
+        [
+            name,
+            r["paper_model_shapes"][name][0],
+            r["paper_model_shapes"][name][1],
+            r["paper_model_shapes"][name][2],
+            v["bytes_per_position_bf16"],
+        ]
+        + [f"{v['mib_at_length'][n]:.0f}" for n in lengths]
+        for name, v in ext.items()
+    ]
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
     for m in sorted({x["latent_steps"] for x in r["measured"]}):
-        pts = [x for x in r["measured"] if x["latent_steps"] == m and x["prompt_tokens"] == r["measured"][-1]["prompt_tokens"]]
+        pts = [
+            x
+            for x in r["measured"]
+            if x["latent_steps"] == m and x["prompt_tokens"] == r["measured"][-1]["prompt_tokens"]
+        ]
         ax.plot([x["agents"] for x in pts], [x["bytes"] / 2**20 for x in pts], marker="o", label=f"m={m}")
     ax.set_xlabel("agents"), ax.set_ylabel("trace MiB (fp32, SmolLM2-135M)"), ax.legend()
     fig.tight_layout()
     fig.savefig(IMG / "trace_growth.png", dpi=110)
-    return "\n\n".join([
-        "## Trace growth",
-        f"Measured on SmolLM2-135M (fp32, {r['smollm2_bytes_per_position_fp32']} bytes per trace position). "
-        "The trace grows linearly: length = agents × (prompt + m) (+ the final agent's prompt and answer).",
-        f"All measured sizes equal layers × 2 × kv_heads × head_dim × length × dtype size: "
-        f"{'yes' if r['all_match_formula'] else 'NO'}.",
-        md_table(["agents", "m", "prompt tok/agent", "length", "bytes", "formula", "equal"], rows),
-        "![trace growth](img/trace_growth.png)",
-        "Extrapolated to paper-scale models (bf16, batch 1; shapes from the published config.json):",
-        md_table(["model", "layers", "kv heads", "head dim", "bytes/position"] + [f"MiB at {n}" for n in lengths],
-                 ext_rows),
-        machine_line(r),
-    ])
+    return "\n\n".join(
+        [
+            "## Trace growth",
+            f"Measured on SmolLM2-135M (fp32, {r['smollm2_bytes_per_position_fp32']} bytes per trace position). "
+            "The trace grows linearly: length = agents × (prompt + m) (+ the final agent's prompt and answer).",
+            f"All measured sizes equal layers × 2 × kv_heads × head_dim × length × dtype size: "
+            f"{'yes' if r['all_match_formula'] else 'NO'}.",
+            md_table(["agents", "m", "prompt tok/agent", "length", "bytes", "formula", "equal"], rows),
+            "![trace growth](img/trace_growth.png)",
+            "Extrapolated to paper-scale models (bf16, batch 1; shapes from the published config.json):",
+            md_table(
+                ["model", "layers", "kv heads", "head dim", "bytes/position"] + [f"MiB at {n}" for n in lengths],
+                ext_rows,
+            ),
+            machine_line(r),
+        ]
+    )
 
 
 def section_elsewhere() -> str:
     """Runs on other machines (bench/gpu.sh): the same tables, one per result file."""
     out = []
-    for name, render in (("step_cost", section_steps), ("inference_cost", section_inference),
-                         ("training_step", section_training), ("batching", section_batching)):
+    for name, render in (
+        ("step_cost", section_steps),
+        ("inference_cost", section_inference),
+        ("training_step", section_training),
+        ("batching", section_batching),
+    ):
         for tag, result in tagged(name):
             body = render(result).split("\n", 1)[1]  # drop the CPU section's heading
             out.append(f"### {name} — {tag}\n{body}")
     if not out:
         return ""
-    intro = ("## Other machines\n\nRun with `bash bench/gpu.sh TAG` (results `bench/results/<name>_<TAG>.json`). "
-             "`random:<shape>` models have the published config.json shape and random weights: their costs "
-             "(time, memory, trace bytes) are those of the real model, their outputs are meaningless, so they "
-             "decode fixed lengths and their accuracy columns mean nothing.")
+    intro = (
+        "## Other machines\n\nRun with `bash bench/gpu.sh TAG` (results `bench/results/<name>_<TAG>.json`). "
+        "`random:<shape>` models have the published config.json shape and random weights: their costs "
+        "(time, memory, trace bytes) are those of the real model, their outputs are meaningless, so they "
+        "decode fixed lengths and their accuracy columns mean nothing."
+    )
     return "\n\n".join([intro] + out)
 
 
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
-    parts = ["# Benchmarks",
-             "Generated by `make bench` (`bench/*.py` → `bench/results/*.json` → this file via "
-             "`bench/write_docs.py`). Re-run to refresh; every number below comes from those JSON files."]
-    for name, render in (("inference_cost", section_inference), ("batching", section_batching),
-                         ("step_cost", section_steps), ("training_step", section_training),
-                         ("trace_growth", section_trace)):
+    parts = [
+        "# Benchmarks",
+        "Generated by `make bench` (`bench/*.py` → `bench/results/*.json` → this file via "
+        "`bench/write_docs.py`). Re-run to refresh; every number below comes from those JSON files.",
+    ]
+    for name, render in (
+        ("inference_cost", section_inference),
+        ("batching", section_batching),
+        ("step_cost", section_steps),
+        ("training_step", section_training),
+        ("trace_growth", section_trace),
+    ):
         result = load(name)
         parts.append(render(result) if result else f"## {name}\n\n_not run yet: `python bench/{name}.py`_")
     parts.append(section_elsewhere())
