@@ -34,7 +34,7 @@ M = 4
 STEPS = 80
 # The m=0 control needs no long training: with nothing to read there is no path from the secret
 # to the answer at all (tests/test_reads.py checks that no gradient reaches the sender).
-CONTROL_STEPS = 40
+CONTROL_STEPS = 16
 
 
 @pytest.fixture(scope="module", autouse=True)
