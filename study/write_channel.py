@@ -20,11 +20,7 @@ IMG = DOCS / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffmas.evaluate.compare import compare_runs  # noqa: E402
-from diffmas.evaluate.information import (  # noqa: E402
-    above_chance_p,
-    mutual_information_bits,
-    permutation_p,
-)
+from diffmas.evaluate.information import read_channel  # noqa: E402
 from diffmas.evaluate.rundir import load_run  # noqa: E402
 from diffmas.tasks import get_task  # noqa: E402
 
@@ -52,19 +48,11 @@ class Result:
         self.run = load_run(OUT / stage.name / "eval")
         self.summary = self.run.summary
         self.task = get_task(stage.task)
-        ok = [r for r in self.run.records if r["status"] == "ok"]
-        self.n = len(self.run.records)
-        self.n_correct = sum(bool(r["correct"]) for r in ok)
         self.accuracy = self.summary["accuracy"]
         self.ci = self.summary["accuracy_ci"]
-        secrets = [r["gold"] for r in self.run.records]
-        answers = [r.get("extracted") for r in self.run.records]
-        # Mutual information needs many examples per secret: with thousands of codes it is noise.
-        self.has_bits = len(set(secrets)) <= len(secrets) / 4
-        self.bits = mutual_information_bits(secrets, answers) if self.has_bits else None
-        self.bits_p = permutation_p(secrets, answers) if self.has_bits else None
         self.chance = self.task.chance()
-        self.p_chance = above_chance_p(self.n_correct, self.n, self.chance)
+        reading = read_channel(self.run.records, self.chance)
+        self.bits, self.bits_p, self.p_chance = reading.bits, reading.bits_p, reading.p_chance
         training = OUT / stage.name / "adapter" / "training_summary.json"
         self.training = json.loads(training.read_text()) if training.is_file() else None
 

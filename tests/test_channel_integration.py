@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-from diffmas.evaluate.information import above_chance_p, mutual_information_bits, permutation_p
+from diffmas.evaluate.information import ChannelReading, read_channel
 from diffmas.evaluate.runner import EvalConfig, evaluate
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig
@@ -45,8 +43,8 @@ def threads():
     torch.set_num_threads(previous)
 
 
-def channel(tmp_path, m: int, trained: bool, steps: int = STEPS) -> "Outcome":
-    """Accuracy and information on held-out examples."""
+def channel(tmp_path, m: int, trained: bool, steps: int = STEPS) -> tuple[float, ChannelReading]:
+    """Accuracy and what the records say about the channel, on held-out examples."""
     adapter = tmp_path / f"adapter-m{m}"
     if trained:
         train(
@@ -81,23 +79,7 @@ def channel(tmp_path, m: int, trained: bool, steps: int = STEPS) -> "Outcome":
         progress=False,
     )
     rows = [json.loads(line) for line in (tmp_path / f"eval-m{m}-{trained}" / "samples.jsonl").read_text().splitlines()]
-    secrets, answers = [r["gold"] for r in rows], [r["extracted"] for r in rows]
-    return Outcome(
-        accuracy=summary["accuracy"],
-        p_chance=above_chance_p(sum(bool(r["correct"]) for r in rows), len(rows), CHANCE),
-        bits=mutual_information_bits(secrets, answers),
-        p_bits=permutation_p(secrets, answers, n_perm=200),
-        top_share=max(Counter(secrets).values()) / len(secrets),  # always answering the commonest secret
-    )
-
-
-@dataclass
-class Outcome:
-    accuracy: float
-    p_chance: float  # one-sided binomial test against 1/K
-    bits: float  # mutual information between secret and answer
-    p_bits: float  # its permutation p-value
-    top_share: float
+    return summary["accuracy"], read_channel(rows, CHANCE, n_perm=200)
 
 
 def test_trained_channel_carries_the_secret_and_the_controls_do_not(tmp_path):
@@ -106,8 +88,9 @@ def test_trained_channel_carries_the_secret_and_the_controls_do_not(tmp_path):
     blind = channel(tmp_path, 0, trained=True, steps=CONTROL_STEPS)
     summary = f"untrained {untrained}, trained m={M} {trained}, trained m=0 {blind}"
     print(summary)
-    assert trained.accuracy >= 0.75 and trained.p_chance < 1e-6 and trained.bits > 1.5, summary
-    for control in (untrained, blind):
+    accuracy, reading = trained
+    assert accuracy >= 0.75 and reading.p_chance < 1e-6 and reading.bits > 1.5, summary
+    for accuracy, reading in (untrained, blind):
         # no dependence of the answer on the secret, and no better than always giving the commonest
         # secret (a reader may learn the prior; 32 examples make 1/K itself a loose bound)
-        assert control.p_bits > 0.01 and control.accuracy <= control.top_share, summary
+        assert reading.bits_p > 0.01 and accuracy <= reading.top_share, summary

@@ -13,7 +13,7 @@ import torch
 from diffmas.channel import latent_steps, prefill, tokenize
 from diffmas.errors import DiffmasError
 from diffmas.generate import DecodeConfig
-from diffmas.methods import MethodConfig, MethodError, get_method
+from diffmas.methods import MethodConfig, MethodError, asks_of, get_method
 from diffmas.roles import Role, Topology, default_topology
 from diffmas.trace import LatentTrace
 
@@ -183,7 +183,6 @@ def test_private_inputs_reach_their_role_only(tied_backbone):
     bb = tied_backbone
     topo = Topology("sequential", (Role("sender", "s", "{private} / {question}"), Role("reader", "s", "{question}")))
     method = get_method("latent_mas", bb, topo, MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=3)))
-    from diffmas.methods import asks_of
 
     asks = asks_of(["Q?"], [{"sender": "the secret is 7", "reader": "ignored"}])
     assert "the secret is 7 / Q?" in method.prompts(topo.roles[0], asks, "")[0]
@@ -200,11 +199,9 @@ def test_text_mas_reads_none_drops_the_messages(tied_backbone):
     topo = default_topology("sequential", 2)
     cfg = dict(upstream_max_new_tokens=4, decode=DecodeConfig(max_new_tokens=2))
     with torch.no_grad():
-        seen = get_method("text_mas", tied_backbone, topo, MethodConfig(**cfg)).build_upstream(
-            __import__("diffmas.methods", fromlist=["asks_of"]).asks_of(["Q?"])
-        )
+        seen = get_method("text_mas", tied_backbone, topo, MethodConfig(**cfg)).build_upstream(asks_of(["Q?"]))
         blind = get_method("text_mas", tied_backbone, topo, MethodConfig(**cfg, reads="none")).build_upstream(
-            __import__("diffmas.methods", fromlist=["asks_of"]).asks_of(["Q?"])
+            asks_of(["Q?"])
         )
     assert "Messages from earlier agents" in seen.contexts[0] and blind.contexts[0] == ""
 

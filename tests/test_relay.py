@@ -128,3 +128,15 @@ def test_the_text_channel_reaches_the_reader_and_the_latent_prompts_stay_bare(ti
         assert "Messages from earlier agents" in prompt, role.name
     reader = method.prompts(topology.final, asks, task.format_instruction)[0]
     assert f"user\n{example.question} {task.format_instruction}<|im_end|>" in reader  # latent channel: bare
+
+
+def test_read_channel_from_records():
+    from diffmas.evaluate.information import read_channel
+
+    perfect = [{"gold": w, "extracted": w, "correct": True} for w in "abcd" * 8]
+    reading = read_channel(perfect, chance=0.25, n_perm=50)
+    assert reading.n_correct == 32 and reading.p_chance == pytest.approx(0.25**32)
+    assert reading.bits == pytest.approx(2.0) and reading.bits_p < 0.05 and reading.top_share == 0.25
+    codes = [{"gold": f"{i:04d}", "extracted": None, "correct": None} for i in range(32)]  # skipped
+    blind = read_channel(codes, chance=1e-4)
+    assert blind.n_correct == 0 and blind.bits is None and blind.bits_p is None  # too few repeats to estimate

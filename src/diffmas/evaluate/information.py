@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -61,3 +62,34 @@ def permutation_p(secrets: Sequence[Hashable], answers: Sequence[Hashable], n_pe
         rng.shuffle(shuffled)
         hits += mutual_information_bits(secrets, shuffled) >= observed - 1e-12
     return (hits + 1) / (n_perm + 1)
+
+
+@dataclass(frozen=True)
+class ChannelReading:
+    """What an eval run's records say about a communication channel."""
+
+    n: int  # records
+    n_correct: int
+    p_chance: float  # one-sided binomial test of n_correct against `chance`
+    bits: float | None  # I(secret; extracted answer); None where secrets repeat too rarely to estimate it
+    bits_p: float | None  # its permutation p-value
+    top_share: float  # share of the commonest secret: what always giving it would score
+
+
+def read_channel(records: Sequence[dict], chance: float, n_perm: int = 500) -> ChannelReading:
+    """Accuracy against chance and information between the gold secret and the extracted answer.
+
+    Mutual information needs many examples per secret (with thousands of distinct codes the
+    estimate is noise): it is computed only where each secret occurs four times on average."""
+    secrets = [r["gold"] for r in records]
+    answers = [r.get("extracted") for r in records]
+    n_correct = sum(bool(r.get("correct")) for r in records)
+    has_bits = len(set(secrets)) <= len(secrets) / 4
+    return ChannelReading(
+        n=len(records),
+        n_correct=n_correct,
+        p_chance=above_chance_p(n_correct, len(records), chance),
+        bits=mutual_information_bits(secrets, answers) if has_bits else None,
+        bits_p=permutation_p(secrets, answers, n_perm) if has_bits else None,
+        top_share=max(Counter(secrets).values()) / len(secrets) if secrets else 0.0,
+    )
