@@ -102,7 +102,7 @@ class LatentTrace:
         self.batch_size = batch_size
         self.reads = reads
         device = backbone.device
-        self.cache = DynamicCache(config=backbone.base_model().config)
+        self.set_kv([])
         self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.segments: list[Segment] = []
@@ -137,7 +137,7 @@ class LatentTrace:
         For a trace no agent reads again (text_mas: an upstream agent's own trace once it has
         decoded): its length is still reported, its memory is not held. Nothing can be appended after.
         """
-        self.cache = DynamicCache(config=self.backbone.base_model().config)
+        self.set_kv([])
         self.released = True
 
     # ------------------------------------------------------------------ writing
@@ -272,15 +272,12 @@ class LatentTrace:
         other.backbone = self.backbone
         other.batch_size = len(rows)
         other.reads = self.reads
-        config = self.backbone.base_model().config
         other.released = self.released
+        other.cache = None
         if self.length == 0 or self.released:
-            other.cache = DynamicCache(config=config)
+            other.set_kv([])
         else:
-            other.cache = DynamicCache(
-                [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in self.cache.layers],
-                config=config,
-            )
+            other.set_kv([(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in self.kv()])
         other.attention_mask = self.attention_mask.index_select(0, rows)
         other.next_position = self.next_position.index_select(0, rows)
         picked = rows.tolist()
@@ -288,6 +285,21 @@ class LatentTrace:
             Segment(s.agent, s.kind, s.start, s.end, [s.n_tokens[r] for r in picked]) for s in self.segments
         ]
         return other
+
+    # ------------------------------------------------------------------ storage seam
+    # Everything that reads or rebuilds stored keys/values outside the decoder (row selection,
+    # budget policies, inspection) goes through these two, so the storage behind them can change.
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the stored (keys, values), each (B, kv_heads, L, head_dim); do not write to them."""
+        if self.released or self.length == 0:
+            return []
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def set_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace the stored keys/values (one (keys, values) per layer, or [] for none); the caller
+        keeps mask, positions and segments consistent with the new columns."""
+        config = self.backbone.base_model().config
+        self.cache = DynamicCache(kv, config=config) if kv else DynamicCache(config=config)
 
     def summary(self) -> list[dict]:
         return [seg.to_dict() for seg in self.segments]
