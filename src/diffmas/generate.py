@@ -9,14 +9,33 @@ own seed only, not on which other questions share its batch.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from diffmas.errors import DiffmasError
 from diffmas.trace import LatentTrace
+
+
+# Streaming: called after every decode step as listener(agent, ids), ids[b] the token row b just
+# produced or None where row b had already finished. A context variable, so a server's worker
+# thread can listen to its own decoding without the methods passing a callback through.
+TokenListener = Callable[[str, list], None]
+_token_listener: ContextVar[TokenListener | None] = ContextVar("diffmas_token_listener", default=None)
+
+
+@contextlib.contextmanager
+def listening(listener: TokenListener) -> Iterator[None]:
+    """Within the block, every `decode` reports its tokens step by step to `listener`."""
+    token = _token_listener.set(listener)
+    try:
+        yield
+    finally:
+        _token_listener.reset(token)
 
 
 @dataclass
@@ -72,6 +91,7 @@ def decode(
     eos = torch.tensor(bb.eos_token_ids, device=last_hidden.device)
     pad_id = bb.tokenizer.pad_token_id
     pick = _sampler(config, seeds, last_hidden.device)
+    listener = _token_listener.get()
 
     out_ids: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
@@ -83,6 +103,8 @@ def decode(
             logits = logits.index_fill(1, eos, float("-inf"))
         next_ids = pick(logits)  # (B,)
         _record(logits, next_ids, unfinished, out_ids, logprobs, entropies, config.entropy_top_k)
+        if listener is not None:
+            listener(agent, [int(t) if u else None for t, u in zip(next_ids.tolist(), unfinished.tolist())])
         unfinished = unfinished & ~torch.isin(next_ids, eos)
         if not unfinished.any() or step == config.max_new_tokens - 1:
             break

@@ -202,6 +202,9 @@ def asks_of(questions: Sequence[str], privates: Sequence[Mapping[str, str]] | No
 
 class Method:
     name: ClassVar[str]
+    # runtime only: traces keep their input embeddings (the vLLM backend rebuilds the final
+    # agent's context from them); never saved with a config
+    record_inputs: bool = False
 
     def __init__(
         self,
@@ -295,7 +298,7 @@ class Method:
     # -- shared pieces
     def new_trace(self, batch_size: int) -> LatentTrace:
         """A fresh trace that applies this method's `reads` to every agent writing on it."""
-        return LatentTrace(self.backbone, batch_size, reads=self.config.reads)
+        return LatentTrace(self.backbone, batch_size, reads=self.config.reads, record_inputs=self.record_inputs)
 
     def prompts(self, role: Role, asks: Sequence["Ask"], format: str, contexts=None) -> list[str]:
         """The role's chat prompt for each question (with earlier agents' text, if any)."""

@@ -91,11 +91,14 @@ class LatentTrace:
     reads: which entries of other agents an appended chunk attends to (see `Reads`); the trace
         applies it to every append, so prefill, latent steps, decoding, option scoring and the
         training loss all see the same visibility.
+    record_inputs: also keep every append's (inputs_embeds, chunk_mask), detached, so another
+        engine can rebuild the trace from its input embeddings (see `real_inputs`).
     """
 
     released = False  # see `release`
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see `record_inputs`
 
-    def __init__(self, backbone, batch_size: int, reads: Reads = "all"):
+    def __init__(self, backbone, batch_size: int, reads: Reads = "all", record_inputs: bool = False):
         if reads not in READS:
             raise DiffmasError(f"reads={reads!r}: choose one of {', '.join(READS)}")
         self.backbone = backbone
@@ -106,6 +109,7 @@ class LatentTrace:
         self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.segments: list[Segment] = []
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_inputs else None
 
     # ------------------------------------------------------------------ size
     @property
@@ -193,6 +197,8 @@ class LatentTrace:
             )
         else:
             hidden = run(inputs_embeds)
+        if self.inputs is not None:
+            self.inputs.append((inputs_embeds.detach(), chunk_mask))
         self.attention_mask = torch.cat([self.attention_mask, chunk_mask], dim=1)
         self.next_position = self.next_position + n_new
         self._record(agent, kind, start, self.length, n_new.tolist())
@@ -253,6 +259,14 @@ class LatentTrace:
                 counts = [c + n for c, n in zip(counts, seg.n_tokens)]
         return counts
 
+    def real_inputs(self, row: int) -> torch.Tensor:
+        """(n_real, d) the input embeddings of row `row`'s real entries, in trace order (padding
+        dropped). Needs `record_inputs`. Positions count real entries only, so with reads=all
+        and no hidden agents a causal LM prefilled on these embeddings holds this row's KV."""
+        if self.inputs is None:
+            raise DiffmasError("this trace does not record its inputs; create it with record_inputs=True")
+        return torch.cat([embeds[row][mask[row].bool()] for embeds, mask in self.inputs], dim=0)
+
     def expand(self, repeats: int) -> "LatentTrace":
         """A new trace with every row repeated `repeats` times (row b -> rows b*r .. b*r+r-1).
 
@@ -273,6 +287,7 @@ class LatentTrace:
         other.batch_size = len(rows)
         other.reads = self.reads
         other.released = self.released
+        other.inputs = None if self.inputs is None else [(e.index_select(0, rows), m.index_select(0, rows)) for e, m in self.inputs]
         other.cache = None
         if self.length == 0 or self.released:
             other.set_kv([])
