@@ -287,7 +287,11 @@ class LatentTrace:
         other.batch_size = len(rows)
         other.reads = self.reads
         other.released = self.released
-        other.inputs = None if self.inputs is None else [(e.index_select(0, rows), m.index_select(0, rows)) for e, m in self.inputs]
+        other.inputs = (
+            None
+            if self.inputs is None
+            else [(e.index_select(0, rows), m.index_select(0, rows)) for e, m in self.inputs]
+        )
         other.cache = None
         if self.length == 0 or self.released:
             other.set_kv([])

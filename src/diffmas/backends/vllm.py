@@ -82,7 +82,9 @@ class VLLMBackend:
                 "(merge the adapter into the model and serve that directory, or use --backend hf)"
             )
         if isinstance(method, TextMAS) and any(method.adapters.get(r.name) for r in method.topology.upstream):
-            raise VLLMBackendError("backend 'vllm': text_mas agents under adapters need merged weights; use --backend hf")
+            raise VLLMBackendError(
+                "backend 'vllm': text_mas agents under adapters need merged weights; use --backend hf"
+            )
         if isinstance(method, LatentMAS):
             if method.topology.kind != "sequential":
                 raise VLLMBackendError(
@@ -150,7 +152,13 @@ class VLLMBackend:
             ids, _ = tokenize(bb.tokenizer, [prompt], bb.device)
             n_prompt.append(ids.shape[1])
             contexts.append(torch.cat([up.trace.real_inputs(b), bb.embed(ids)[0]], dim=0))  # (n_real, d)
-        out = self._complete(bb, [{"prompt_embeds": embeds_payload(e)} for e in contexts], [len(e) for e in contexts], method.config.decode, seeds)
+        out = self._complete(
+            bb,
+            [{"prompt_embeds": embeds_payload(e)} for e in contexts],
+            [len(e) for e in contexts],
+            method.config.decode,
+            seeds,
+        )
         wall = clock.elapsed()
         records = [
             AgentRecord(final.name, n_prompt[b], 0, len(out[b].token_ids), wall, out[b].text) for b in range(len(asks))
@@ -193,7 +201,9 @@ class VLLMBackend:
         ids = [bb.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         out = self._complete(bb, [{"prompt": row} for row in ids], [len(row) for row in ids], config, seeds)
         wall = clock.elapsed()
-        return [AgentRecord(name, len(ids[b]), 0, len(out[b].token_ids), wall, out[b].text) for b in range(len(ids))], out
+        return [
+            AgentRecord(name, len(ids[b]), 0, len(out[b].token_ids), wall, out[b].text) for b in range(len(ids))
+        ], out
 
     # ------------------------------------------------------------------ the HTTP side
     @property

@@ -1,7 +1,7 @@
 """`diffmas serve`: an OpenAI-compatible HTTP service over the methods (see docs/serving.md).
 
-    from diffmas.serve import ServeConfig, build_engine, create_app
-    app = create_app(config, build_engine(config))      # then uvicorn.run(app, ...)
+from diffmas.serve import ServeConfig, build_engine, create_app
+app = create_app(config, build_engine(config))      # then uvicorn.run(app, ...)
 """
 
 from __future__ import annotations

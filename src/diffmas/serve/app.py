@@ -190,7 +190,8 @@ def _question(messages: list[Message]) -> tuple[str, str]:
     users = [m for m in messages if m.role == "user"]
     if len(users) != 1 or any(m.role == "assistant" for m in messages):
         raise HTTPError(
-            400, f"send exactly one user message (the question); got {len(users)} and multi-turn chats are not supported"
+            400,
+            f"send exactly one user message (the question); got {len(users)} and multi-turn chats are not supported",
         )
     if not users[0].content.strip():
         raise HTTPError(400, "the user message is empty; it is the question to answer")
@@ -249,7 +250,9 @@ async def _answer(request, state, config: ServeConfig, engine: Engine, job: Job,
     batcher: Batcher = state["batcher"]
     gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        done, _ = await asyncio.wait({job.future, gone}, timeout=config.request_timeout_s, return_when="FIRST_COMPLETED")
+        done, _ = await asyncio.wait(
+            {job.future, gone}, timeout=config.request_timeout_s, return_when="FIRST_COMPLETED"
+        )
     finally:
         gone.cancel()
     if job.future not in done:

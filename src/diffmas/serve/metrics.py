@@ -19,7 +19,10 @@ class Metrics:
             "diffmas_request_latency_seconds", "Time from arrival to answer", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            "diffmas_queue_wait_seconds", "Time from arrival to the start of its batch", buckets=LATENCY_BUCKETS, registry=r
+            "diffmas_queue_wait_seconds",
+            "Time from arrival to the start of its batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "diffmas_batch_size", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
