@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import uvicorn
-from conftest import make_backbone
 
 from diffmas.backends.hf import HFBackend
 from diffmas.serve import Engine, RequestSettings, ServeConfig, create_app
+
+from conftest import make_backbone
 
 QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Count to four.", "Which is larger, 7 or 9?"]
 

@@ -20,7 +20,6 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from diffmas.errors import DiffmasError
 from diffmas.trace import LatentTrace
 
-
 # Streaming: called after every decode step as listener(agent, ids), ids[b] the token row b just
 # produced or None where row b had already finished. A context variable, so a server's worker
 # thread can listen to its own decoding without the methods passing a callback through.

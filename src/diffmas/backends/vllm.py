@@ -88,8 +88,8 @@ class VLLMBackend:
         if isinstance(method, LatentMAS):
             if method.topology.kind != "sequential":
                 raise VLLMBackendError(
-                    f"backend 'vllm' runs latent methods on the sequential topology only, got {method.topology.kind!r}: "
-                    "its hidden segments need an attention mask vLLM cannot express (use --backend hf)"
+                    "backend 'vllm' runs latent methods on the sequential topology only, "
+                    f"got {method.topology.kind!r}: its hidden segments need an attention mask vLLM cannot express (use --backend hf)"
                 )
             if method.config.reads != "all":
                 raise VLLMBackendError(
