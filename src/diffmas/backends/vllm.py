@@ -89,7 +89,8 @@ class VLLMBackend:
             if method.topology.kind != "sequential":
                 raise VLLMBackendError(
                     "backend 'vllm' runs latent methods on the sequential topology only, "
-                    f"got {method.topology.kind!r}: its hidden segments need an attention mask vLLM cannot express (use --backend hf)"
+                    f"got {method.topology.kind!r}: its hidden segments need an attention mask vLLM "
+                    "cannot express (use --backend hf)"
                 )
             if method.config.reads != "all":
                 raise VLLMBackendError(
