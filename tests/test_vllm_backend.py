@@ -1,0 +1,190 @@
+"""The vLLM backend: what it refuses, why it is exact (a causal prefill of a trace's real inputs
+is the final agent's context), and — where the vLLM environment is built (`make vllm`) — greedy
+answers through a real `vllm serve` process equal the HF backend's on the embedded model.
+
+The vLLM server runs from its own virtual environment (vLLM's CPU build pins torch and an older
+transformers): `make vllm` builds `.venv-vllm`, or point DIFFMAS_VLLM_PYTHON at another one.
+Without it the server tests are skipped with a loud reason; CI builds it (.ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_backbone
+
+from diffmas.backends import get_backend
+from diffmas.backends.vllm import VLLMBackend, VLLMBackendError
+from diffmas.channel import prefill, tokenize
+from diffmas.errors import DiffmasError
+from diffmas.generate import DecodeConfig
+from diffmas.methods import MethodConfig, asks_of, get_method
+from diffmas.roles import default_topology
+
+QUESTIONS = [
+    "Janet has 3 apples and buys 5 more. How many apples does she have?",
+    "What is 17 * 23?",
+    "A train travels 60 km in 1.5 hours. What is its average speed in km/h?",
+    "Tom had 12 marbles and gave away 4. How many are left?",
+    "What is the sum of the first five positive integers?",
+    "A shirt costs $20 and is 25% off. What is the sale price?",
+    "If x + 7 = 15, what is x?",
+    "How many minutes are in 3 hours?",
+    "Sara reads 15 pages a day. How many pages does she read in a week?",
+    "What is 144 divided by 12?",
+    "A rectangle is 4 m by 9 m. What is its area?",
+    "Ben is twice as old as Ann, who is 6. How old is Ben?",
+]
+FORMAT = "Put the final answer in \\boxed{}."
+
+
+# ----------------------------------------------------------------------------- no server needed
+
+
+def test_refuses_what_vllm_cannot_express(tied_backbone):
+    backend = VLLMBackend("http://127.0.0.1:9")  # never contacted: the checks come first
+    for topology, reads in (("hierarchical", "all"), ("chain", "all"), ("sequential", "latent"), ("sequential", "none")):
+        method = get_method("latent_mas", tied_backbone, default_topology(topology), MethodConfig(reads=reads))
+        with pytest.raises(VLLMBackendError, match="attention mask vLLM cannot express"):
+            backend.run_batch(method, ["q"])
+    # text agents exchange text only: every topology runs
+    backend.check(get_method("text_mas", tied_backbone, default_topology("hierarchical")))
+    with pytest.raises(DiffmasError, match="--vllm-url"):
+        get_backend("vllm")
+    with pytest.raises(DiffmasError, match="choose one of hf, vllm"):
+        get_backend("vlm")
+
+
+def test_a_prefill_of_the_real_trace_inputs_is_the_final_agents_context(untied_backbone):
+    """The exactness argument, checked with the HF model itself: in a padded batch, each row's
+    recorded real inputs plus the final prompt, run as one plain causal prefill, give the logits
+    the final agent gets on the trace."""
+    bb = untied_backbone
+    method = get_method("latent_mas", bb, default_topology("sequential"), MethodConfig(latent_steps=3))
+    method.record_inputs = True
+    asks = asks_of(["Hi?", "A much longer question here?"])
+    up = method.build_upstream(asks)
+    prompts = method.prompts(method.topology.final, asks, FORMAT)
+    upstream = [up.trace.real_inputs(b) for b in range(len(asks))]  # (n_b, d) each
+    hidden = prefill(up.trace, method.topology.final.name, prompts)  # (B, d) on the padded trace
+    for b, prompt in enumerate(prompts):
+        ids, _ = tokenize(bb.tokenizer, [prompt], bb.device)
+        embeds = torch.cat([upstream[b], bb.embed(ids)[0]])[None]  # (1, n, d)
+        assert embeds.shape[1] == up.trace.n_real()[b]
+        with torch.no_grad():
+            plain = bb.base_model()(inputs_embeds=embeds).logits[0, -1]
+        torch.testing.assert_close(bb.logits(hidden[b]), plain.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_trace_without_recording_says_so(tied_backbone):
+    method = get_method("latent_mas", tied_backbone, default_topology("sequential"), MethodConfig(latent_steps=1))
+    up = method.build_upstream(asks_of(["q"]))
+    with pytest.raises(DiffmasError, match="record_inputs=True"):
+        up.trace.real_inputs(0)
+
+
+# ----------------------------------------------------------------------------- a real vLLM server
+
+
+def vllm_python() -> Path | None:
+    path = Path(os.environ.get("DIFFMAS_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+    return path if path.is_file() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_url():
+    """A `vllm serve` process on the embedded model (fp32, eager), stopped after the module."""
+    python = vllm_python()
+    if python is None:
+        message = (
+            "THE vLLM BACKEND IS NOT TESTED: no vLLM environment (run `make vllm`, or set DIFFMAS_VLLM_PYTHON)"
+        )
+        print(f"\n*** {message} ***", file=sys.stderr)
+        pytest.skip(message)
+    import httpx
+
+    from diffmas.backbone import ensure_embedded
+
+    model_dir = ensure_embedded("smollm2-135m")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache: plenty for 12 short questions
+        # one passive OpenMP thread: the default spins every core, starving the HF side of the test
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "smollm2-135m", "--enable-prompt-embeds", "--dtype", "float32",
+        "--max-model-len", "2048", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"diffmas-vllm-{port}.log", "w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert process.poll() is None, f"vLLM server exited with {process.returncode}; see {log.name}"
+            assert time.monotonic() < deadline, f"vLLM server not up after 600 s; see {log.name}"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from diffmas.backbone import load_backbone
+
+    return load_backbone("smollm2-135m", dtype="float32", device="cpu")
+
+
+def _compare(embedded, vllm_url, name: str, config: MethodConfig) -> None:
+    method = get_method(name, embedded, default_topology("sequential"), config)
+    hf = get_backend("hf").run_batch(method, QUESTIONS, format=FORMAT)
+    vllm = get_backend("vllm", vllm_url).run_batch(method, QUESTIONS, format=FORMAT)
+    same = [a.text == b.text for a, b in zip(hf, vllm)]
+    print(f"\n{name}: {sum(same)}/{len(same)} answers equal (HF vs vLLM, greedy, fp32)")
+    for a, b in zip(hf, vllm):
+        assert b.text == a.text
+        assert [x.n_generated_tokens for x in b.agents] == [x.n_generated_tokens for x in a.agents]
+        assert [x.n_prompt_tokens for x in b.agents] == [x.n_prompt_tokens for x in a.agents]
+        assert [x.n_latent_steps for x in b.agents] == [x.n_latent_steps for x in a.agents]
+        assert (b.trace_len, b.trace_bytes) == (a.trace_len, a.trace_bytes)
+
+
+@pytest.mark.integration
+def test_latent_mas_through_vllm_equals_hf(embedded, vllm_url):
+    _compare(embedded, vllm_url, "latent_mas", MethodConfig(latent_steps=4, decode=DecodeConfig(max_new_tokens=48)))
+
+
+@pytest.mark.integration
+def test_text_mas_through_vllm_equals_hf(embedded, vllm_url):
+    config = MethodConfig(decode=DecodeConfig(max_new_tokens=32), upstream_max_new_tokens=32)
+    _compare(embedded, vllm_url, "text_mas", config)
