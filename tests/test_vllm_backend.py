@@ -10,24 +10,22 @@ Without it the server tests are skipped with a loud reason; CI builds it (.ci/ru
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_backbone
 
 from diffmas.backends import get_backend
-from diffmas.backends.vllm import VLLMBackend, VLLMBackendError
+from diffmas.backends.vllm import VLLMBackend, VLLMBackendError, start_server, stop_server
 from diffmas.channel import prefill, tokenize
 from diffmas.errors import DiffmasError
 from diffmas.generate import DecodeConfig
 from diffmas.methods import MethodConfig, asks_of, get_method
 from diffmas.roles import default_topology
+
+from conftest import REPO
 
 QUESTIONS = [
     "Janet has 3 apples and buys 5 more. How many apples does she have?",
@@ -51,7 +49,8 @@ FORMAT = "Put the final answer in \\boxed{}."
 
 def test_refuses_what_vllm_cannot_express(tied_backbone):
     backend = VLLMBackend("http://127.0.0.1:9")  # never contacted: the checks come first
-    for topology, reads in (("hierarchical", "all"), ("chain", "all"), ("sequential", "latent"), ("sequential", "none")):
+    refused = (("hierarchical", "all"), ("chain", "all"), ("sequential", "latent"), ("sequential", "none"))
+    for topology, reads in refused:
         method = get_method("latent_mas", tied_backbone, default_topology(topology), MethodConfig(reads=reads))
         with pytest.raises(VLLMBackendError, match="attention mask vLLM cannot express"):
             backend.run_batch(method, ["q"])
@@ -95,8 +94,11 @@ def test_a_trace_without_recording_says_so(tied_backbone):
 
 
 def vllm_python() -> Path | None:
-    path = Path(os.environ.get("DIFFMAS_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-    return path if path.is_file() else None
+    """The vLLM environment's python: DIFFMAS_VLLM_PYTHON, or the one `make vllm` finished building."""
+    if os.environ.get("DIFFMAS_VLLM_PYTHON"):
+        return Path(os.environ["DIFFMAS_VLLM_PYTHON"])
+    venv = REPO / ".venv-vllm"
+    return venv / "bin" / "python" if (venv / ".installed").is_file() else None
 
 
 def _free_port() -> int:
@@ -106,56 +108,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_url():
-    """A `vllm serve` process on the embedded model (fp32, eager), stopped after the module."""
+def vllm_url(tmp_path_factory):
+    """A vLLM server process on the embedded model (fp32, eager), stopped after the module."""
     python = vllm_python()
     if python is None:
-        message = (
-            "THE vLLM BACKEND IS NOT TESTED: no vLLM environment (run `make vllm`, or set DIFFMAS_VLLM_PYTHON)"
-        )
+        message = "THE vLLM BACKEND IS NOT TESTED: no vLLM environment (run `make vllm`, or set DIFFMAS_VLLM_PYTHON)"
         print(f"\n*** {message} ***", file=sys.stderr)
         pytest.skip(message)
-    import httpx
-
     from diffmas.backbone import ensure_embedded
 
-    model_dir = ensure_embedded("smollm2-135m")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache: plenty for 12 short questions
-        # one passive OpenMP thread: the default spins every core, starving the HF side of the test
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "OMP_NUM_THREADS": "1",
-        "OMP_WAIT_POLICY": "PASSIVE",
-    }
-    command = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", "smollm2-135m", "--enable-prompt-embeds", "--dtype", "float32",
-        "--max-model-len", "2048", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"diffmas-vllm-{port}.log", "w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    process, url = start_server(str(python), str(ensure_embedded("smollm2-135m")), _free_port(), str(log))
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, f"vLLM server exited with {process.returncode}; see {log.name}"
-            assert time.monotonic() < deadline, f"vLLM server not up after 600 s; see {log.name}"
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")

@@ -278,3 +278,75 @@ class VLLMBackend:
         logprobs = [float(x) for x in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if x is not None]
         text = bb.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(ids, text, logprobs, truncated=not (ids and ids[-1] in eos))
+
+
+# ----------------------------------------------------------------------------- a local vLLM server
+
+# The CPU build's defaults spin an OpenMP thread per core even when idle; on a machine shared with
+# the HF side (tests, benchmarks) one passive thread leaves it room. Unset on a GPU.
+CPU_SERVER_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
+def server_command(python: str, model_dir: str, port: int, served_name: str, extra: Sequence[str] = ()) -> list[str]:
+    """`vllm serve` as the vLLM backend needs it: prompt embeddings on, fp32 for exact
+    equivalence with the HF backend on CPU, eager mode. (vllm-cpu's own `vllm` script looks for the
+    `vllm` distribution and fails, so the API server module is run directly.)"""
+    return [
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        "--served-model-name", served_name, "--enable-prompt-embeds", "--dtype", "float32",
+        "--max-model-len", "2048", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), *extra,
+    ]  # fmt: skip
+
+
+def start_server(python: str, model_dir: str, port: int, log_path: str, served_name: str = "model", cpu: bool = True):
+    """Start a vLLM server process (its own session, so it can be stopped with its workers) and
+    wait until it answers; returns (process, base URL). Stop it with `stop_server`."""
+    import os
+    import subprocess
+    import time
+
+    import httpx
+
+    env = {**os.environ, **(CPU_SERVER_ENV if cpu else {})}
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        server_command(python, model_dir, port, served_name),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None:
+            raise VLLMBackendError(f"the vLLM server exited with {process.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            stop_server(process)
+            raise VLLMBackendError(f"the vLLM server did not answer within 600 s; see {log_path}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
+def stop_server(process) -> None:
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
