@@ -241,3 +241,41 @@ def _accepts(url: str) -> bool:
         return True
     except httpx.HTTPError:
         return False
+
+
+def test_cli_serves_and_stops_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import make_model, make_tokenizer
+
+    make_model(tied=False).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "diffmas", "serve", "--model", str(tmp_path), "--backend", "vllm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad.returncode == 2 and "--vllm-url" in bad.stderr and "Traceback" not in bad.stderr
+    port = free_port()
+    command = [sys.executable, "-m", "diffmas", "serve", "--model", str(tmp_path), "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--latent-steps", "1", "--max-new-tokens", "4"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is None and _accepts(url), timeout=120)
+        answer = chat(url, QUESTIONS[0])
+        assert answer.status_code == 200 and answer.json()["diffmas"]["agents"][0]["latent_steps"] == 1
+        process.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once it has shut down, so the exit status is SIGTERM's
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "stopped cleanly" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from diffmas.serve.engine import Request as Row
 from diffmas.serve.metrics import Metrics
 from diffmas.trace import TraceOverflowError
 
+log = logging.getLogger("diffmas.serve")
 KEEPALIVE_S = 0.5  # a waiting stream sends an SSE comment this often, so a gone client is noticed
 
 
@@ -90,6 +92,7 @@ def create_app(config: ServeConfig, engine: Engine) -> FastAPI:
             state["closing"] = True
             # in a thread: the running batch may take a while to finish
             await asyncio.to_thread(state["batcher"].close, config.shutdown_grace_s)
+            log.warning("diffmas serve: stopped cleanly")
 
     app = FastAPI(title="diffmas", lifespan=lifespan)
     app.state.metrics, app.state.engine, app.state.config = metrics, engine, config
