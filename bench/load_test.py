@@ -105,7 +105,7 @@ def start_server(args) -> subprocess.Popen:
         sys.executable, "-m", "diffmas", "serve", "--model", args.model, "--dtype", "float32",
         "--method", args.method, "--latent-steps", str(args.latent_steps), "--port", str(args.port),
         "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-        "--max-queue", str(args.max_queue), "--max-new-tokens", str(args.max_tokens),
+        "--max-queue", str(args.max_queue), "--max-new-tokens", str(args.max_tokens), "--agents", str(args.agents),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(c.REPO / "src")}
     process = subprocess.Popen(command, env=env, start_new_session=True)
@@ -128,13 +128,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="latent_mas")
-    p.add_argument("--latent-steps", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=16)
+    # small defaults: a 2-core CPU answers a 4-agent question in ~10 s; these keep the run to minutes
+    p.add_argument("--agents", type=int, default=2)
+    p.add_argument("--latent-steps", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--clients", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=32, help="requests per level")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=20.0)
-    p.add_argument("--max-queue", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=16)
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--level-timeout", type=float, default=900.0)
     p.add_argument("--port", type=int, default=8431)
@@ -158,7 +160,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=120)
-    settings = {k: getattr(args, k) for k in ("model", "method", "latent_steps", "max_tokens", "requests")}
+    settings = {k: getattr(args, k) for k in ("model", "method", "agents", "latent_steps", "max_tokens", "requests")}
     server_settings = {k: getattr(args, k) for k in ("max_batch_size", "max_wait_ms", "max_queue")}
     c.write(
         "serve_load",

@@ -98,14 +98,29 @@ diffmas serve --backend vllm --vllm-url http://127.0.0.1:8001
   send token ids. Token ids come back (`return_token_ids`) and are decoded with the backbone's
   tokenizer, so texts are byte-identical when the ids are.
 - **What it refuses** (one error line): latent methods on hierarchical or chain topologies and
-  with reads other than `all` (they hide trace columns: an attention mask vLLM cannot express), and
-  an adapter on a decoding agent (vLLM serves plain weights here; merging the LoRA into a model
-  directory for vLLM is not built yet). diffmas with an adapter only on the upstream agents runs.
+  with reads other than `all` (they hide trace columns: an attention mask vLLM cannot express),
+  and a decoding agent whose adapter is not the one the vLLM server serves.
+- **Trained adapters are merged**, not loaded as vLLM LoRA (the final agent's LoRA then costs
+  nothing per token, and one code path serves embedding prompts): `export_merged` writes a model
+  directory with the adapter merged into the base weights; serve that directory with vLLM and
+  pass `--vllm-merged` with the same `--adapter`, so the upstream agents run here under the
+  adapter and the final agent in vLLM on the merged weights:
+
+  ```python
+  from diffmas import MethodConfig, default_topology
+  from diffmas.backends.vllm import export_merged
+  from diffmas.evaluate.runner import load_method
+  method = load_method("diffmas", default_topology(), MethodConfig(), model="smollm2-135m", adapter="adapters/relay")
+  export_merged(method.backbone, method.adapters[method.topology.final.name], "merged-relay")
+  ```
+
+  Per-role adapters work when only the final agent decodes (latent_mas / diffmas): its adapter is
+  the merged one. text_mas under per-role adapters would need one vLLM model per role (refused).
 - **Testing.** `tests/test_vllm_backend.py` starts a vLLM server from `.venv-vllm` (CI builds it in
   `.ci/run`, about 1.5 min) and checks latent_mas and text_mas greedy answers, token counts and
-  trace bytes equal the HF backend's on 12 questions of the embedded model in fp32. Where the
-  environment is missing those two tests are skipped with a reason that says the vLLM backend is
-  not tested.
+  trace bytes equal the HF backend's on 12 questions of the embedded model in fp32, and diffmas
+  with a (random) LoRA adapter merged for vLLM on 6. Where the environment is missing those tests
+  are skipped with a reason that says the vLLM backend is not tested.
 """
 
 
@@ -131,7 +146,7 @@ def load_section(r: dict) -> str:
     )
     return f"""## Load test (`bench/load_test.py`)
 
-{s["method"]} (m={s["latent_steps"]}, {s["max_tokens"]} new tokens) on `{s["model"]}`, HF backend, {s["requests"]}
+{s["method"]} ({s["agents"]} agents, m={s["latent_steps"]}, {s["max_tokens"]} new tokens) on `{s["model"]}`, HF backend, {s["requests"]}
 requests per level over loopback from closed-loop clients (each sends its next request when the
 previous one is answered; no retries); server: max batch {srv["max_batch_size"]}, max wait
 {srv["max_wait_ms"]:g} ms, queue {srv["max_queue"]}. Latencies are of answered requests.

@@ -155,3 +155,42 @@ def test_latent_mas_through_vllm_equals_hf(embedded, vllm_url):
 def test_text_mas_through_vllm_equals_hf(embedded, vllm_url):
     config = MethodConfig(decode=DecodeConfig(max_new_tokens=32), upstream_max_new_tokens=32)
     _compare(embedded, vllm_url, "text_mas", config)
+
+
+@pytest.mark.integration
+def test_diffmas_with_a_merged_adapter_through_vllm_equals_hf(embedded, vllm_url, tmp_path):
+    """A LoRA adapter (random, so it changes the answers) merged into a model directory that vLLM
+    serves: the final agent decodes there, the upstream agents under the adapter here."""
+    from peft import LoraConfig, get_peft_model
+
+    from diffmas.backbone import load_backbone
+    from diffmas.backends.vllm import export_merged
+
+    python = vllm_python()
+    bb = load_backbone("smollm2-135m", dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    bb.model = get_peft_model(bb.model, lora, adapter_name="shared").eval()
+    with torch.no_grad():  # small enough to keep the model talking, large enough to change it
+        for name, p in bb.model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    topology = default_topology("sequential")
+    adapters = {r.name: "shared" for r in topology.roles}
+    config = MethodConfig(latent_steps=4, decode=DecodeConfig(max_new_tokens=32))
+    method = get_method("diffmas", bb, topology, config, adapters)
+    with pytest.raises(VLLMBackendError, match="serves plain weights"):
+        VLLMBackend(vllm_url).check(method)  # the base model's server cannot decode for it
+    merged_dir = export_merged(bb, "shared", tmp_path / "merged")
+    process, url = start_server(str(python), str(merged_dir), _free_port(), str(tmp_path / "server.log"))
+    try:
+        questions = QUESTIONS[:6]
+        hf = get_backend("hf").run_batch(method, questions, format=FORMAT)
+        vllm = get_backend("vllm", url, merged_adapter="shared").run_batch(method, questions, format=FORMAT)
+    finally:
+        stop_server(process)
+    base = get_method("latent_mas", embedded, topology, config)
+    plain = get_backend("hf").run_batch(base, questions[:2], format=FORMAT)
+    assert [r.text for r in plain] != [r.text for r in hf[:2]], "the adapter should change the answers"
+    print(f"\ndiffmas (merged LoRA): {sum(a.text == b.text for a, b in zip(hf, vllm))}/{len(hf)} answers equal")
+    assert [b.text for b in vllm] == [a.text for a in hf]

@@ -33,8 +33,11 @@ class Backend(Protocol):
         ...
 
 
-def get_backend(name: str, vllm_url: str | None = None, vllm_timeout_s: float = 600.0) -> Backend:
-    """A backend by name; `vllm` needs the base URL of a `vllm serve --enable-prompt-embeds` server."""
+def get_backend(
+    name: str, vllm_url: str | None = None, vllm_timeout_s: float = 600.0, merged_adapter: str | None = None
+) -> Backend:
+    """A backend by name; `vllm` needs the base URL of a `vllm serve --enable-prompt-embeds` server
+    (and, where it serves weights with an adapter merged in, that adapter's name)."""
     if name == "hf":
         from diffmas.backends.hf import HFBackend
 
@@ -47,5 +50,5 @@ def get_backend(name: str, vllm_url: str | None = None, vllm_timeout_s: float = 
                 "backend 'vllm' needs the URL of a running vLLM server: --vllm-url http://127.0.0.1:8000 "
                 "(start one with `vllm serve MODEL_DIR --enable-prompt-embeds`, see docs/serving.md)"
             )
-        return VLLMBackend(vllm_url, timeout_s=vllm_timeout_s)
+        return VLLMBackend(vllm_url, timeout_s=vllm_timeout_s, merged_adapter=merged_adapter)
     raise DiffmasError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

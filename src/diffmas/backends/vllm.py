@@ -12,8 +12,12 @@ so it lives in its own environment (`make vllm`) and is reached over its OpenAI 
 with `vllm serve MODEL_DIR --enable-prompt-embeds --dtype float32` (see docs/serving.md).
 
 What it refuses. Hierarchical and chain topologies and reads other than `all` hide columns from a
-latent agent: that is an attention mask a plain causal prefill cannot express. An adapter on the
-final agent would have to be merged into the served weights; serve a merged model instead.
+latent agent: that is an attention mask a plain causal prefill cannot express.
+
+Trained adapters are merged: `export_merged` writes a model directory with the decoding agent's
+LoRA merged into the base weights, vLLM serves that directory, and the backend is told which
+adapter it holds (`merged_adapter`); the upstream agents still run here under their own adapters.
+A decoding agent whose adapter is not the served one is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -58,10 +63,13 @@ def embeds_payload(embeds: torch.Tensor) -> str:
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, url: str, timeout_s: float = 600.0, max_parallel: int = 64):
+    def __init__(self, url: str, timeout_s: float = 600.0, max_parallel: int = 64, merged_adapter: str | None = None):
+        """merged_adapter: the peft adapter name whose weights the vLLM server serves merged
+        (see `export_merged`); None: the server serves the plain base model."""
         import httpx
 
         self.url = url.rstrip("/")
+        self.merged_adapter = merged_adapter
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="vllm-request")
         self._model: str | None = None
@@ -75,16 +83,15 @@ class VLLMBackend:
         """One clear line for what vLLM cannot express; nothing for what it can."""
         if not isinstance(method, (LatentMAS, TextMAS, Single)):
             raise VLLMBackendError(f"backend 'vllm' runs single, text_mas, latent_mas and diffmas, not {method.name!r}")
-        final = method.topology.final.name
-        if method.adapters.get(final) is not None:
-            raise VLLMBackendError(
-                f"backend 'vllm': the final agent {final!r} runs under an adapter; vLLM serves plain weights here "
-                "(merge the adapter into the model and serve that directory, or use --backend hf)"
-            )
-        if isinstance(method, TextMAS) and any(method.adapters.get(r.name) for r in method.topology.upstream):
-            raise VLLMBackendError(
-                "backend 'vllm': text_mas agents under adapters need merged weights; use --backend hf"
-            )
+        decoding = list(method.topology.roles) if isinstance(method, TextMAS) else [method.topology.final]
+        for role in decoding:
+            adapter = method.adapters.get(role.name)
+            if adapter != self.merged_adapter:
+                served = f"adapter {self.merged_adapter!r} merged" if self.merged_adapter else "plain weights"
+                raise VLLMBackendError(
+                    f"backend 'vllm': agent {role.name!r} decodes under adapter {adapter!r} but the vLLM server serves "
+                    f"{served} (serve a directory from export_merged and pass its adapter, or use --backend hf)"
+                )
         if isinstance(method, LatentMAS):
             if method.topology.kind != "sequential":
                 raise VLLMBackendError(
@@ -278,6 +285,21 @@ class VLLMBackend:
         logprobs = [float(x) for x in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if x is not None]
         text = bb.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(ids, text, logprobs, truncated=not (ids and ids[-1] in eos))
+
+
+def export_merged(backbone, adapter: str, out_dir: str | Path) -> Path:
+    """A model directory with peft adapter `adapter` merged into the base weights, for vLLM to
+    serve (the backbone itself is left as it is). Returns the directory."""
+    import copy
+
+    if not backbone.has_adapters or adapter not in backbone.model.peft_config:
+        raise VLLMBackendError(f"no adapter {adapter!r} is loaded on the backbone to merge")
+    model = copy.deepcopy(backbone.model)
+    merged = model.merge_and_unload(adapter_names=[adapter])
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    backbone.tokenizer.save_pretrained(out)
+    return out
 
 
 # ----------------------------------------------------------------------------- a local vLLM server

@@ -27,6 +27,9 @@ def serve(
     upstream_max_new_tokens: int = c.UpstreamNewOpt,
     backend: str = typer.Option("hf", help="hf (this process) or vllm (decoding agents in a vLLM server)."),
     vllm_url: Optional[str] = typer.Option(None, "--vllm-url", help="Base URL of `vllm serve --enable-prompt-embeds`."),
+    vllm_merged: bool = typer.Option(
+        False, "--vllm-merged", help="The vLLM server serves --adapter merged into its weights (export_merged)."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     served_name: str = typer.Option("diffmas", "--served-name", help="The model name responses report."),
@@ -75,6 +78,7 @@ def serve(
         chat_kwargs=c.parse_chat_kwargs(trained["chat_template_kwargs"]),
         backend=backend,
         vllm_url=vllm_url,
+        vllm_merged=vllm_merged,
         dtype=dtype,
         device=device,
         host=host,

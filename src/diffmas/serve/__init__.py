@@ -24,9 +24,10 @@ def build_engine(config: ServeConfig) -> Engine:
     fixed = build_topology(d.topology, d.agents, config.roles) if (config.roles or config.adapter) else None
     if config.adapter:
         check_adapter_dir(config.adapter)
-    backend = get_backend(config.backend, config.vllm_url, config.request_timeout_s)
     backbone = load_backbone(config.model, dtype=config.dtype, device=config.device)
     adapters = attach_checked(backbone, config.adapter, fixed) if config.adapter else None
+    merged = adapters.get(fixed.final.name) if (adapters and config.vllm_merged) else None
+    backend = get_backend(config.backend, config.vllm_url, config.request_timeout_s, merged)
     engine = Engine(backbone, backend, fixed, adapters, config.chat_kwargs)
     engine.method(d)  # the server's own defaults must run: fail at start, not at the first request
     return engine

@@ -61,11 +61,14 @@ class Job:
         """From the worker thread: the job's result (or error), once."""
 
         def settle():
-            if not self.future.done():
-                if error is not None:
-                    self.future.set_exception(error)
-                else:
-                    self.future.set_result(result)
+            if self.future.done():
+                return
+            if self.cancelled:  # nobody awaits it: cancel rather than leave an unretrieved exception
+                self.future.cancel()
+            elif error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
 
         try:
             self.loop.call_soon_threadsafe(settle)

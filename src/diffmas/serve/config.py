@@ -68,6 +68,8 @@ class ServeConfig:
     chat_kwargs: dict = field(default_factory=dict)  # extra chat-template arguments, e.g. enable_thinking
     backend: str = "hf"  # hf, or vllm (decoding agents in a vLLM server at vllm_url)
     vllm_url: str | None = None
+    # the vLLM server serves the final agent's adapter merged into its weights (backends.vllm.export_merged)
+    vllm_merged: bool = False
     dtype: str = "auto"
     device: str = "auto"
     host: str = "127.0.0.1"
@@ -88,6 +90,13 @@ class ServeConfig:
             raise ServeError("max_wait_ms must be >= 0 and request_timeout_s > 0")
         if self.backend not in ("hf", "vllm"):
             raise ServeError(f"backend={self.backend!r}: choose hf or vllm")
+        if self.backend == "vllm" and not self.vllm_url:
+            raise ServeError(
+                "backend 'vllm' needs the URL of a running vLLM server: --vllm-url http://127.0.0.1:8001 "
+                "(see docs/serving.md)"
+            )
+        if self.vllm_merged and not self.adapter:
+            raise ServeError("--vllm-merged says the vLLM server holds a merged adapter: pass that --adapter too")
         if self.defaults.max_tokens > self.max_tokens_limit:
             raise ServeError(
                 f"the default max_tokens {self.defaults.max_tokens} is above max_tokens_limit {self.max_tokens_limit}"
