@@ -149,7 +149,10 @@ def load_section(r: dict) -> str:
 {s["method"]} ({s["agents"]} agents, m={s["latent_steps"]}, {s["max_tokens"]} new tokens) on `{s["model"]}`, HF backend, {s["requests"]}
 requests per level over loopback from closed-loop clients (each sends its next request when the
 previous one is answered; no retries); server: max batch {srv["max_batch_size"]}, max wait
-{srv["max_wait_ms"]:g} ms, queue {srv["max_queue"]}. Latencies are of answered requests.
+{srv["max_wait_ms"]:g} ms, queue {srv["max_queue"]}. Latencies are of answered requests. Where more
+requests arrive at once than one batch plus the queue hold ({srv["max_batch_size"]} + {srv["max_queue"]}), the rest
+are answered 429 at once (with Retry-After) instead of waiting; no request failed otherwise. The
+CPU runs were taken on a small shared machine: compare the rows with each other, not with a GPU.
 
 {table}
 
