@@ -20,6 +20,7 @@ import torch
 
 from diffmas.accounting import PhaseMeter, Stopwatch
 from diffmas.backbone import Backbone
+from diffmas.budget import TraceBudget, apply_budget, probe_for, row_seeds
 from diffmas.channel import latent_steps, prefill, text_context
 from diffmas.errors import DiffmasError
 from diffmas.generate import DecodeConfig, Decoded, continuation_logprobs, decode
@@ -43,10 +44,13 @@ class MethodConfig:
     # Which entries of earlier agents each agent attends to: all (the paper's trace), latent (only
     # their latent steps) or none (no communication). text_mas: none drops the messages.
     reads: Reads = "all"
+    # Bound on what each upstream agent leaves in the trace (latent_mas, diffmas); None: everything.
+    trace_budget: TraceBudget | None = None
 
     def __post_init__(self):
         if isinstance(self.decode, dict):
             self.decode = DecodeConfig(**self.decode)
+        self.trace_budget = TraceBudget.from_any(self.trace_budget)
         if self.reads not in READS:
             raise MethodError(f"reads={self.reads!r}: choose one of {', '.join(READS)}")
         if self.latent_steps < 0:
@@ -214,6 +218,8 @@ class Method:
         self.topology = topology or default_topology()
         self.config = config or MethodConfig()
         self.adapters = dict(adapters or {})
+        if self.config.trace_budget is not None and not isinstance(self, LatentMAS):
+            raise MethodError(f"a trace budget applies to the latent channel (latent_mas, diffmas), not {self.name}")
 
     # -- one call per batch of questions
     def run_batch(
@@ -463,13 +469,17 @@ class LatentMAS(Method):
 
     def build_upstream(self, asks, seeds=None):
         trace = self.new_trace(len(asks))
+        budget = self.config.trace_budget
+        draws = row_seeds(budget, [ask.key() for ask in asks])  # random eviction: per row, batch-independent
         agents = []
         for i, role in enumerate(self.topology.upstream):
             clock = Stopwatch(self.backbone.device).start()
             hidden_agents = self.topology.hidden_from(i)
             with self.adapter_for(role):
-                hidden = prefill(trace, role.name, self.prompts(role, asks, ""), hidden_agents)
-                latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
+                with probe_for(budget, self.backbone) as probe:
+                    hidden = prefill(trace, role.name, self.prompts(role, asks, ""), hidden_agents)
+                    latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
+                apply_budget(trace, role.name, budget, probe, draws, hidden_agents)
             agents.append(_records(trace, role.name, clock.elapsed()))
         return Upstream(agents=agents, trace=trace, contexts=[""] * len(asks), traces=[trace])
 
