@@ -356,3 +356,21 @@ def test_asks_budget_seeds_follow_the_ask(tied_backbone):
     assert row_seeds(TraceBudget("random", 3), [a.key() for a in asks]) != row_seeds(
         TraceBudget("random", 3, seed=5), [a.key() for a in asks]
     )
+
+
+@torch.no_grad()
+def test_run_records_report_the_packed_bytes(tied_backbone):
+    topo = Topology("sequential", tuple(Role(n, "s", "{question}") for n in "abc"))
+
+    def run(budget):
+        config = MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=3), trace_budget=budget)
+        return get_method("latent_mas", tied_backbone, topo, config).run_batch([r[1] for r in ROWS])
+
+    full, packed = run(None), run(TraceBudget("quantize", bits=8))
+    bb = tied_backbone
+    packed_entry = bb.n_layers * 2 * bb.n_kv_heads * (bb.head_dim + 2 * 4)
+    for f, p in zip(full, packed):
+        assert p.trace_len == f.trace_len
+        upstream = sum(a.n_prompt_tokens + a.n_latent_steps for a in p.agents[:-1])
+        final = p.trace_len - upstream
+        assert p.trace_bytes == upstream * packed_entry + final * (f.trace_bytes // f.trace_len)

@@ -366,6 +366,15 @@ class QuantizedLayer(DynamicLayer):
         stored = [t for p in self.packed for t in p] + [self.keys, self.values]
         return sum(t.numel() * t.element_size() for t in stored)
 
+    def row_bytes(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) bytes of each row's real entries in this layer, packed prefix and tail."""
+        _, heads, _, dim = self.keys.shape
+        side = self.packed[0][1].element_size()  # scale and offset, per position and head
+        packed_entry = 2 * heads * (dim * self.bits // 8 + 2 * side)
+        tail_entry = 2 * heads * dim * self.keys.element_size()
+        split = self.packed_length
+        return mask[:, :split].sum(dim=1) * packed_entry + mask[:, split:].sum(dim=1) * tail_entry
+
     def select_rows(self, rows: torch.Tensor) -> "QuantizedLayer":
         other = QuantizedLayer.__new__(QuantizedLayer)
         DynamicLayer.__init__(other)

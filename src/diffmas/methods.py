@@ -92,7 +92,8 @@ class RunResult:
     text: str  # the final agent's answer
     agents: list[AgentRecord]
     trace_len: int  # real positions of the largest trace built for this question
-    trace_bytes: int  # its KV bytes: trace_len x layers x 2 x kv_heads x head_dim x dtype size
+    trace_bytes: int  # KV bytes of the largest trace: trace_len x layers x 2 x kv_heads x head_dim x
+    # dtype size, or less where a quantised budget packs entries
     wall_s: float  # whole batch, all agents
     peak_memory_bytes: int  # whole batch; CUDA max allocated or CPU peak RSS
     batch_size: int
@@ -370,14 +371,14 @@ class Method:
     ) -> list[RunResult]:
         rows = len(final.texts)
         lengths = [max(t.n_real()[b] for t in traces) for b in range(rows)]
-        per_entry = traces[0].bytes_per_entry()
+        held = [t.real_bytes() for t in traces]
         return [
             RunResult(
                 method=self.name,
                 text=final.texts[b],
                 agents=[agent_rows[b] for agent_rows in agents],
                 trace_len=lengths[b],
-                trace_bytes=lengths[b] * per_entry,
+                trace_bytes=max(h[b] for h in held),
                 wall_s=wall,
                 peak_memory_bytes=peak,
                 batch_size=rows,
@@ -479,8 +480,11 @@ class LatentMAS(Method):
                 with probe_for(budget, self.backbone) as probe:
                     hidden = prefill(trace, role.name, self.prompts(role, asks, ""), hidden_agents)
                     latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
+                records = _records(trace, role.name, 0.0)  # tokens it processed, before any are evicted
                 apply_budget(trace, role.name, budget, probe, draws, hidden_agents)
-            agents.append(_records(trace, role.name, clock.elapsed()))
+            for record in records:
+                record.wall_s = clock.elapsed()  # fitting the budget is part of the agent's time
+            agents.append(records)
         return Upstream(agents=agents, trace=trace, contexts=[""] * len(asks), traces=[trace])
 
 

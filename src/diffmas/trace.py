@@ -133,6 +133,21 @@ class LatentTrace:
                     total += tensor.numel() * tensor.element_size()
         return total
 
+    def real_bytes(self) -> list[int]:
+        """Per row, the bytes of its real entries (padding excluded): n_real x `bytes_per_entry`, but
+        packed layers (a quantised trace budget) count their own. A released trace reports what it held."""
+        layers = [] if self.released or self.length == 0 else self.cache.layers
+        if not any(hasattr(layer, "row_bytes") for layer in layers):
+            return [n * self.bytes_per_entry() for n in self.n_real()]
+        per_layer = self.bytes_per_entry() // self.backbone.n_layers
+        totals = torch.zeros(self.batch_size, dtype=torch.long)
+        for layer in layers:
+            if hasattr(layer, "row_bytes"):
+                totals += layer.row_bytes(self.attention_mask).cpu()
+            else:
+                totals += self.attention_mask.sum(dim=1).cpu() * per_layer
+        return totals.tolist()
+
     def bytes_per_entry(self) -> int:
         """layers x 2 (K and V) x kv_heads x head_dim x dtype size: the cost of one trace position."""
         bb = self.backbone
