@@ -148,6 +148,12 @@ def get_method(
     return METHODS[name](backbone, topology, config, adapters)
 
 
+def check_budget(name: str, config: MethodConfig) -> None:
+    """A trace budget bounds the latent trace: refuse it, before any model is loaded, elsewhere."""
+    if config.trace_budget is not None and not issubclass(METHODS[name], LatentMAS):
+        raise MethodError(f"a trace budget applies to the latent channel (latent_mas, diffmas), not {name}")
+
+
 def list_methods() -> list[str]:
     return list(METHODS)
 
@@ -219,8 +225,7 @@ class Method:
         self.topology = topology or default_topology()
         self.config = config or MethodConfig()
         self.adapters = dict(adapters or {})
-        if self.config.trace_budget is not None and not isinstance(self, LatentMAS):
-            raise MethodError(f"a trace budget applies to the latent channel (latent_mas, diffmas), not {self.name}")
+        check_budget(self.name, self.config)
 
     # -- one call per batch of questions
     def run_batch(

@@ -365,9 +365,10 @@ def load_method(
     """A method on a freshly loaded backbone, under a trained adapter when given. The adapter's
     files are checked before the model is loaded, its fit to the model after."""
     from diffmas.backbone import load_backbone
-    from diffmas.methods import get_method
+    from diffmas.methods import check_budget, get_method
     from diffmas.train.adapters import attach_checked, check_adapter_dir
 
+    check_budget(name, method_config)
     if adapter:
         check_adapter_dir(adapter)
     backbone = load_backbone(model, dtype=dtype, device=device)
