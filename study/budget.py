@@ -48,9 +48,7 @@ class BudgetSettings:
     arc_sizes: list[str] = field(default_factory=lambda: ["8", "32"])  # the CPU allows a smaller grid
     bits: list[str] = field(default_factory=lambda: ["int8", "int4"])
     # trained under budget B, evaluated under B (the relay stage)
-    train_budgets: list[str] = field(
-        default_factory=lambda: ["prompt-drop:8", "random:8", "quantize:int4"]
-    )
+    train_budgets: list[str] = field(default_factory=lambda: ["prompt-drop:8", "random:8", "quantize:int4"])
     latent_adapter: str = "results/channel/relay_word/diffmas-full-m4/adapter"  # reads=latent, m=4
     arc_adapter: str = "results/study/adapters/diffmas"  # m=10, four agents
     arc_questions: int = 200
