@@ -374,3 +374,25 @@ def test_run_records_report_the_packed_bytes(tied_backbone):
         upstream = sum(a.n_prompt_tokens + a.n_latent_steps for a in p.agents[:-1])
         final = p.trace_len - upstream
         assert p.trace_bytes == upstream * packed_entry + final * (f.trace_bytes // f.trace_len)
+
+
+@pytest.mark.parametrize("budget", [TraceBudget("quantize", bits=4), TraceBudget("prompt-drop", prompt_states=3)])
+@torch.no_grad()
+def test_option_likelihood_under_a_budget_batched_equals_one_by_one(untied_backbone, budget):
+    """Option scoring copies the bounded trace per option (packed layers select their own rows)."""
+    from diffmas.methods import OptionQuery
+
+    topo = Topology("sequential", tuple(Role(n, "s", "{question}") for n in "abc"))
+    config = MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=2), trace_budget=budget)
+    method = get_method("latent_mas", untied_backbone, topo, config)
+    questions = [r[1] for r in ROWS]
+    options = [OptionQuery(q, (" yes", " no", " maybe not")) for q in questions]
+    batched = method.run_batch(questions, options=options)
+    for q, o, r in zip(questions, options, batched):
+        alone = method.run_batch([q], options=[o])[0]
+        torch.testing.assert_close(
+            torch.tensor(alone.option_logprobs), torch.tensor(r.option_logprobs), atol=1e-4, rtol=0
+        )
+    if budget.policy == "quantize":  # the copies are packed too, not unpacked
+        up = method.build_upstream(asks_of(questions))
+        assert all(isinstance(layer, QuantizedLayer) for layer in up.trace.expand(3).cache.layers)
