@@ -1,0 +1,145 @@
+"""Trace inspection on the tiny models: attention shares, logit lens, segment bookkeeping, the
+answer left unchanged, the HTML page (in a real headless browser where chromium is installed),
+the CLI and the eval/report/compare aggregation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffmas import DecodeConfig, LatentTrace, MethodConfig, Role, Topology, get_method
+from diffmas.channel import latent_steps, prefill, tokenize
+from diffmas.generate import decode
+from diffmas.inspect import InspectConfig, InspectError, inspect_question
+from diffmas.methods import asks_of
+
+QUESTION = "Alice's secret word is tiger. What is it?"
+PAIR = Topology(
+    "sequential",
+    (Role("sender", "", "{private} Your team is asked: {question}"), Role("reader", "", "{question} {format}")),
+)
+
+
+def method_on(backbone, name="latent_mas", topology=PAIR, m=3, reads="all", max_new=5, temperature=0.0):
+    config = MethodConfig(latent_steps=m, reads=reads, decode=DecodeConfig(max_new_tokens=max_new, temperature=temperature))
+    return get_method(name, backbone, topology, config)
+
+
+def test_shares_sum_to_one_per_token_and_layer(backbone):
+    method = method_on(backbone, topology=None)  # the default four agents
+    record = inspect_question(method, QUESTION)
+    att = record["attention"]
+    assert len(att["tokens"]) == len(record["answer"]["token_ids"]) >= 1
+    for token in att["tokens"]:
+        assert len(token["per_layer"]) == backbone.n_layers
+        for row in token["per_layer"]:
+            assert len(row) == len(att["segments"])
+            assert sum(row) == pytest.approx(1.0, abs=1e-4)
+            assert min(row) >= 0
+        assert sum(token["mean"]) == pytest.approx(1.0, abs=1e-4)
+    assert sum(att["mean"]) == pytest.approx(1.0, abs=1e-4)
+    # every agent's latent steps get some of the final agent's attention (reads=all): no segment is lost
+    labels = [s["label"] for s in att["segments"]]
+    assert labels[:2] == ["planner/prompt", "planner/latent"] and labels[-1] == "solver/generated"
+
+
+def test_reads_latent_hides_the_sender_prompt_from_the_shares(backbone):
+    record = inspect_question(method_on(backbone, reads="latent"), QUESTION, private={"sender": "The word is tiger."})
+    att = record["attention"]
+    share = dict(zip([s["label"] for s in att["segments"]], att["mean"]))
+    assert share["sender/prompt"] == 0.0  # masked: the reader never sees it
+    assert share["sender/latent"] > 0
+    for token in att["tokens"]:
+        for row in token["per_layer"]:
+            assert sum(row) == pytest.approx(1.0, abs=1e-4)
+
+
+def _reference_steps(method, question: str, private: dict, m: int):
+    """The sender's prompt end and latent steps recomputed without the trace: one full forward of
+    the whole sequence per step through the HF model's own forward (LM head included)."""
+    bb = method.backbone
+    sender = method.topology.roles[0]
+    prompt = method.prompts(sender, asks_of([question], [private]), "")
+    ids, _ = tokenize(bb.tokenizer, prompt, bb.device)
+    seq = bb.embed(ids)  # (1, T, d)
+    probs = []
+    with torch.no_grad():
+        for _ in range(m + 1):
+            logits = bb.base_model()(inputs_embeds=seq).logits[0, -1].float()  # (V,)
+            probs.append(logits.softmax(dim=-1))
+            hidden = bb.decoder()(inputs_embeds=seq).last_hidden_state[:, -1]  # (1, d)
+            seq = torch.cat([seq, bb.realigner(hidden)[:, None]], dim=1)
+    return probs  # [prompt end, step 1, ..., step m (and one beyond)]
+
+
+def test_last_layer_lens_is_the_models_next_token_distribution(backbone):
+    m, private = 3, {"sender": "The word is tiger."}
+    method = method_on(backbone, m=m)
+    record = inspect_question(method, QUESTION, private=private, config=InspectConfig(top_k=8, watch=["tiger"]))
+    (sender,) = record["latent"]
+    assert sender["agent"] == "sender"
+    assert [s["kind"] for s in sender["steps"]] == ["prompt_end"] + ["latent"] * m
+    reference = _reference_steps(method, QUESTION, private, m)
+    for step, probs in zip(sender["steps"], reference):
+        last = step["lens"][-1]
+        assert last["layer"] == backbone.n_layers
+        top = probs.topk(8)
+        assert [t["id"] for t in last["top"]] == top.indices.tolist()
+        assert [t["p"] for t in last["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+        (watched,) = last["watch"]
+        assert watched["p"] == pytest.approx(float(probs[watched["id"]]), abs=1e-5)
+        assert watched["rank"] == int((probs > probs[watched["id"]]).sum()) + 1
+    # the intermediate layer reads something else than the last one (the lens is not a copy)
+    first, last = sender["steps"][1]["lens"][0], sender["steps"][1]["lens"][-1]
+    assert first["layer"] < last["layer"] and first["top"] != last["top"]
+
+
+def test_segment_bookkeeping_matches_the_trace(backbone):
+    m, private = 2, {"sender": "The word is tiger."}
+    method = method_on(backbone, m=m, max_new=4)
+    record = inspect_question(method, QUESTION, private=private)
+    # the same run built by hand on a trace
+    trace = LatentTrace(backbone, 1)
+    sender, reader = PAIR.roles
+    asks = asks_of([QUESTION], [private])
+    with torch.no_grad():
+        latent_steps(trace, "sender", prefill(trace, "sender", method.prompts(sender, asks, "")), m)
+        hidden = prefill(trace, "reader", method.prompts(reader, asks, ""))
+        out = decode(trace, "reader", hidden, method.config.decode, [0])
+    got = record["trace"]
+    assert [{k: v for k, v in s.items() if k != "n_bytes"} for s in got["segments"]] == [
+        {**s, "n_tokens": s["n_tokens"][0]} for s in trace.summary()
+    ]
+    assert got["length"] == trace.length and got["n_bytes"] == trace.n_bytes()
+    assert sum(s["n_bytes"] for s in got["segments"]) == trace.n_bytes()
+    for s in got["segments"]:
+        assert s["n_bytes"] == s["n_tokens"] * trace.bytes_per_entry()
+    assert record["answer"]["token_ids"] == out.token_ids[0]
+    n_generated = next(s["n_tokens"] for s in got["segments"] if s["kind"] == "generated")
+    assert n_generated == len(out.token_ids[0]) - 1  # the last token is chosen, never appended
+
+
+@pytest.mark.parametrize("reads", ["all", "latent"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_inspection_does_not_change_the_answer(backbone, reads, temperature):
+    method = method_on(backbone, topology=None, reads=reads, max_new=8, temperature=temperature)
+    normal = method.run_batch([QUESTION], seeds=[7])[0]
+    record = inspect_question(method, QUESTION, seed=7)
+    assert record["answer"]["token_ids"] == normal.token_ids
+    assert record["answer"]["text"] == normal.text
+    # the probes leave the model as they found it: fast attention back, no hooks left
+    assert backbone.base_model().config._attn_implementation == "sdpa"
+    modules = [backbone.decoder(), *backbone.decoder().layers, *(layer.self_attn for layer in backbone.decoder().layers)]
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+    assert "new_trace" not in vars(method)
+    assert method.run_batch([QUESTION], seeds=[7])[0].token_ids == normal.token_ids
+
+
+def test_bad_settings_are_one_clear_error(tied_backbone):
+    with pytest.raises(InspectError, match="top_k"):
+        InspectConfig(top_k=0)
+    with pytest.raises(InspectError, match="layers 1..2"):
+        inspect_question(method_on(tied_backbone), QUESTION, config=InspectConfig(lens_layers=[5]))
+    assert tied_backbone.base_model().config._attn_implementation == "sdpa"
