@@ -143,3 +143,105 @@ def test_bad_settings_are_one_clear_error(tied_backbone):
     with pytest.raises(InspectError, match="layers 1..2"):
         inspect_question(method_on(tied_backbone), QUESTION, config=InspectConfig(lens_layers=[5]))
     assert tied_backbone.base_model().config._attn_implementation == "sdpa"
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+@pytest.fixture(scope="module")
+def page_dir(tmp_path_factory):
+    from conftest import make_backbone
+    from diffmas.inspect.page import write_inspection
+
+    bb = make_backbone(tied=False)
+    record = inspect_question(
+        method_on(bb, reads="latent"),
+        QUESTION,
+        private={"sender": "The word is <tiger> & more."},
+        config=InspectConfig(watch=["tiger"]),
+    )
+    out = tmp_path_factory.mktemp("page")
+    write_inspection(record, out)
+    return out
+
+
+def test_page_is_self_contained_and_has_every_section(page_dir):
+    text = (page_dir / "index.html").read_text()
+    record = json.loads((page_dir / "inspection.json").read_text())
+    for element in ("timeline", "segments", "logit-lens", "attention-heatmap", "attention-layers", "answer"):
+        assert f"id='{element}'" in text
+    assert "<script" not in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+    assert "&lt;tiger&gt; &amp; more" in text  # inputs are escaped
+    assert text.count("class='segment'") == len(record["trace"]["segments"])
+    # one cell per segment and decoded token (plus the mean), and per segment and layer
+    n_cells = len(record["attention"]["segments"]) * (len(record["attention"]["tokens"]) + 1 + record["n_layers"])
+    assert text.count("class='cell'") == n_cells
+
+
+def test_page_in_a_headless_browser(page_dir):
+    from diffmas.inspect.browser import dump_dom, find_chromium, screenshot
+
+    if find_chromium() is None:
+        pytest.skip(
+            "CHROMIUM IS NOT INSTALLED: the inspection page was not opened in a real browser "
+            "(apt-get install -y chromium, or `make sandbox-tools` as root)"
+        )
+    dom = dump_dom(page_dir / "index.html")
+    record = json.loads((page_dir / "inspection.json").read_text())
+    for element in ("timeline", "logit-lens", "attention-heatmap", "attention-layers", "answer"):
+        assert f'id="{element}"' in dom, element
+    assert dom.count('class="segment"') == len(record["trace"]["segments"])
+    png = screenshot(page_dir / "index.html", page_dir / "shot.png", 900, 700)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "diffmas", *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import make_model, make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    make_model(tied=False).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_inspect_command_on_a_task_example(tiny_model_dir, tmp_path):
+    out = tmp_path / "insp"
+    args = ["--task", "relay_word", "--index", "2", "--reads", "latent", "-m", "2", "--max-new-tokens", "3"]
+    proc = cli("inspect", *args, "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "inspection.json").read_text())
+    assert (out / "index.html").is_file()
+    assert record["task"] == "relay_word" and record["id"] and record["gold"]
+    assert record["inspect"]["watch"] == [record["gold"]]  # the secret is watched in every lens reading
+    assert record["settings"]["reads"] == "latent" and record["settings"]["roles"] == ["sender", "reader"]
+    assert [s["kind"] for s in record["latent"][0]["steps"]] == ["prompt_end", "latent", "latent"]
+    assert record["private"]["sender"].endswith(f"{record['gold']}.")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "either a QUESTION or --task"),
+        (["Q?", "--task", "relay_word"], "either a QUESTION or --task"),
+        (["--task", "relay_word", "--index", "100000"], "--index 100000"),
+        (["Q?", "--lens-layers", "a,b"], "--lens-layers"),
+        (["Q?", "--method", "latent_ma"], "did you mean 'latent_mas'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, args, message):
+    proc = cli("inspect", *args, "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
