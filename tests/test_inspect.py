@@ -245,3 +245,62 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, args, message):
     proc = cli("inspect", *args, "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"))
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ----------------------------------------------------------------------------- eval --inspect N
+
+
+def _relay_run(model_dir, out, m):
+    from diffmas.evaluate.runner import EvalConfig, evaluate
+
+    config = EvalConfig(
+        task="relay_word",
+        model=str(model_dir),
+        limit=3,
+        batch_size=3,
+        device="cpu",
+        method_config=MethodConfig(latent_steps=m, reads="latent", decode=DecodeConfig(max_new_tokens=3)),
+    )
+    return evaluate(config, out, progress=False, inspect=2)
+
+
+def test_eval_inspect_aggregates_into_report_and_compare(tiny_model_dir, tmp_path, monkeypatch):
+    from diffmas.evaluate.report import write_report
+    from diffmas.evaluate.rundir import load_runs
+    from diffmas.inspect.aggregate import attention_change, load_inspections, question_shares, run_attention
+
+    a, b = tmp_path / "m1", tmp_path / "m3"
+    _relay_run(tiny_model_dir, a, 1)
+    _relay_run(tiny_model_dir, b, 3)
+    inspections = load_inspections(a)
+    assert len(inspections) == 2 and all(r["matches_run"] for r in inspections)  # the recorded answers
+    records = [json.loads(line) for line in (a / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in inspections] == sorted(r["id"] for r in records[:2])
+    # a rerun keeps the inspections it has (nothing recomputed: a poisoned inspector is never called)
+    monkeypatch.setattr("diffmas.inspect.runs.inspect_example", lambda *a, **k: pytest.fail("recomputed"))
+    _relay_run(tiny_model_dir, a, 1)
+    monkeypatch.undo()
+
+    runs = load_runs([a, b])
+    att = run_attention(runs[0])
+    assert att["n_inspected"] == 2 and att["all"]["n"] == 2
+    assert att["correct"] is None or att["correct"]["n"] + att["incorrect"]["n"] == 2
+    assert sum(att["all"]["agents"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert sum(att["all"]["kinds"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert att["all"]["agents"]["sender"] == pytest.approx(att["all"]["kinds"]["latent"])  # reads=latent
+    expected = sum(question_shares(r)["agents"]["sender"] for r in inspections) / 2
+    assert att["all"]["agents"]["sender"] == pytest.approx(expected)
+
+    change = attention_change(runs)
+    base, other = change["runs"]
+    assert base["is_baseline"] and "delta" not in base
+    want = other["attention"]["all"]["kinds"]["latent"] - base["attention"]["all"]["kinds"]["latent"]
+    assert other["delta"]["kinds"]["latent"] == pytest.approx(want)
+
+    md = write_report(runs, tmp_path / "report", n_boot=50).read_text()
+    assert "Attention share of the final agent" in md and "Δ sender" in md
+    proc = cli("compare", str(a), str(b))
+    assert proc.returncode == 0, proc.stderr
+    assert "attention share" in proc.stdout
+    as_json = json.loads(cli("compare", str(a), str(b), "--json").stdout)
+    assert as_json["attention"]["runs"][1]["delta"]["kinds"]["latent"] == pytest.approx(want)

@@ -40,6 +40,10 @@ def example_dir(run_dir: str | Path, example_id: str) -> Path:
     return Path(run_dir) / INSPECTION_DIR / re.sub(r"[^A-Za-z0-9._-]", "_", example_id)
 
 
+def is_inspected(run_dir: str | Path, example_id: str) -> bool:
+    return (example_dir(run_dir, example_id) / JSON_FILE).is_file()
+
+
 def inspect_run_examples(
     method, task, examples: Sequence, run_dir: str | Path, seeds: Sequence[int], records: Sequence[dict] = ()
 ) -> list[Path]:
@@ -50,7 +54,7 @@ def inspect_run_examples(
     written = []
     for example, seed in zip(examples, seeds):
         folder = example_dir(run_dir, example.id)
-        if (folder / JSON_FILE).is_file():
+        if is_inspected(run_dir, example.id):
             continue
         record = inspect_example(method, task, example, seed)
         if example.id in texts:
