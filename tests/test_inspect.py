@@ -23,7 +23,9 @@ PAIR = Topology(
 
 
 def method_on(backbone, name="latent_mas", topology=PAIR, m=3, reads="all", max_new=5, temperature=0.0):
-    config = MethodConfig(latent_steps=m, reads=reads, decode=DecodeConfig(max_new_tokens=max_new, temperature=temperature))
+    config = MethodConfig(
+        latent_steps=m, reads=reads, decode=DecodeConfig(max_new_tokens=max_new, temperature=temperature)
+    )
     return get_method(name, backbone, topology, config)
 
 
@@ -131,7 +133,11 @@ def test_inspection_does_not_change_the_answer(backbone, reads, temperature):
     assert record["answer"]["text"] == normal.text
     # the probes leave the model as they found it: fast attention back, no hooks left
     assert backbone.base_model().config._attn_implementation == "sdpa"
-    modules = [backbone.decoder(), *backbone.decoder().layers, *(layer.self_attn for layer in backbone.decoder().layers)]
+    modules = [
+        backbone.decoder(),
+        *backbone.decoder().layers,
+        *(layer.self_attn for layer in backbone.decoder().layers),
+    ]
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
     assert "new_trace" not in vars(method)
     assert method.run_batch([QUESTION], seeds=[7])[0].token_ids == normal.token_ids
@@ -150,8 +156,9 @@ def test_bad_settings_are_one_clear_error(tied_backbone):
 
 @pytest.fixture(scope="module")
 def page_dir(tmp_path_factory):
-    from conftest import make_backbone
     from diffmas.inspect.page import write_inspection
+
+    from conftest import make_backbone
 
     bb = make_backbone(tied=False)
     record = inspect_question(
@@ -204,7 +211,9 @@ def cli(*args):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "diffmas", *args], capture_output=True, text=True, timeout=180, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "diffmas", *args], capture_output=True, text=True, timeout=180, env=env
+    )
 
 
 @pytest.fixture(scope="module")

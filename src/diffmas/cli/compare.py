@@ -29,7 +29,6 @@ def compare(
 ) -> None:
     """Compare runs with a baseline on the questions they share: accuracy, Δ, wins/losses, McNemar p."""
     from diffmas.evaluate.compare import compare_runs
-
     from diffmas.inspect.aggregate import attention_change
 
     runs = load_runs(run_dirs)
@@ -84,14 +83,13 @@ def _attention_table(change: dict) -> Table:
     for col in ("run", "n", *agents, *KINDS):
         table.add_column(col, justify="left" if col == "run" else "right", no_wrap=col == "run")
     for e in inspected:
-        share = e["attention"]["all"]
-        delta = e.get("delta")
-
-        def cell(part: str, key: str) -> str:
-            text = f"{100 * share[part].get(key, 0.0):.1f}"
-            return text + (f" ({100 * delta[part].get(key, 0.0):+.1f})" if delta else "")
-
-        table.add_row(
-            e["name"], str(share["n"]), *(cell("agents", a) for a in agents), *(cell("kinds", k) for k in KINDS)
-        )
+        share, delta = e["attention"]["all"], e.get("delta")
+        cells = [_share_cell(share, delta, "agents", a) for a in agents]
+        cells += [_share_cell(share, delta, "kinds", k) for k in KINDS]
+        table.add_row(e["name"], str(share["n"]), *cells)
     return table
+
+
+def _share_cell(share: dict, delta: dict | None, part: str, key: str) -> str:
+    text = f"{100 * share[part].get(key, 0.0):.1f}"
+    return text + (f" ({100 * delta[part].get(key, 0.0):+.1f})" if delta else "")

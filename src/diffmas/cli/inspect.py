@@ -45,7 +45,9 @@ def inspect_(
     adapter: Optional[Path] = c.AdapterOpt,
     seed: int = c.SeedOpt,
     top_k: int = typer.Option(5, "--top-k", help="Tokens per logit-lens reading and nearest-token list."),
-    lens_layers: Optional[str] = typer.Option(None, "--lens-layers", help="1-based layers, e.g. 6,12,30 (default: 4 spread)."),
+    lens_layers: Optional[str] = typer.Option(
+        None, "--lens-layers", help="1-based layers, e.g. 6,12,30 (default: 4 spread)."
+    ),
     watch: list[str] = typer.Option([], "--watch", help="A word whose rank every lens reading records (repeatable)."),
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
@@ -70,7 +72,9 @@ def inspect_(
         task_obj = get_task(task)
         examples = task_obj.load(split, data_dir=data_dir, limit=index + 1)
         if index >= len(examples):
-            raise DiffmasError(f"--index {index}: {task} ({split}) has {len(examples)} examples (0..{len(examples) - 1})")
+            raise DiffmasError(
+                f"--index {index}: {task} ({split}) has {len(examples)} examples (0..{len(examples) - 1})"
+            )
         example = examples[index]
     options = {
         "adapter": adapter,

@@ -34,7 +34,11 @@ def question_shares(record: dict) -> dict:
     for seg, share in zip(att["segments"], att["mean"]):
         by_agent[seg["agent"]] = by_agent.get(seg["agent"], 0.0) + share
         by_kind[seg["kind"]] += share
-    return {"agents": by_agent, "kinds": by_kind, "segments": {s["label"]: v for s, v in zip(att["segments"], att["mean"])}}
+    return {
+        "agents": by_agent,
+        "kinds": by_kind,
+        "segments": {s["label"]: v for s, v in zip(att["segments"], att["mean"])},
+    }
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -60,7 +64,9 @@ def run_attention(run) -> dict | None:
     inspections = [r for r in load_inspections(run.path) if r.get("attention", {}).get("tokens")]
     if not inspections:
         return None
-    correct_of = {r["id"]: bool(r.get("correct")) for r in run.records if r.get("sample") == 0 and r.get("status") == "ok"}
+    correct_of = {
+        r["id"]: bool(r.get("correct")) for r in run.records if r.get("sample") == 0 and r.get("status") == "ok"
+    }
     groups: dict[str, list[dict]] = {"correct": [], "incorrect": []}
     everything = []
     for record in inspections:

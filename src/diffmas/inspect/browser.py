@@ -22,9 +22,7 @@ def _run(html_path: Path, *flags: str, timeout: int = 120) -> subprocess.Complet
         raise DiffmasError("no chromium found; install it (Debian: apt-get install -y chromium)")
     # --no-sandbox: CI runs as root, where chromium refuses its own sandbox; the page is our own file
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *flags]
-    proc = subprocess.run(
-        [*cmd, Path(html_path).resolve().as_uri()], capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([*cmd, Path(html_path).resolve().as_uri()], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise DiffmasError(f"chromium failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     return proc

@@ -20,21 +20,33 @@ KIND_LIGHTNESS = {"prompt": 82, "latent": 42, "generated": 62}
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1280px;margin:1.5em auto;padding:0 1em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:13px;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
 th{background:#f3f3f3;text-align:left}.tok{font-family:ui-monospace,monospace;white-space:pre}
 .hit{background:#ffe08a;font-weight:bold}.note{color:#555;font-size:13px}
 pre#answer{background:#f6f8fa;padding:.8em;border:1px solid #ddd;white-space:pre-wrap}
 svg text{font-family:ui-monospace,monospace}"""
 
 
-def write_inspection(record: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write DIR/inspection.json and DIR/index.html; return their paths."""
+def write_inspection(record: dict, out_dir: str | Path, indent: int | None = 1) -> tuple[Path, Path]:
+    """Write DIR/inspection.json (floats to 6 decimals: enough for shares that sum to 1 within
+    1e-5, and a third of the size) and DIR/index.html; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / JSON_FILE, out_dir / HTML_FILE
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    json_path.write_text(json.dumps(_rounded(record), indent=indent) + "\n")
     html_path.write_text(render_page(record))
     return json_path, html_path
+
+
+def _rounded(value, digits: int = 6):
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def render_page(record: dict) -> str:
@@ -115,15 +127,18 @@ def _timeline(record: dict, colors: dict[str, int]) -> str:
         rects.append(
             f"<g class='segment' data-agent='{_esc(seg['agent'])}' data-kind='{seg['kind']}'>"
             f"<title>{_esc(title)}</title>"
-            f"<rect x='{x:.1f}' y='0' width='{w - 1:.1f}' height='{height}' fill='{_fill(colors[seg['agent']], seg['kind'])}'/>"
+            f"<rect x='{x:.1f}' y='0' width='{w - 1:.1f}' height='{height}' "
+            f"fill='{_fill(colors[seg['agent']], seg['kind'])}'/>"
             f"<text x='{x + 4:.1f}' y='{height / 2 + 4}' font-size='11'>{_esc(label)}</text></g>"
         )
         x += w
     svg = f"<svg id='timeline' width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>{''.join(rects)}</svg>"
     rows = "".join(
-        f"<tr><td><span style='display:inline-block;width:12px;height:12px;background:{_fill(colors[s['agent']], s['kind'])}'></span> "
+        f"<tr><td><span style='display:inline-block;width:12px;height:12px;"
+        f"background:{_fill(colors[s['agent']], s['kind'])}'></span> "
         f"{_esc(s['agent'])}</td><td>{s['kind']}</td><td>{s['start']}..{s['end'] - 1}</td>"
-        f"<td style='text-align:right'>{s['n_tokens']}</td><td style='text-align:right'>{s['n_bytes'] / 1024:.1f}</td></tr>"
+        f"<td style='text-align:right'>{s['n_tokens']}</td>"
+        f"<td style='text-align:right'>{s['n_bytes'] / 1024:.1f}</td></tr>"
         for s in segments
     )
     t = record["trace"]
@@ -165,7 +180,9 @@ def _lens_tables(record: dict) -> str:
     ]
     for agent in record["latent"]:
         steps = agent["steps"]
-        head = "".join(f"<th>{'prompt end' if s['kind'] == 'prompt_end' else 'step ' + str(s['step'])}</th>" for s in steps)
+        head = "".join(
+            f"<th>{'prompt end' if s['kind'] == 'prompt_end' else 'step ' + str(s['step'])}</th>" for s in steps
+        )
         rows = []
         for i, layer in enumerate(record["inspect"]["lens_layers"]):
             cells = "".join(f"<td>{_tok_cell(s['lens'][i]['top'], 'p', watched)}</td>" for s in steps)
@@ -201,7 +218,8 @@ def _grid(grid_id: str, rows: list[str], cols: list[str], values: list[list[floa
     for c, label in enumerate(cols):
         x = left + c * cell_w + cell_w / 2
         parts.append(
-            f"<text x='{x:.0f}' y='{top - 6}' font-size='10' transform='rotate(-45 {x:.0f} {top - 6})'>{_esc(label)}</text>"
+            f"<text x='{x:.0f}' y='{top - 6}' font-size='10' "
+            f"transform='rotate(-45 {x:.0f} {top - 6})'>{_esc(label)}</text>"
         )
     for r, label in enumerate(rows):
         y = top + r * cell_h

@@ -297,7 +297,9 @@ def _agent_steps(method, role, trace, forwards, lens_layers, top_k, watch) -> di
     bb = method.backbone
     norm = final_norm(bb)
     prompt_ends = {s.end - 1 for s in trace.segments if s.agent == role.name and s.kind == "prompt"}
-    latent_cols = {c for s in trace.segments if s.agent == role.name and s.kind == "latent" for c in range(s.start, s.end)}
+    latent_cols = {
+        c for s in trace.segments if s.agent == role.name and s.kind == "latent" for c in range(s.start, s.end)
+    }
     steps = []
     with method.adapter_for(role):  # the head and norm as this agent's forward used them
         for f in forwards:

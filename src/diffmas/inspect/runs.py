@@ -59,6 +59,6 @@ def inspect_run_examples(
         record = inspect_example(method, task, example, seed)
         if example.id in texts:
             record["matches_run"] = texts[example.id] == record["answer"]["text"]
-        write_inspection(record, folder)
+        write_inspection(record, folder, indent=None)  # compact: a run keeps many
         written.append(folder)
     return written
