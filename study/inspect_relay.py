@@ -104,7 +104,7 @@ def pages(s: InspectSettings) -> dict:
         elements = ("timeline", "logit-lens", "attention-heatmap", "attention-layers", "answer")
         checks[method] = {e: f'id="{e}"' in dom for e in elements}
         name = "inspection.png" if method == "diffmas" else "inspection_untrained.png"
-        screenshot(html_path, IMG / name, 1300, 1500)
+        screenshot(html_path, IMG / name, 1300, 1900)  # the whole page
     return checks
 
 

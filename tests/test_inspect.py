@@ -313,3 +313,61 @@ def test_eval_inspect_aggregates_into_report_and_compare(tiny_model_dir, tmp_pat
     assert "attention share" in proc.stdout
     as_json = json.loads(cli("compare", str(a), str(b), "--json").stdout)
     assert as_json["attention"]["runs"][1]["delta"]["kinds"]["latent"] == pytest.approx(want)
+
+
+# ----------------------------------------------------------------------------- other methods
+
+
+def test_per_role_adapters_lens_under_the_agents_adapter(untied_backbone):
+    """diffmas with one LoRA per role: the lens reads the sender's state as its adapter computed it,
+    and the answer is the one of a normal run."""
+    from diffmas.train.adapters import add_trainable_adapters
+    from diffmas.train.config import TrainConfig
+
+    bb = untied_backbone
+    mapping = add_trainable_adapters(bb, TrainConfig(task="x", adapters="per-role"), PAIR)
+    torch.manual_seed(1)
+    for name, p in bb.model.named_parameters():
+        if "lora_B" in name:  # LoRA starts as a no-op; random B makes each adapter change the model
+            p.data.normal_(0, 0.3)
+    bb.model.requires_grad_(False)
+    config = MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=5))
+    method = get_method("diffmas", bb, PAIR, config, mapping)
+    private = {"sender": "The word is tiger."}
+    normal = method.run_batch([QUESTION], privates=[private])[0]
+    record = inspect_question(method, QUESTION, private=private, config=InspectConfig(top_k=4))
+    assert record["answer"]["token_ids"] == normal.token_ids
+    with bb.use_adapter("sender"):
+        reference = _reference_steps(method, QUESTION, private, 2)
+    with bb.use_adapter(None):
+        bare = _reference_steps(method, QUESTION, private, 2)
+    for step, probs, other in zip(record["latent"][0]["steps"], reference, bare):
+        assert [t["p"] for t in step["lens"][-1]["top"]] == pytest.approx(probs.topk(4).values.tolist(), abs=1e-5)
+        assert not torch.allclose(probs, other, atol=1e-3)  # the adapter matters: the check can fail
+
+
+@pytest.mark.parametrize("name", ["single", "text_mas"])
+def test_methods_without_a_latent_channel(tied_backbone, name):
+    """The final agent's trace only: no latent steps, the final agent's own segments; same answer."""
+    method = method_on(tied_backbone, name=name, max_new=4)
+    method.config.upstream_max_new_tokens = 3
+    normal = method.run_batch([QUESTION])[0]
+    record = inspect_question(method, QUESTION)
+    assert record["latent"] == [] and record["answer"]["token_ids"] == normal.token_ids
+    assert {s["agent"] for s in record["trace"]["segments"]} == {"reader"}
+    for token in record["attention"]["tokens"]:
+        assert sum(token["mean"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_eval_and_report_commands_with_inspect(tiny_model_dir, tmp_path):
+    run, report = tmp_path / "run", tmp_path / "report"
+    args = ["--task", "relay_word", "--limit", "2", "--inspect", "1", "-m", "1", "--max-new-tokens", "2"]
+    proc = cli("eval", *args, "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((run / "inspection").glob("*/inspection.json"))) == 1
+    assert len(list((run / "inspection").glob("*/index.html"))) == 1
+    proc = cli("report", str(run), "--out", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert "Attention share of the final agent" in (report / "report.md").read_text()
+    proc = cli("eval", *args[:-6], "--inspect", "-1", "--model", str(tiny_model_dir), "--out", str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "inspect must be >= 0" in proc.stderr

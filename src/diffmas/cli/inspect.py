@@ -38,6 +38,7 @@ def inspect_(
     roles: Optional[Path] = c.RolesOpt,
     format: str = typer.Option("", "--format", help="Answer-format instruction (default: the task's)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Decode budget of the final agent."),
+    upstream_max_new_tokens: int = c.UpstreamNewOpt,
     temperature: float = c.TemperatureOpt,
     top_p: float = c.TopPOpt,
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
@@ -90,7 +91,7 @@ def inspect_(
     method_config = c.build_config(
         trained["latent_steps"],
         max_new_tokens,
-        1,
+        upstream_max_new_tokens,
         temperature,
         top_p,
         seed,

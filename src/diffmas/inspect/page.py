@@ -129,7 +129,8 @@ def _timeline(record: dict, colors: dict[str, int]) -> str:
             f"<title>{_esc(title)}</title>"
             f"<rect x='{x:.1f}' y='0' width='{w - 1:.1f}' height='{height}' "
             f"fill='{_fill(colors[seg['agent']], seg['kind'])}'/>"
-            f"<text x='{x + 4:.1f}' y='{height / 2 + 4}' font-size='11'>{_esc(label)}</text></g>"
+            f"<text x='{x + 4:.1f}' y='{height / 2 + 4}' font-size='11' "
+            f"fill='{'#fff' if KIND_LIGHTNESS.get(seg['kind'], 70) < 50 else '#222'}'>{_esc(label)}</text></g>"
         )
         x += w
     svg = f"<svg id='timeline' width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>{''.join(rects)}</svg>"

@@ -14,7 +14,9 @@ record (see `docs/inspection.md` for the fields):
 - the answer, token by token.
 
 Attention weights only exist in eager attention, so the inspected pass switches the model to
-eager and switches it back afterwards: the normal path keeps its fast kernel. Nothing is changed
+eager and switches it back afterwards: the normal path keeps its fast kernel. Eager attention
+rounds its weights to the model dtype, so in bf16/fp16 the shares sum to 1 only within that
+precision (fp32, as on CPU and in the tests: within 1e-6). Nothing is changed
 in the trace; the probes only read the decoder's activations and the trace's segments and stored
 keys/values (`LatentTrace.kv`).
 """
