@@ -126,7 +126,8 @@ def probing(backbone) -> Iterator[list[_Forward]]:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None  # (B, H, T, K)
         if weights is None:
             raise InspectError(f"model {backbone.name!r}: its attention returned no weights under eager attention")
-        forwards[-1].attention.append(weights[0, :, -1].detach().float().mean(dim=0))  # (K,)
+        # (K,) on the CPU: a long decode keeps one per token and layer, which need not hold device memory
+        forwards[-1].attention.append(weights[0, :, -1].detach().float().mean(dim=0).cpu())
 
     try:
         model.set_attn_implementation("eager")
@@ -152,11 +153,15 @@ def capturing_traces(method) -> Iterator[list[LatentTrace]]:
         traces.append(trace)
         return trace
 
+    before = vars(method).get("new_trace")  # an instance attribute someone else set, kept
     method.new_trace = new_trace  # an instance attribute: shadows the class method for this block only
     try:
         yield traces
     finally:
-        del method.new_trace
+        if before is None:
+            del method.new_trace
+        else:
+            method.new_trace = before
 
 
 # ----------------------------------------------------------------------------- the record
@@ -341,7 +346,7 @@ def _attention(tokenizer, trace, forwards, final: str, token_ids: list[int]) -> 
     tokens = []
     for t, (f, token_id) in enumerate(zip(steps, token_ids)):
         per_layer = torch.stack(
-            [torch.zeros(len(pairs)).index_add_(0, owner[: w.shape[0]], w.cpu()) for w in f.attention]
+            [torch.zeros(len(pairs)).index_add_(0, owner[: w.shape[0]], w) for w in f.attention]
         )  # (layers, segments)
         tokens.append(
             {
