@@ -99,6 +99,7 @@ class RunResult:
     batch_size: int
     truncated: bool  # the final agent hit max_new_tokens or the context limit
     token_logprobs: list[float] = field(default_factory=list)  # final agent, per generated token
+    token_ids: list[int] = field(default_factory=list)  # final agent's generated ids (inspection labels)
     token_entropies: list[float] = field(default_factory=list)  # final agent, top-k entropy per token
     option_logprobs: list[float] | None = None  # per option: sum log p(option text | context), if asked
     # option scoring's own cost (whole batch), kept out of wall_s and peak_memory_bytes
@@ -389,6 +390,7 @@ class Method:
                 batch_size=rows,
                 truncated=final.truncated[b],
                 token_logprobs=final.logprobs[b],
+                token_ids=final.token_ids[b],
                 token_entropies=final.entropies[b],
                 option_logprobs=scored[b] if scored is not None else None,
             )
