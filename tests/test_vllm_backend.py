@@ -54,6 +54,9 @@ def test_refuses_what_vllm_cannot_express(tied_backbone):
         method = get_method("latent_mas", tied_backbone, default_topology(topology), MethodConfig(reads=reads))
         with pytest.raises(VLLMBackendError, match="attention mask vLLM cannot express"):
             backend.run_batch(method, ["q"])
+    budget = MethodConfig(trace_budget={"policy": "window", "prompt_states": 8})
+    with pytest.raises(VLLMBackendError, match="trace budget"):
+        backend.check(get_method("latent_mas", tied_backbone, default_topology("sequential"), budget))
     # text agents exchange text only: every topology runs
     backend.check(get_method("text_mas", tied_backbone, default_topology("hierarchical")))
     with pytest.raises(DiffmasError, match="--vllm-url"):

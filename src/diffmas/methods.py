@@ -20,6 +20,7 @@ import torch
 
 from diffmas.accounting import PhaseMeter, Stopwatch
 from diffmas.backbone import Backbone
+from diffmas.budget import TraceBudget, apply_budget, probe_for, row_seeds
 from diffmas.channel import latent_steps, prefill, text_context
 from diffmas.errors import DiffmasError
 from diffmas.generate import DecodeConfig, Decoded, continuation_logprobs, decode
@@ -43,10 +44,13 @@ class MethodConfig:
     # Which entries of earlier agents each agent attends to: all (the paper's trace), latent (only
     # their latent steps) or none (no communication). text_mas: none drops the messages.
     reads: Reads = "all"
+    # Bound on what each upstream agent leaves in the trace (latent_mas, diffmas); None: everything.
+    trace_budget: TraceBudget | None = None
 
     def __post_init__(self):
         if isinstance(self.decode, dict):
             self.decode = DecodeConfig(**self.decode)
+        self.trace_budget = TraceBudget.from_any(self.trace_budget)
         if self.reads not in READS:
             raise MethodError(f"reads={self.reads!r}: choose one of {', '.join(READS)}")
         if self.latent_steps < 0:
@@ -88,12 +92,14 @@ class RunResult:
     text: str  # the final agent's answer
     agents: list[AgentRecord]
     trace_len: int  # real positions of the largest trace built for this question
-    trace_bytes: int  # its KV bytes: trace_len x layers x 2 x kv_heads x head_dim x dtype size
+    trace_bytes: int  # KV bytes of the largest trace: trace_len x layers x 2 x kv_heads x head_dim x
+    # dtype size, or less where a quantised budget packs entries
     wall_s: float  # whole batch, all agents
     peak_memory_bytes: int  # whole batch; CUDA max allocated or CPU peak RSS
     batch_size: int
     truncated: bool  # the final agent hit max_new_tokens or the context limit
     token_logprobs: list[float] = field(default_factory=list)  # final agent, per generated token
+    token_ids: list[int] = field(default_factory=list)  # final agent's generated ids (inspection labels)
     token_entropies: list[float] = field(default_factory=list)  # final agent, top-k entropy per token
     option_logprobs: list[float] | None = None  # per option: sum log p(option text | context), if asked
     # option scoring's own cost (whole batch), kept out of wall_s and peak_memory_bytes
@@ -141,6 +147,12 @@ def get_method(
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise MethodError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}")
     return METHODS[name](backbone, topology, config, adapters)
+
+
+def check_budget(name: str, config: MethodConfig) -> None:
+    """A trace budget bounds the latent trace: refuse it, before any model is loaded, elsewhere."""
+    if config.trace_budget is not None and not issubclass(METHODS[name], LatentMAS):
+        raise MethodError(f"a trace budget applies to the latent channel (latent_mas, diffmas), not {name}")
 
 
 def list_methods() -> list[str]:
@@ -217,6 +229,7 @@ class Method:
         self.topology = topology or default_topology()
         self.config = config or MethodConfig()
         self.adapters = dict(adapters or {})
+        check_budget(self.name, self.config)
 
     # -- one call per batch of questions
     def run_batch(
@@ -367,19 +380,20 @@ class Method:
     ) -> list[RunResult]:
         rows = len(final.texts)
         lengths = [max(t.n_real()[b] for t in traces) for b in range(rows)]
-        per_entry = traces[0].bytes_per_entry()
+        held = [t.real_bytes() for t in traces]
         return [
             RunResult(
                 method=self.name,
                 text=final.texts[b],
                 agents=[agent_rows[b] for agent_rows in agents],
                 trace_len=lengths[b],
-                trace_bytes=lengths[b] * per_entry,
+                trace_bytes=max(h[b] for h in held),
                 wall_s=wall,
                 peak_memory_bytes=peak,
                 batch_size=rows,
                 truncated=final.truncated[b],
                 token_logprobs=final.logprobs[b],
+                token_ids=final.token_ids[b],
                 token_entropies=final.entropies[b],
                 option_logprobs=scored[b] if scored is not None else None,
             )
@@ -466,14 +480,21 @@ class LatentMAS(Method):
 
     def build_upstream(self, asks, seeds=None):
         trace = self.new_trace(len(asks))
+        budget = self.config.trace_budget
+        draws = row_seeds(budget, [ask.key() for ask in asks])  # random eviction: per row, batch-independent
         agents = []
         for i, role in enumerate(self.topology.upstream):
             clock = Stopwatch(self.backbone.device).start()
             hidden_agents = self.topology.hidden_from(i)
             with self.adapter_for(role):
-                hidden = prefill(trace, role.name, self.prompts(role, asks, ""), hidden_agents)
-                latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
-            agents.append(_records(trace, role.name, clock.elapsed()))
+                with probe_for(budget, self.backbone) as probe:
+                    hidden = prefill(trace, role.name, self.prompts(role, asks, ""), hidden_agents)
+                    latent_steps(trace, role.name, hidden, self.config.latent_steps, hidden_agents)
+                records = _records(trace, role.name, 0.0)  # tokens it processed, before any are evicted
+                apply_budget(trace, role.name, budget, probe, draws, hidden_agents)
+            for record in records:
+                record.wall_s = clock.elapsed()  # fitting the budget is part of the agent's time
+            agents.append(records)
         return Upstream(agents=agents, trace=trace, contexts=[""] * len(asks), traces=[trace])
 
 

@@ -10,6 +10,9 @@ correctly for a *batch* of independent questions:
   entries only, so a row's positions are the same whether it runs alone or in a padded batch.
 - `segments`: which agent wrote which columns, and whether they are prompt tokens, latent steps or
   generated tokens.
+- `positions` (B, L): the RoPE position of every column (-1 for padding). A trace budget
+  (`diffmas.budget`) may drop, pool or quantise upstream columns; kept entries keep their
+  positions (keys are stored already rotated), so `positions` need not be contiguous.
 
 Only this module touches cache internals. The trace is never overwritten, only appended to.
 
@@ -108,6 +111,7 @@ class LatentTrace:
         self.set_kv([])
         self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.segments: list[Segment] = []
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_inputs else None
 
@@ -125,10 +129,28 @@ class LatentTrace:
         """Exact bytes held by the cached keys and values (all rows, padding included)."""
         total = 0
         for layer in self.cache.layers:
+            if hasattr(layer, "n_bytes"):  # packed storage (a quantised trace budget) counts its own
+                total += layer.n_bytes()
+                continue
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
         return total
+
+    def real_bytes(self) -> list[int]:
+        """Per row, the bytes of its real entries (padding excluded): n_real x `bytes_per_entry`, but
+        packed layers (a quantised trace budget) count their own. A released trace reports what it held."""
+        layers = [] if self.released or self.length == 0 else self.cache.layers
+        if not any(hasattr(layer, "row_bytes") for layer in layers):
+            return [n * self.bytes_per_entry() for n in self.n_real()]
+        per_layer = self.bytes_per_entry() // self.backbone.n_layers
+        totals = torch.zeros(self.batch_size, dtype=torch.long)
+        for layer in layers:
+            if hasattr(layer, "row_bytes"):
+                totals += layer.row_bytes(self.attention_mask).cpu()
+            else:
+                totals += self.attention_mask.sum(dim=1).cpu() * per_layer
+        return totals.tolist()
 
     def bytes_per_entry(self) -> int:
         """layers x 2 (K and V) x kv_heads x head_dim x dtype size: the cost of one trace position."""
@@ -200,6 +222,7 @@ class LatentTrace:
         if self.inputs is not None:
             self.inputs.append((inputs_embeds.detach(), chunk_mask))
         self.attention_mask = torch.cat([self.attention_mask, chunk_mask], dim=1)
+        self.positions = torch.cat([self.positions, position_ids.masked_fill(chunk_mask == 0, -1)], dim=1)
         self.next_position = self.next_position + n_new
         self._record(agent, kind, start, self.length, n_new.tolist())
         return hidden
@@ -295,10 +318,14 @@ class LatentTrace:
         other.cache = None
         if self.length == 0 or self.released:
             other.set_kv([])
+        elif all(hasattr(layer, "select_rows") for layer in self.cache.layers):
+            other.set_kv([])  # packed storage selects its own rows without unpacking
+            other.cache.layers = [layer.select_rows(rows) for layer in self.cache.layers]
         else:
             other.set_kv([(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in self.kv()])
         other.attention_mask = self.attention_mask.index_select(0, rows)
         other.next_position = self.next_position.index_select(0, rows)
+        other.positions = self.positions.index_select(0, rows)
         picked = rows.tolist()
         other.segments = [
             Segment(s.agent, s.kind, s.start, s.end, [s.n_tokens[r] for r in picked]) for s in self.segments
@@ -312,13 +339,49 @@ class LatentTrace:
         """Per layer, the stored (keys, values), each (B, kv_heads, L, head_dim); do not write to them."""
         if self.released or self.length == 0:
             return []
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
+        return [layer.full() if hasattr(layer, "full") else (layer.keys, layer.values) for layer in self.cache.layers]
 
     def set_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Replace the stored keys/values (one (keys, values) per layer, or [] for none); the caller
         keeps mask, positions and segments consistent with the new columns."""
         config = self.backbone.base_model().config
         self.cache = DynamicCache(kv, config=config) if kv else DynamicCache(config=config)
+
+    def replace_columns(
+        self, start: int, end: int, weights: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Replace columns [start, end), which must lie inside one segment, with W new slots.
+
+        weights (B, W, end - start): each slot's keys and values are these weighted sums of the old
+            columns (one-hot rows keep an entry, averaging rows pool several); differentiable.
+        mask (B, W): which slots are real; positions (B, W): their RoPE positions (-1 padding).
+        The old columns' storage is released: the trace really shrinks.
+        """
+        seg = next(s for s in self.segments if s.start <= start and end <= s.end)
+        if (start, end) != (seg.start, seg.end):
+            raise DiffmasError("replace_columns rewrites one whole segment")
+        width = weights.shape[1]
+        kv = []
+        for keys, values in self.kv():
+            w = weights.to(keys.dtype)
+            new_k = torch.einsum("bwl,bhld->bhwd", w, keys[:, :, start:end])
+            new_v = torch.einsum("bwl,bhld->bhwd", w, values[:, :, start:end])
+            kv.append(
+                (
+                    torch.cat([keys[:, :, :start], new_k, keys[:, :, end:]], dim=2),
+                    torch.cat([values[:, :, :start], new_v, values[:, :, end:]], dim=2),
+                )
+            )
+        self.set_kv(kv)
+        mask = mask.to(self.attention_mask)
+        self.attention_mask = torch.cat([self.attention_mask[:, :start], mask, self.attention_mask[:, end:]], dim=1)
+        self.positions = torch.cat(
+            [self.positions[:, :start], positions.to(self.positions), self.positions[:, end:]], 1
+        )
+        shift = width - (end - start)
+        seg.end, seg.n_tokens = start + width, mask.sum(dim=1).tolist()
+        for later in self.segments[self.segments.index(seg) + 1 :]:
+            later.start, later.end = later.start + shift, later.end + shift
 
     def summary(self) -> list[dict]:
         return [seg.to_dict() for seg in self.segments]

@@ -99,6 +99,11 @@ class VLLMBackend:
                     f"got {method.topology.kind!r}: its hidden segments need an attention mask vLLM "
                     "cannot express (use --backend hf)"
                 )
+            if getattr(method.config, "trace_budget", None) is not None:
+                raise VLLMBackendError(
+                    "backend 'vllm' cannot run a trace budget: evicted, pooled or quantised entries are no "
+                    "longer a prefill of their input embeddings (use --backend hf)"
+                )
             if method.config.reads != "all":
                 raise VLLMBackendError(
                     f"backend 'vllm' runs latent methods with reads=all only, got reads={method.config.reads!r}: "

@@ -14,7 +14,7 @@ app = typer.Typer(
     help="Multi-agent LLMs that communicate through a (learned) latent channel.",
 )
 
-from diffmas.cli import compare, demo, env, eval, report, run, serve, sweep, train  # noqa: E402,F401  (registers the subcommands)
+from diffmas.cli import compare, demo, env, eval, inspect, report, run, serve, sweep, train  # noqa: E402,F401  (registers the subcommands)
 
 
 def main() -> None:

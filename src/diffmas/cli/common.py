@@ -52,6 +52,18 @@ ReadsOpt = typer.Option(
     help="What each agent sees of earlier agents: all (the whole "
     "trace), latent (only their latent steps) or none (no communication).",
 )
+TracePolicyOpt = typer.Option(
+    None,
+    "--trace-policy",
+    help="Bound each upstream agent's trace entries: prompt-drop, random, window, merge or quantize "
+    "(with --trace-budget; latent_mas, diffmas).",
+)
+TraceBudgetOpt = typer.Option(
+    None,
+    "--trace-budget",
+    help="Per upstream agent: prompt states kept (32), a share of its bytes (25%), bytes (64KiB), "
+    "or int8/int4 for quantize.",
+)
 
 # Options of the commands that write run directories (eval, sweep); `eval_config` turns them into an EvalConfig.
 SplitOpt = typer.Option("test", help="Dataset split.")
@@ -113,7 +125,11 @@ def build_config(
     upstream_temperature: Optional[float] = None,
     chat_template_kwargs: Optional[str] = None,
     reads: str = "all",
+    trace_policy: Optional[str] = None,
+    trace_budget: Optional[str] = None,
 ) -> MethodConfig:
+    from diffmas.budget import parse_budget
+
     return MethodConfig(
         latent_steps=latent_steps,
         decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
@@ -121,6 +137,7 @@ def build_config(
         upstream_temperature=upstream_temperature,
         chat_kwargs=parse_chat_kwargs(chat_template_kwargs),
         reads=reads,
+        trace_budget=parse_budget(trace_policy, trace_budget, seed),
     )
 
 
@@ -151,6 +168,8 @@ def eval_config(
     upstream_temperature: Optional[float] = None,
     chat_template_kwargs: Optional[str] = None,
     reads: str = "all",
+    trace_policy: Optional[str] = None,
+    trace_budget: Optional[str] = None,
 ) -> EvalConfig:
     """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
     from diffmas.evaluate.runner import EvalConfig
@@ -183,6 +202,8 @@ def eval_config(
             upstream_temperature,
             chat_template_kwargs,
             reads,
+            trace_policy,
+            trace_budget,
         ),
     )
 

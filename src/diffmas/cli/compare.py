@@ -29,12 +29,17 @@ def compare(
 ) -> None:
     """Compare runs with a baseline on the questions they share: accuracy, Δ, wins/losses, McNemar p."""
     from diffmas.evaluate.compare import compare_runs
+    from diffmas.inspect.aggregate import attention_change
 
-    result = compare_runs(load_runs(run_dirs), baseline=baseline)
+    runs = load_runs(run_dirs)
+    result = compare_runs(runs, baseline=baseline)
+    attention = attention_change(runs, baseline)  # runs evaluated with --inspect N; None otherwise
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({**result, "attention": attention} if attention else result, indent=2))
         return
     c.console.print(_table(result))
+    if attention:
+        c.console.print(_attention_table(attention))
 
 
 def _pct_ci(x: float, ci: list[float], sign: str = "") -> str:
@@ -61,3 +66,30 @@ def _table(result: dict) -> Table:
             e["name"], str(e["method"]), str(e["latent_steps"]), n, _pct_ci(e["accuracy"], e["accuracy_ci"]), *paired
         )
     return table
+
+
+def _attention_table(change: dict) -> Table:
+    """The final agent's attention share per agent and kind (inspected questions), Δ vs the baseline."""
+    from diffmas.inspect.aggregate import KINDS
+
+    inspected = [e for e in change["runs"] if e["attention"]]
+    agents = list(dict.fromkeys(a for e in inspected for a in e["attention"]["all"]["agents"]))
+    table = Table(
+        title=f"final agent's attention share % (inspected questions) vs {change['baseline']}",
+        title_justify="left",
+        caption="mean over decoded tokens, layers and heads; Δ in points against the baseline",
+        caption_justify="left",
+    )
+    for col in ("run", "n", *agents, *KINDS):
+        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=col == "run")
+    for e in inspected:
+        share, delta = e["attention"]["all"], e.get("delta")
+        cells = [_share_cell(share, delta, "agents", a) for a in agents]
+        cells += [_share_cell(share, delta, "kinds", k) for k in KINDS]
+        table.add_row(e["name"], str(share["n"]), *cells)
+    return table
+
+
+def _share_cell(share: dict, delta: dict | None, part: str, key: str) -> str:
+    text = f"{100 * share[part].get(key, 0.0):.1f}"
+    return text + (f" ({100 * delta[part].get(key, 0.0):+.1f})" if delta else "")

@@ -38,21 +38,26 @@ def eval_(
     top_p: float = c.TopPOpt,
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
     reads: str = c.ReadsOpt,
+    trace_policy: Optional[str] = c.TracePolicyOpt,
+    trace_budget: Optional[str] = c.TraceBudgetOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead of a table."),
     allow_weak_sandbox: bool = c.AllowWeakSandboxOpt,
+    inspect: int = typer.Option(
+        0, "--inspect", help="Also inspect the first N questions into OUT/inspection/ (see `diffmas inspect`)."
+    ),
 ) -> None:
     """Evaluate a method on a task; writes config.json, samples.jsonl and summary.json."""
-    options = {k: v for k, v in locals().items() if k not in ("out", "as_json", "ctx")}
+    options = {k: v for k, v in locals().items() if k not in ("out", "as_json", "ctx", "inspect")}
     c.allow_weak_sandbox(options.pop("allow_weak_sandbox"))
     from diffmas.evaluate.runner import SubsetWarning, evaluate
 
     c.check_methods([method])
     options = c.with_adapter_settings(ctx, options)  # trained latent steps, topology, roles, chat kwargs, reads
     with c.warning_lines(SubsetWarning):  # a smaller --limit than the run in --out: which part is reported
-        summary = evaluate(c.eval_config(**options), out)
+        summary = evaluate(c.eval_config(**options), out, inspect=inspect)
     if not summary:  # not the main process of a sharded run
         return
     if as_json:

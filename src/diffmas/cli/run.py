@@ -31,6 +31,8 @@ def run(
     top_p: float = c.TopPOpt,
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
     reads: str = c.ReadsOpt,
+    trace_policy: Optional[str] = c.TracePolicyOpt,
+    trace_budget: Optional[str] = c.TraceBudgetOpt,
     adapter: Optional[Path] = c.AdapterOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
@@ -70,6 +72,8 @@ def run(
         upstream_temperature,
         chat_template_kwargs,
         reads,
+        trace_policy,
+        trace_budget,
     )
     built = load_method(method, topo, config, model=model, dtype=dtype, device=device, adapter=adapter)
     result = built.run_batch([question], format=format)[0]

@@ -72,6 +72,8 @@ def sweep(
     top_p: float = c.TopPOpt,
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
     reads: str = c.ReadsOpt,
+    trace_policy: Optional[str] = c.TracePolicyOpt,
+    trace_budget: Optional[str] = c.TraceBudgetOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,

@@ -55,11 +55,14 @@ def train(
     ),
     chat_template_kwargs: Optional[str] = c.ChatKwargsOpt,
     reads: str = c.ReadsOpt,
+    trace_policy: Optional[str] = c.TracePolicyOpt,
+    trace_budget: Optional[str] = c.TraceBudgetOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
 ) -> None:
     """Train LoRA adapters; writes a peft adapter directory with diffmas_config.json."""
+    from diffmas.budget import parse_budget
     from diffmas.train import TrainConfig
     from diffmas.train.trainer import train as run_training
 
@@ -79,6 +82,7 @@ def train(
         adapters=adapters,
         upstream_grad=upstream_grad,
         reads=reads,
+        trace_budget=parse_budget(trace_policy, trace_budget, seed),
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,

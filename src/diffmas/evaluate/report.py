@@ -31,6 +31,7 @@ from matplotlib.patches import Patch
 from diffmas.evaluate.compare import CompareError, compare_runs
 from diffmas.evaluate.metrics import summarize
 from diffmas.evaluate.rundir import Run
+from diffmas.inspect.aggregate import report_blocks as attention_blocks
 
 STEPS_PNG = "accuracy_vs_latent_steps.png"
 COST_PNG = "accuracy_vs_cost.png"
@@ -63,6 +64,7 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, n_boot: int = 1000, s
         _plot_block(out_dir, COST_PNG, _plot_cost(runs, summaries), "accuracy vs cost"),
         ("h2", "Tokens per agent"),
         _plot_block(out_dir, TOKENS_PNG, _plot_tokens(runs, summaries), "tokens per agent"),
+        *attention_blocks(runs),  # runs evaluated with --inspect N; nothing otherwise
         ("h2", "Runs"),
         _provenance_table(runs),
     ]

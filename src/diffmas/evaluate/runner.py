@@ -188,10 +188,13 @@ def evaluate(
     method=None,
     progress: bool = True,
     on_record: Callable[[dict], None] | None = None,
+    inspect: int = 0,
 ) -> dict:
     """Run (or resume, or grow) an evaluation into `out`; return the summary of what `config` asks for.
 
     method: an already built Method (tests, sweeps); built from the config when None.
+    inspect: also inspect the first N questions (sample 0) into out/inspection/ (diffmas.inspect);
+        like the records, questions already inspected are kept on a rerun.
 
     Everything that can be checked is checked before `out` is touched (data, settings against a
     saved run, and, when there is work to do, model, roles, device and adapter by building the
@@ -203,6 +206,8 @@ def evaluate(
     from diffmas.evaluate.records import run_examples
     from diffmas.tasks import get_task
 
+    if inspect < 0:
+        raise DiffmasError(f"inspect must be >= 0 (the number of questions to inspect), got {inspect}")
     rank, world, barrier = _distributed()
     out = Path(out)
     saved = _saved_config(out)
@@ -264,7 +269,9 @@ def evaluate(
     if whole:
         _merge(out, in_scope)
         _write_json_atomic(out / SUMMARY, summary)
-    else:
+    if inspect > 0:
+        _inspect(config, out, task, examples[:inspect], in_scope, method)
+    if not whole:
         warnings.warn(
             f"{out} holds a larger run ({_describe(run)}); this summary covers the "
             f"{_describe(config)} asked for, and the run's files are left as they are",
@@ -272,6 +279,18 @@ def evaluate(
             stacklevel=2,
         )
     return summary
+
+
+def _inspect(config: EvalConfig, out: Path, task, examples, records, method) -> None:
+    """`--inspect N`: the run's first N questions under the probes, each with its sample-0 seed."""
+    from diffmas.evaluate.records import sample_seed
+    from diffmas.inspect.runs import inspect_run_examples, is_inspected
+
+    todo = [ex for ex in examples if not is_inspected(out, ex.id)]
+    if todo:
+        method = method or build_method(config)
+        seeds = [sample_seed(config.seed, ex.id, 0) for ex in todo]
+        inspect_run_examples(method, task, todo, out, seeds, records)
 
 
 class SubsetWarning(UserWarning):
@@ -365,9 +384,10 @@ def load_method(
     """A method on a freshly loaded backbone, under a trained adapter when given. The adapter's
     files are checked before the model is loaded, its fit to the model after."""
     from diffmas.backbone import load_backbone
-    from diffmas.methods import get_method
+    from diffmas.methods import check_budget, get_method
     from diffmas.train.adapters import attach_checked, check_adapter_dir
 
+    check_budget(name, method_config)
     if adapter:
         check_adapter_dir(adapter)
     backbone = load_backbone(model, dtype=dtype, device=device)

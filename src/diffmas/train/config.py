@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from diffmas.backbone import DEFAULT_MODEL
+from diffmas.budget import TraceBudget
 from diffmas.errors import DiffmasError
 
 TRAIN_METHODS = ("diffmas", "sft_single", "sft_text_mas")
@@ -33,6 +34,10 @@ class TrainConfig:
     adapters: Literal["shared", "per-role"] = "shared"  # one LoRA for all agents, or one per role
     upstream_grad: Literal["full", "none"] = "full"  # backprop through upstream agents, or stop-gradient
     reads: Literal["all", "latent", "none"] = "all"  # what agents see of earlier agents (MethodConfig.reads)
+    # diffmas: train under this trace budget (a TraceBudget or its dict); None: the full trace.
+    # Recorded with the adapter but not inherited at inference: evaluating under another budget is a
+    # normal experiment (train full, evaluate under B).
+    trace_budget: TraceBudget | None = None
     upstream_max_new_tokens: int = 256  # sft_text_mas: the frozen model's upstream text budget
     chat_kwargs: dict = field(default_factory=dict)  # chat-template args (e.g. enable_thinking); eval must match
     # -- LoRA (paper: r=8, alpha=16)
@@ -59,6 +64,9 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        self.trace_budget = TraceBudget.from_any(self.trace_budget)
+        if self.trace_budget is not None and (self.method != "diffmas" or self.gradient_checkpointing):
+            raise TrainConfigError("a trace budget trains diffmas without gradient checkpointing")
         if self.method not in TRAIN_METHODS:
             raise TrainConfigError(f"unknown training method {self.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
         if self.adapters not in ("shared", "per-role"):

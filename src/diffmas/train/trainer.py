@@ -195,7 +195,12 @@ def train(
         infer,
         backbone,
         topology,
-        MethodConfig(latent_steps=config.latent_steps, chat_kwargs=config.chat_kwargs, reads=config.reads),
+        MethodConfig(
+            latent_steps=config.latent_steps,
+            chat_kwargs=config.chat_kwargs,
+            reads=config.reads,
+            trace_budget=config.trace_budget,
+        ),
         mapping,
     )
     model = TrajectoryModel(method, config.method, config.upstream_grad, config.max_target_tokens)

@@ -1,0 +1,412 @@
+"""Trace budgets: bound what each upstream agent leaves in the shared trace.
+
+When an upstream agent has written its prompt and its latent steps, a policy rewrites that agent's
+entries to fit the budget, before any later agent reads them:
+
+  prompt-drop  keep the latent steps and the k prompt entries that the agent's own last queries
+               (its last prompt token and its latent steps) attend to most: SnapKV / H2O-style
+               scoring, averaged over heads and layers so one set of columns serves every layer
+  random       keep the latent steps and k prompt entries drawn at random: the control
+  window       keep the latent steps, the first `sinks` prompt entries and the k - sinks most
+               recent ones: StreamingLLM's attention sinks + recent window, inside the trace
+  merge        keep the latent steps; pool the prompt into k slots, each the mean of a contiguous
+               group of entries (keys and values alike)
+  quantize     keep every entry; keys and values of the agent's columns in int8 or int4, one scale
+               and offset per position and head
+
+The budget is k prompt entries per agent, or a share of the agent's bytes (its prompt and latent
+entries: the latent steps are kept first, the prompt fills what is left), or bytes per agent.
+Kept entries keep their RoPE positions: keys are stored rotated, so moving a column does not move
+its position (`LatentTrace.positions` records them). The final agent's own entries are never
+touched.
+
+Inside training (autograd on) the same policies apply: kept and pooled entries stay differentiable;
+quantisation rounds with a straight-through gradient and is stored unpacked (training keeps
+activations anyway), so the numbers equal the packed inference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from diffmas.errors import DiffmasError
+from diffmas.trace import LatentTrace
+
+POLICIES = ("prompt-drop", "random", "window", "merge", "quantize")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class BudgetError(DiffmasError):
+    """An invalid trace budget."""
+
+
+@dataclass(frozen=True)
+class TraceBudget:
+    """A trace budget; set exactly one of `prompt_states`, `fraction`, `agent_bytes` (not for
+    quantize, whose budget is its `bits`)."""
+
+    policy: str
+    prompt_states: int | None = None  # k: prompt entries kept per agent
+    fraction: float | None = None  # share of each agent's entries (= bytes) kept
+    agent_bytes: int | None = None  # bytes per agent and row
+    bits: int = 8  # quantize: 8 or 4
+    sinks: int = 4  # window: first prompt entries always kept
+    seed: int = 0  # random: draws depend on this and the row's prompt only
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise BudgetError(f"trace policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        given = [v is not None for v in (self.prompt_states, self.fraction, self.agent_bytes)]
+        if self.policy == "quantize":
+            if any(given) or self.bits not in (4, 8):
+                raise BudgetError("the quantize policy takes a budget of int8 or int4 (bits), nothing else")
+            return
+        if sum(given) != 1:
+            raise BudgetError(f"policy {self.policy}: give one budget (prompt states, a percentage, or bytes)")
+        if self.prompt_states is not None and self.prompt_states < 0:
+            raise BudgetError(f"prompt states must be >= 0, got {self.prompt_states}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise BudgetError(f"a budget share must be in (0, 100%], got {self.fraction:.4g}")
+        if self.agent_bytes is not None and self.agent_bytes <= 0:
+            raise BudgetError(f"a byte budget must be > 0, got {self.agent_bytes}")
+        if self.sinks < 0:
+            raise BudgetError(f"sinks must be >= 0, got {self.sinks}")
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and run directories, e.g. prompt-drop-32, window-25pct, quantize-int4."""
+        if self.policy == "quantize":
+            return f"quantize-int{self.bits}"
+        if self.prompt_states is not None:
+            size = str(self.prompt_states)
+        elif self.fraction is not None:
+            size = f"{self.fraction * 100:g}pct"
+        else:
+            size = f"{self.agent_bytes}B"
+        return f"{self.policy}-{size}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_any(cls, value: "TraceBudget | dict | None") -> "TraceBudget | None":
+        if value is None or isinstance(value, TraceBudget):
+            return value
+        return cls(**value)
+
+    def prompt_kept(self, n_prompt: int, n_latent: int, entry_bytes: int) -> int:
+        """How many of an agent's `n_prompt` prompt entries a row keeps (position policies)."""
+        if self.prompt_states is not None:
+            total = n_latent + self.prompt_states
+        elif self.fraction is not None:
+            total = math.floor(self.fraction * (n_prompt + n_latent) + 1e-9)
+        else:
+            total = self.agent_bytes // entry_bytes
+        return max(0, min(n_prompt, total - n_latent))
+
+
+def parse_budget(policy: str | None, spec: str | None, seed: int = 0) -> TraceBudget | None:
+    """CLI form: `--trace-policy POLICY --trace-budget SPEC`.
+
+    SPEC: `32` (prompt states per agent), `25%` (of each agent's bytes), `64KiB` / `2MB` (bytes per
+    agent and row), `int8` / `int4` (quantize). Neither given: no budget.
+    """
+    if policy is None and spec is None:
+        return None
+    if policy is None:
+        raise BudgetError("--trace-budget needs --trace-policy (" + ", ".join(POLICIES) + ")")
+    if policy == "quantize":
+        bits = {"int8": 8, "int4": 4, "8": 8, "4": 4, None: 8}.get(spec.lower() if spec else None)
+        if bits is None:
+            raise BudgetError(f"--trace-budget {spec!r}: the quantize policy takes int8 or int4")
+        return TraceBudget(policy, bits=bits)
+    if spec is None:
+        raise BudgetError(f"--trace-policy {policy} needs --trace-budget (e.g. 32, 25%, 64KiB)")
+    text = spec.strip().lower()
+    if re.fullmatch(r"\d+", text):
+        return TraceBudget(policy, prompt_states=int(text), seed=seed)
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text):
+        return TraceBudget(policy, fraction=float(m.group(1)) / 100, seed=seed)
+    if (m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)", text)) and m.group(2) in _UNITS:
+        return TraceBudget(policy, agent_bytes=int(float(m.group(1)) * _UNITS[m.group(2)]), seed=seed)
+    raise BudgetError(f"--trace-budget {spec!r}: use prompt states (32), a share (25%) or bytes (64KiB)")
+
+
+# ----------------------------------------------------------------------------- scoring probe
+
+
+class QueryProbe:
+    """Records, per attention layer, the rotated query of the last position of every forward
+    while an agent writes (its last prompt token, then each latent step): prompt-drop's
+    observation window. Queries are computed in the hook, under the adapter that is active then."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+        self.queries: dict[int, list[torch.Tensor]] = {}
+        self.modules: dict[int, torch.nn.Module] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["QueryProbe"]:
+        layers = self.backbone.decoder().layers
+        handles = [
+            layer.self_attn.register_forward_pre_hook(self._hook(i, layer.self_attn), with_kwargs=True)
+            for i, layer in enumerate(layers)
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, index: int, module: torch.nn.Module) -> Callable:
+        def hook(mod, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            with torch.no_grad():
+                query = rotated_query(module, hidden[:, -1:].detach(), cos[:, -1:], sin[:, -1:])
+            self.queries.setdefault(index, []).append(query)
+            self.modules[index] = module
+
+        return hook
+
+    def attention(self, trace: LatentTrace, visible: torch.Tensor) -> torch.Tensor:
+        """(B, L) attention of the recorded queries on the trace, averaged over queries, heads and
+        layers; columns the queries could not see get 0."""
+        total = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+        for index, (keys, _) in enumerate(trace.kv()):
+            module = self.modules[index]
+            query = torch.cat(self.queries[index], dim=2).float()  # (B, Hq, Q, D)
+            keys = keys.detach().float().repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+            logits = query @ keys.transpose(2, 3) * getattr(module, "scaling", keys.shape[-1] ** -0.5)
+            logits = logits.masked_fill(visible[:, None, None, :] == 0, float("-inf"))
+            total += logits.softmax(dim=-1).mean(dim=(1, 2))
+        return total / len(self.queries)
+
+
+def rotated_query(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) attention inputs -> (B, heads, T, head_dim) queries with RoPE, as Llama-family
+    attention computes them (q_proj, then q_norm where the model has one)."""
+    if not hasattr(module, "q_proj"):
+        raise BudgetError(f"prompt-drop scores need a q_proj in {type(module).__name__}; use window or random")
+    head_dim = getattr(module, "head_dim", None) or cos.shape[-1]
+    query = module.q_proj(hidden).view(*hidden.shape[:2], -1, head_dim)
+    if getattr(module, "q_norm", None) is not None:
+        query = module.q_norm(query)
+    query = query.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = query.shape[-1] // 2
+    rotated = torch.cat((-query[..., half:], query[..., :half]), dim=-1)
+    return query * cos + rotated * sin
+
+
+@contextlib.contextmanager
+def probe_for(budget: TraceBudget | None, backbone) -> Iterator[QueryProbe | None]:
+    """Record the observation window only where a policy scores with it."""
+    if budget is None or budget.policy != "prompt-drop":
+        yield None
+        return
+    probe = QueryProbe(backbone)
+    with probe.recording():
+        yield probe
+
+
+# ----------------------------------------------------------------------------- applying a budget
+
+
+def row_seeds(budget: TraceBudget | None, keys: Iterable[tuple]) -> list[int]:
+    """Per row, a seed from the budget's seed and the row's own inputs: a random draw is the same
+    whether the row runs alone or in a batch."""
+    seed = budget.seed if budget is not None else 0
+    return [int.from_bytes(hashlib.sha256(repr((seed, key)).encode()).digest()[:8], "little") for key in keys]
+
+
+def apply_budget(
+    trace: LatentTrace,
+    agent: str,
+    budget: TraceBudget | None,
+    probe: QueryProbe | None = None,
+    seeds: list[int] | None = None,
+    hidden_agents: Iterable[str] = (),
+) -> None:
+    """Fit `agent`'s entries (just written) to `budget`; later agents read the result."""
+    if budget is None:
+        return
+    if getattr(trace.backbone, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        # checkpointed chunks replay the trace as it was when they ran; a budget rewrites it since
+        raise BudgetError("a trace budget cannot be combined with gradient checkpointing")
+    if budget.policy == "quantize":
+        _quantize_agent(trace, agent, budget.bits)
+        return
+    n_latent = trace.agent_tokens(agent, "latent")
+    scores = None
+    if probe is not None:
+        visible = trace.visible_mask(agent, hidden_agents).clone()
+        for seg in trace.segments:  # the queries are the latent steps: score what came before them
+            if seg.agent == agent and seg.kind == "latent":
+                visible[:, seg.start : seg.end] = 0
+        scores = probe.attention(trace, visible)
+    seeds = seeds or [0] * trace.batch_size
+    for seg in [s for s in trace.segments if s.agent == agent and s.kind == "prompt"]:
+        groups = []
+        for row in range(trace.batch_size):
+            real = trace.attention_mask[row, seg.start : seg.end].nonzero().flatten().tolist()
+            k = budget.prompt_kept(len(real), n_latent[row], trace.bytes_per_entry())
+            row_scores = scores[row, seg.start : seg.end] if scores is not None else None
+            groups.append(_plan(budget, real, k, row_scores, seeds[row]))
+        _rewrite(trace, seg.start, seg.end, groups)
+
+
+def _plan(budget: TraceBudget, real: list[int], k: int, scores, seed: int) -> list[list[int]]:
+    """One row's new slots, each a group of segment columns (a group of one keeps an entry)."""
+    if budget.policy == "merge":
+        if not real or k == 0:
+            return []
+        bounds = [round(i * len(real) / k) for i in range(k + 1)]
+        return [real[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    if budget.policy == "window":
+        sinks = min(budget.sinks, k)
+        kept = real[:sinks] + real[len(real) - (k - sinks) :] if k > sinks else real[:sinks]
+    elif budget.policy == "random":
+        g = torch.Generator().manual_seed(seed % (2**63))
+        kept = sorted(real[i] for i in torch.randperm(len(real), generator=g)[:k].tolist())
+    else:  # prompt-drop
+        order = torch.as_tensor([float(scores[c]) for c in real]).argsort(descending=True, stable=True)
+        kept = sorted(real[i] for i in order[:k].tolist())
+    return [[c] for c in kept]
+
+
+def _rewrite(trace: LatentTrace, start: int, end: int, groups: list[list[list[int]]]) -> None:
+    """Replace one segment by each row's slots (rows left-padded to the widest)."""
+    batch, width, n = trace.batch_size, max((len(g) for g in groups), default=0), end - start
+    device = trace.attention_mask.device
+    weights = torch.zeros(batch, width, n, device=device)
+    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    positions = torch.full((batch, width), -1, dtype=torch.long, device=device)
+    old_positions = trace.positions[:, start:end].float()
+    for row, slots in enumerate(groups):
+        pad = width - len(slots)
+        for j, group in enumerate(slots):
+            weights[row, pad + j, group] = 1.0 / len(group)
+            mask[row, pad + j] = 1
+            positions[row, pad + j] = int(old_positions[row, group].mean().round())
+    trace.replace_columns(start, end, weights, mask, positions)
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-(row, head, position) quantisation over head_dim.
+
+    x: (B, H, L, D) -> codes (B, H, L, D * bits / 8) uint8 (int4: two codes a byte), scale and
+    offset (B, H, L, 1) in x's dtype."""
+    levels = 2**bits - 1
+    x32 = x.float()
+    low = x32.amin(dim=-1, keepdim=True).to(x.dtype)  # stored in x's dtype, used as stored
+    scale = ((x32.amax(dim=-1, keepdim=True) - low.float()) / levels).to(x.dtype)
+    scale = scale.clamp_min(torch.finfo(x.dtype).tiny)
+    codes = ((x32 - low.float()) / scale.float()).round().clamp(0, levels).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale, low
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 4:
+        codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
+    return (codes.float() * scale.float() + low.float()).to(scale.dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The dequantised values with a straight-through gradient (training under a budget)."""
+    codes, scale, low = quantize(x.detach(), bits)
+    return x + (dequantize(codes, scale, low, bits) - x).detach()
+
+
+class QuantizedLayer(DynamicLayer):
+    """A cache layer whose first `packed_length` columns are stored packed (codes + scale +
+    offset) and the rest as usual. Reads unpack the prefix, so the memory held between steps is
+    the packed size; appends go to the unpacked tail."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.packed = [quantize(keys, bits), quantize(values, bits)]
+        self.packed_length = keys.shape[2]
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys[:, :, :0], values[:, :, :0]  # the unpacked tail, (B, H, 0, D)
+
+    def pack_tail(self) -> None:
+        """Move the unpacked tail into the packed prefix."""
+        tail = [quantize(self.keys, self.bits), quantize(self.values, self.bits)]
+        self.packed = [tuple(torch.cat([a, b], dim=2) for a, b in zip(p, t)) for p, t in zip(self.packed, tail)]
+        self.packed_length += self.keys.shape[2]
+        self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = (dequantize(*p, self.bits) for p in self.packed)
+        return torch.cat([k, self.keys], dim=2), torch.cat([v, self.values], dim=2)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        super().update(key_states, value_states, *args, **kwargs)
+        return self.full()
+
+    def get_seq_length(self) -> int:
+        return self.packed_length + self.keys.shape[2]
+
+    def n_bytes(self) -> int:
+        stored = [t for p in self.packed for t in p] + [self.keys, self.values]
+        return sum(t.numel() * t.element_size() for t in stored)
+
+    def row_bytes(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) bytes of each row's real entries in this layer, packed prefix and tail."""
+        _, heads, _, dim = self.keys.shape
+        side = self.packed[0][1].element_size()  # scale and offset, per position and head
+        packed_entry = 2 * heads * (dim * self.bits // 8 + 2 * side)
+        tail_entry = 2 * heads * dim * self.keys.element_size()
+        split = self.packed_length
+        return mask[:, :split].sum(dim=1) * packed_entry + mask[:, split:].sum(dim=1) * tail_entry
+
+    def select_rows(self, rows: torch.Tensor) -> "QuantizedLayer":
+        other = QuantizedLayer.__new__(QuantizedLayer)
+        DynamicLayer.__init__(other)
+        other.bits, other.packed_length = self.bits, self.packed_length
+        other.packed = [tuple(t.index_select(0, rows) for t in p) for p in self.packed]
+        other.lazy_initialization(self.keys, self.values)
+        other.keys, other.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        return other
+
+
+def _quantize_agent(trace: LatentTrace, agent: str, bits: int) -> None:
+    """Quantise `agent`'s columns (the last ones written; earlier agents' are quantised already)."""
+    own = [s for s in trace.segments if s.agent == agent]
+    start, end = min(s.start for s in own), max(s.end for s in own)
+    if end != trace.length:
+        raise BudgetError("quantize applies to an agent's entries right after it writes them")
+    if torch.is_grad_enabled():
+        trace.set_kv(
+            [
+                (
+                    torch.cat([k[:, :, :start], fake_quantize(k[:, :, start:], bits)], dim=2),
+                    torch.cat([v[:, :, :start], fake_quantize(v[:, :, start:], bits)], dim=2),
+                )
+                for k, v in trace.kv()
+            ]
+        )
+        return
+    layers = trace.cache.layers
+    if all(isinstance(layer, QuantizedLayer) for layer in layers):
+        for layer in layers:
+            layer.pack_tail()
+        return
+    kv = trace.kv()
+    trace.set_kv([])
+    trace.cache.layers = [QuantizedLayer(k, v, bits) for k, v in kv]

@@ -1,0 +1,237 @@
+"""The trace-budget study: how much of the channel survives a bounded trace, with and without training.
+
+One command, resumable (finished evaluations are skipped, a training cut short resumes from its
+last checkpoint, an evaluation from its last record):
+
+    python study/budget.py --workers 2     # every stage below, single-threaded processes side by side
+    python study/write_budget.py           # docs/budget.md and its plots, from the records
+
+Stages (each a list of evaluations, one per budget of the grid, plus the full trace):
+- relay:   relay_word (K=8), m=4, reads=all (the reader sees the sender's prompt and latent steps):
+           latent_mas (untrained); DiffMAS trained on the full trace, evaluated under every budget;
+           DiffMAS trained under budget B and evaluated under B, for each B in `train_budgets`.
+- latent:  the channel study's adapter trained with reads=latent (the reader sees latent steps
+           only), under the budgets that touch latent entries (quantisation) and a prompt budget.
+- arc:     ARC-Easy (the project's study task), latent_mas and the study's DiffMAS adapter (m=10,
+           four agents), option likelihood and greedy answers on the study's 200 test questions.
+Budgets: 8, 16, 32, 64 prompt states per agent; 10 %, 25 %, 50 % of each agent's bytes (prompt-drop,
+random, window, merge); int8 / int4 (quantize). The training settings are the channel study's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from channel import ChannelSettings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "results" / "budget"
+POSITION_POLICIES = ("prompt-drop", "random", "window", "merge")
+
+
+@dataclass
+class BudgetSettings:
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    relay_task: str = "relay_word"
+    relay_m: int = 4
+    sizes: list[str] = field(default_factory=lambda: ["8", "16", "32", "64", "10%", "25%", "50%"])
+    arc_sizes: list[str] = field(default_factory=lambda: ["8", "32"])  # the CPU allows a smaller grid
+    bits: list[str] = field(default_factory=lambda: ["int8", "int4"])
+    # trained under budget B, evaluated under B (the relay stage)
+    train_budgets: list[str] = field(default_factory=lambda: ["prompt-drop:8", "random:8", "quantize:int4"])
+    latent_adapter: str = "results/channel/relay_word/diffmas-full-m4/adapter"  # reads=latent, m=4
+    arc_adapter: str = "results/study/adapters/diffmas"  # m=10, four agents
+    arc_questions: int = 200
+    arc_subset_seed: int = 0
+    arc_m: int = 10
+    arc_max_new_tokens: int = 40
+    relay_test_examples: int = 128
+    seed: int = 0
+    training: ChannelSettings = field(default_factory=ChannelSettings)
+
+
+def budget_grid(sizes: list[str], bits: list[str]) -> list[str]:
+    """Budgets as policy:spec strings ('' is the full trace)."""
+    return ["", *(f"{p}:{s}" for p in POSITION_POLICIES for s in sizes), *(f"quantize:{b}" for b in bits)]
+
+
+def parse(spec: str):
+    from diffmas.budget import parse_budget
+
+    if not spec:
+        return None
+    policy, size = spec.split(":")
+    return parse_budget(policy, size)
+
+
+def label(spec: str) -> str:
+    return parse(spec).label if spec else "full"
+
+
+@dataclass(frozen=True)
+class Stage:
+    group: str  # relay | latent | arc
+    condition: str  # latent_mas | diffmas-full | diffmas-under-<label> | diffmas-latent
+    budgets: tuple[str, ...]  # evaluated under each
+    train_budget: str | None = None  # trained here under this budget ('' = full trace); None: no training
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}/{self.condition}"
+
+
+def stages(s: BudgetSettings) -> list[Stage]:
+    grid = tuple(budget_grid(s.sizes, s.bits))
+    out = [
+        Stage("relay", "latent_mas", grid),
+        Stage("relay", "diffmas-full", grid, train_budget=""),
+        Stage("arc", "latent_mas", tuple(budget_grid(s.arc_sizes, s.bits))),
+        *(Stage("relay", f"diffmas-under-{label(b)}", ("", b), train_budget=b) for b in s.train_budgets),
+        Stage("arc", "diffmas", tuple(budget_grid(s.arc_sizes, s.bits))),
+        Stage("latent", "diffmas-latent", ("", "prompt-drop:8", "random:8", *(f"quantize:{b}" for b in s.bits))),
+    ]
+    return out
+
+
+def eval_dir(stage: Stage, spec: str) -> Path:
+    return OUT / stage.name / label(spec)
+
+
+def adapter_for(stage: Stage, s: BudgetSettings) -> Path | None:
+    if stage.train_budget is not None:
+        return OUT / stage.name / "adapter"
+    if stage.condition == "diffmas-latent":
+        return REPO / s.latent_adapter
+    if stage.group == "arc" and stage.condition == "diffmas":
+        return REPO / s.arc_adapter
+    return None
+
+
+def train_stage(stage: Stage, s: BudgetSettings, adapter: Path) -> None:
+    from diffmas.train import TrainConfig
+    from diffmas.train.trainer import train
+
+    t = s.training
+    train(
+        TrainConfig(
+            task=s.relay_task,
+            model=s.model,
+            device=s.device,
+            limit=t.steps * t.batch_size,
+            latent_steps=s.relay_m,
+            reads="all",
+            trace_budget=parse(stage.train_budget),
+            lora_r=t.lora_r,
+            lora_alpha=t.lora_alpha,
+            learning_rate=t.learning_rate,
+            lr_scheduler=t.lr_scheduler,
+            warmup_ratio=t.warmup_steps,
+            batch_size=t.batch_size,
+            grad_accum=1,
+            max_steps=t.steps,
+            save_steps=max(t.steps // 4, 1),
+            logging_steps=5,
+            seed=t.seed,
+        ),
+        adapter,
+        report_to=[],
+    )
+
+
+def eval_one(stage: Stage, s: BudgetSettings, spec: str, adapter: Path | None) -> None:
+    from diffmas.evaluate.runner import EvalConfig, evaluate
+    from diffmas.generate import DecodeConfig
+    from diffmas.methods import MethodConfig
+
+    arc = stage.group == "arc"
+    method = "latent_mas" if stage.condition == "latent_mas" else "diffmas"
+    config = EvalConfig(
+        task="arc_easy" if arc else s.relay_task,
+        method=method,
+        model=s.model,
+        device=s.device,
+        limit=s.arc_questions if arc else s.relay_test_examples,
+        subset_seed=s.arc_subset_seed if arc else None,
+        batch_size=16 if arc else 32,
+        option_likelihood=arc,
+        adapter=str(adapter) if adapter else None,
+        seed=s.seed,
+        method_config=MethodConfig(
+            latent_steps=s.arc_m if arc else s.relay_m,
+            reads="latent" if stage.group == "latent" else "all",
+            decode=DecodeConfig(max_new_tokens=s.arc_max_new_tokens if arc else 4),
+            trace_budget=parse(spec),
+        ),
+    )
+    evaluate(config, eval_dir(stage, spec), progress=False)
+
+
+def done(stage: Stage) -> bool:
+    return all((eval_dir(stage, spec) / "summary.json").is_file() for spec in stage.budgets)
+
+
+def run_stage(stage: Stage, s: BudgetSettings) -> None:
+    adapter = adapter_for(stage, s)
+    if stage.train_budget is not None:
+        train_stage(stage, s, adapter)
+    elif adapter is not None and not (adapter / "adapter_config.json").is_file():
+        print(f"skip {stage.name}: adapter {adapter} is absent (run the study that trains it)", flush=True)
+        return
+    for spec in stage.budgets:
+        print(f"== {stage.name} / {label(spec)}", flush=True)
+        eval_one(stage, s, spec, adapter)
+
+
+def work(s: BudgetSettings, only: str | None) -> None:
+    """Run every unfinished stage nobody else has claimed (a claim is an atomic mkdir)."""
+    claims = OUT / ".claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    for stage in stages(s):
+        if done(stage) or (only and only not in stage.name):
+            continue
+        try:
+            (claims / stage.name.replace("/", "__")).mkdir()
+        except FileExistsError:
+            continue
+        run_stage(stage, s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, default=1, help="Processes side by side, one thread each.")
+    p.add_argument("--only", default=None, help="Run only the stages whose name contains this text.")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    s = BudgetSettings()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        return work(s, args.only)
+    settings_file = OUT / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != asdict(s):
+        sys.exit(f"{OUT} holds a study with other settings; move it away or use the same settings")
+    settings_file.write_text(json.dumps(asdict(s), indent=2) + "\n")
+    shutil.rmtree(OUT / ".claims", ignore_errors=True)  # claims of an interrupted run
+    command = [sys.executable, __file__, "--worker", *(["--only", args.only] if args.only else [])]
+    workers = [subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(args.workers)]
+    codes = [w.wait() for w in workers]
+    shutil.rmtree(OUT / ".claims", ignore_errors=True)
+    if any(codes):
+        sys.exit(f"a worker failed (exit codes {codes}); rerun the same command to resume")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
