@@ -48,7 +48,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,train,serve]"
 	touch $@
 
-# The vLLM server's environment (about 1.5 min and 3.5 GB); the vLLM backend test uses it when present.
+# The vLLM server's environment (about 2 min and 3.5 GB); the vLLM backend test uses it when present.
 vllm: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed:

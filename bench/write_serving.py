@@ -117,7 +117,7 @@ diffmas serve --backend vllm --vllm-url http://127.0.0.1:8001
   Per-role adapters work when only the final agent decodes (latent_mas / diffmas): its adapter is
   the merged one. text_mas under per-role adapters would need one vLLM model per role (refused).
 - **Testing.** `tests/test_vllm_backend.py` starts a vLLM server from `.venv-vllm` (CI builds it in
-  `.ci/run`, about 1.5 min) and checks latent_mas and text_mas greedy answers, token counts and
+  `.ci/run`, about 2 min; the tests about 5 min on 2 cores) and checks latent_mas and text_mas greedy answers, token counts and
   trace bytes equal the HF backend's on 12 questions of the embedded model in fp32, and diffmas
   with a (random) LoRA adapter merged for vLLM on 6. Where the environment is missing those tests
   are skipped with a reason that says the vLLM backend is not tested.
