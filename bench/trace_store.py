@@ -41,40 +41,53 @@ def synthetic_trace(bb, store: str, batch: int, length: int):
     return trace
 
 
-def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> float:
-    """Mean ms per step over `steps` steps from a fresh `length`-position trace."""
+def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> tuple[float, float]:
+    """Mean ms per step over `steps` steps from a fresh `length`-position trace: (wall, CPU).
+
+    CPU time is this process's, all threads: on a machine shared with other work it is less
+    exposed to them than wall time (though not to their use of memory bandwidth and caches)."""
     from diffmas.channel import latent_steps
     from diffmas.generate import DecodeConfig, decode
 
     trace = synthetic_trace(bb, store, batch, length)
     hidden = torch.randn(batch, bb.config.hidden_size, device=bb.device).to(bb.dtype)
     if kind == "latent":
-        start = c.time.perf_counter()
+        start, cpu = c.time.perf_counter(), c.time.process_time()
         latent_steps(trace, "a", hidden, steps)
     else:
         # steps + 1 tokens with EOS suppressed: exactly `steps` decoder forwards
         config = DecodeConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1)
-        start = c.time.perf_counter()
+        start, cpu = c.time.perf_counter(), c.time.process_time()
         decode(trace, "a", hidden, config, [0] * batch)
-    seconds = c.time.perf_counter() - start
+    wall, cpu = c.time.perf_counter() - start, c.time.process_time() - cpu
     assert trace.length == length + steps
-    return seconds / steps * 1000
+    return wall / steps * 1000, cpu / steps * 1000
 
 
 def run(lengths: list[int], batches: list[int], kinds: list[str], steps: int, repeats: int, target) -> dict:
     bb = c.backbone()
     cases = [(k, b, n) for k in kinds for b in batches for n in lengths]
-    if target not in cases:
-        cases.append(target)
+    load_before = list(os.getloadavg())
+
+    def payload(rows):
+        return result_of(rows, lengths, batches, kinds, steps, repeats, target, load_before)
+
     rows = []
     with torch.no_grad():
         step_ms(bb, "grow", "decode", 1, 64, 2), step_ms(bb, "concat", "decode", 1, 64, 2)  # warm-up
+        if target in cases:  # the target first: it gets the quietest machine if others start later
+            cases.remove(target)
+        cases.insert(0, target)
         for kind, batch, length in cases:
             times = {s: [] for s in STORES}
+            cpu = {s: [] for s in STORES}
             for r in range(repeats):  # interleaved, alternating which store goes first
                 for store in STORES if r % 2 == 0 else STORES[::-1]:
-                    times[store].append(step_ms(bb, store, kind, batch, length, steps))
+                    wall_ms, cpu_ms = step_ms(bb, store, kind, batch, length, steps)
+                    times[store].append(wall_ms)
+                    cpu[store].append(cpu_ms)
             med = {s: statistics.median(v) for s, v in times.items()}
+            med_cpu = {s: statistics.median(v) for s, v in cpu.items()}
             row = {
                 "kind": kind,
                 "batch": batch,
@@ -84,16 +97,26 @@ def run(lengths: list[int], batches: list[int], kinds: list[str], steps: int, re
                 "ratio_grow_over_concat": med["grow"] / med["concat"],
                 # the fastest run of each: less exposed to other processes on a shared machine
                 "ratio_of_fastest": min(times["grow"]) / min(times["concat"]),
+                "concat_cpu_ms": med_cpu["concat"],
+                "grow_cpu_ms": med_cpu["grow"],
+                "ratio_cpu": med_cpu["grow"] / med_cpu["concat"],
+                "load_average": list(os.getloadavg()),
                 "concat_all_ms": times["concat"],
                 "grow_all_ms": times["grow"],
             }
             rows.append(row)
+            c.write("trace_store", payload(rows))  # after every case: a time limit keeps what was done
             print(
                 f"{kind:6} b={batch:<3} L={length:<5} concat {med['concat']:7.1f} ms  grow {med['grow']:7.1f} ms"
-                f"  ratio {row['ratio_grow_over_concat']:.3f}",
+                f"  ratio {row['ratio_grow_over_concat']:.3f}  fastest {row['ratio_of_fastest']:.3f}"
+                f"  cpu {row['ratio_cpu']:.3f}  load {os.getloadavg()[0]:.1f}",
                 file=c.sys.stderr,
                 flush=True,
             )
+    return payload(rows)
+
+
+def result_of(rows, lengths, batches, kinds, steps, repeats, target, load_before) -> dict:
     hit = next(r for r in rows if (r["kind"], r["batch"], r["length"]) == target)
     return {
         "settings": {
@@ -105,7 +128,8 @@ def run(lengths: list[int], batches: list[int], kinds: list[str], steps: int, re
             "synthetic_trace": True,
             **c.model_settings(),
         },
-        "load_average_before": list(os.getloadavg()),
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
         "rows": rows,
         "target": {
             "kind": target[0],
@@ -122,13 +146,12 @@ def main() -> None:
     p.add_argument("--lengths", default="300,1200,4800")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--kinds", default="decode,latent")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     c.add_model_args(p)
     args = p.parse_args()
     c.setup(args.threads, args)
-    load = os.getloadavg()
     result = run(
         [int(x) for x in args.lengths.split(",")],
         [int(x) for x in args.batches.split(",")],
@@ -137,9 +160,6 @@ def main() -> None:
         args.repeats,
         ("decode", 4, 2400),
     )
-    result["load_average_before"] = list(load)
-    result["load_average_after"] = list(os.getloadavg())
-    c.write("trace_store", result)
     print(
         c.table(
             [
