@@ -352,12 +352,17 @@ def cpu_bf16_support() -> dict[str, bool]:
     return {name: name in flags for name in ("avx512_bf16", "amx_bf16")}
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, training: bool = False) -> torch.dtype:
+    """ "auto": bf16 on a GPU that supports it; on a CPU, bf16 for inference where the CPU has bf16
+    instructions (avx512_bf16 or amx_bf16: measured faster with ARC-Easy option likelihood and
+    GSM8K accuracy inside fp32's CI, docs/benchmarks.md) and fp32 for training (not measured in
+    bf16 on CPUs) or where bf16 would be emulated, slow and lossy."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow and lossy.
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and not training and any(cpu_bf16_support().values()):
             return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
