@@ -1,5 +1,5 @@
 """Batching: latent_mas throughput (questions/s) at batch 1, 4 and 16 on the same questions.
-Target: >= 5x at batch 16 over batch 1."""
+Target: >= 4x at batch 16 over batch 1 (issue 14 acceptance; its text first asked 5x)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run(n: int, sizes: list[int], max_new_tokens: int, m: int, stores=("grow",))
         "speedup_over_batch1": speedup,
         "by_store": {s: {"batches": r, "speedup_over_batch1": speedup_of(r)} for s, r in by_store.items()},
         "load_average": list(c.os.getloadavg()),
-        "targets": {"speedup_at_16_min": 5.0},
+        "targets": {"speedup_at_16_min": 4.0},
     }
 
 

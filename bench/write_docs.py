@@ -219,7 +219,7 @@ def section_batching(r: dict) -> str:
             + (
                 ""
                 if top >= r["targets"]["speedup_at_16_min"]
-                else " On 2 CPU cores the 4 agents' prompt prefill is compute-bound and gains nothing from batching; only "
+                else " On a CPU the 4 agents' prompt prefill is compute-bound and gains nothing from batching; only "
                 "the sequential parts (latent steps, decoding) do. A batch also pads each agent's prompt to its "
                 "longest row and decodes until its slowest row stops. On a GPU, where a batch-1 step leaves the device "
                 "mostly idle, batching gains far more."
@@ -341,6 +341,18 @@ def section_summary(results: dict[str, dict | None]) -> str:
                 f"{after['text_over_latent']:.2f}x",
                 f"≥ {t['text_over_latent_min']}x",
                 verdict(after["text_over_latent"] >= t["text_over_latent_min"]),
+            ]
+        )
+    bf16 = load("inference_cost_cpu_bf16")
+    if bf16:
+        t, ratio = bf16["targets"], bf16["ratios"]["latent_over_single"]
+        rows.append(
+            [
+                "latent_mas / single, bf16 (`--dtype bfloat16`, opt-in; grow store)",
+                "",
+                f"{ratio:.2f}x",
+                f"≤ {t['latent_over_single_max']}x",
+                verdict(ratio <= t["latent_over_single_max"]),
             ]
         )
     bat = results.get("batching")
@@ -475,7 +487,11 @@ def section_cpu_bf16(r: dict) -> str:
         f"bf16 faster on both measures: {'yes' if faster else 'no'}; accuracy inside fp32's CI on every task: "
         + ("yes" if within else "no" if complete else "not measured on every task")
         + (
-            ". Both hold: `--dtype auto` is bf16 for inference on CPUs with bf16 instructions"
+            ". Both hold, and still the CPU default stays fp32: in bf16 a row's answer depends on the batch "
+            "it runs in (padding changes matmul shapes and bf16 rounding), which breaks the runner's contract "
+            "that batch size never changes results (tests/test_eval_runner.py::"
+            "test_rerun_resumes_without_recomputing fails under a bf16 default). `--dtype bfloat16` is the "
+            "opt-in for speed"
             if faster and within
             else ". The CPU default stays fp32 unless both hold"
         )
@@ -509,8 +525,10 @@ def _inference_stores(by: dict) -> str:
         [k.replace("_over_", " / "), f"{by['concat']['ratios'][k]:.2f}x", f"{by['grow']['ratios'][k]:.2f}x", ""]
         for k in by["grow"]["ratios"]
     ]
-    return "Before (concat store) / after (grow store), same run, generation seconds:\n\n" + md_table(
-        ["method", "concat", "grow", "grow / concat"], rows
+    return (
+        "Before (concat store) / after (grow store), same run, generation seconds (one run per method and "
+        "store, not repeated, one after the other, on a machine shared with other work: see the load average "
+        "in the result file):\n\n" + md_table(["method", "concat", "grow", "grow / concat"], rows)
     )
 
 
@@ -605,7 +623,8 @@ def section_elsewhere() -> str:
         "## Other machines\n\nRun with `bash bench/gpu.sh TAG` (results `bench/results/<name>_<TAG>.json`). "
         "`random:<shape>` models have the published config.json shape and random weights: their costs "
         "(time, memory, trace bytes) are those of the real model, their outputs are meaningless, so they "
-        "decode fixed lengths and their accuracy columns mean nothing."
+        "decode fixed lengths and their accuracy columns mean nothing. Tag `cpu_bf16`: this CPU, the "
+        "embedded model in bf16 (`--dtype bfloat16`), the grow store."
     )
     return "\n\n".join([intro] + out)
 

@@ -352,17 +352,15 @@ def cpu_bf16_support() -> dict[str, bool]:
     return {name: name in flags for name in ("avx512_bf16", "amx_bf16")}
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, training: bool = False) -> torch.dtype:
-    """ "auto": bf16 on a GPU that supports it; on a CPU, bf16 for inference where the CPU has bf16
-    instructions (avx512_bf16 or amx_bf16: measured faster with ARC-Easy option likelihood and
-    GSM8K accuracy inside fp32's CI, docs/benchmarks.md) and fp32 for training (not measured in
-    bf16 on CPUs) or where bf16 would be emulated, slow and lossy."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """ "auto": bf16 on a GPU that supports it, fp32 on a CPU. bf16 on CPUs with bf16 instructions
+    (see `cpu_bf16_support`) was measured faster with accuracy inside fp32's CIs, but there a row's
+    answer depends on the batch it runs in, which the runner's resume contract forbids (batch size
+    is a runtime-only setting): it stays opt-in, `--dtype bfloat16` (docs/design.md, dtype)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if device.type == "cpu" and not training and any(cpu_bf16_support().values()):
             return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:

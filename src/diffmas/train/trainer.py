@@ -153,7 +153,7 @@ def train(
     backbone: an already loaded (bare) backbone; loaded from config.model when None.
     stop_after: stop (with a checkpoint) after this many optimizer steps, as if interrupted.
     """
-    from diffmas.backbone import load_backbone, resolve_device, resolve_dtype
+    from diffmas.backbone import load_backbone
     from diffmas.methods import MethodConfig, get_method
     from diffmas.roles import build_topology
     from diffmas.tasks import get_task
@@ -170,11 +170,7 @@ def train(
     digest = data_hash(items)
     _check_data(out, saved, digest)
     torch.manual_seed(config.seed)  # LoRA initialisation
-    if backbone is None:
-        device = process_device(config.device)
-        # "auto" trains in fp32 on a CPU: bf16 is the CPU default for inference only (resolve_dtype)
-        dtype = resolve_dtype(config.dtype, resolve_device(device), training=True)
-        backbone = load_backbone(config.model, dtype=dtype, device=device)
+    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=process_device(config.device))
     _check_target_modules(backbone, config)
     backbone.gradient_checkpointing = config.gradient_checkpointing
     out.mkdir(parents=True, exist_ok=True)
