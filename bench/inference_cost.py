@@ -8,9 +8,12 @@ import argparse
 import _common as c
 
 
-def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: int, m: int) -> dict:
+def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: int, m: int, stores=("grow",)) -> dict:
+    """stores: trace stores to measure (`diffmas.trace.trace_store`), each method on each store in
+    turn, so before/after come from one run; the top-level figures are the last store's."""
     from diffmas import DecodeConfig, MethodConfig, default_topology, get_method
     from diffmas.evaluate.records import run_examples
+    from diffmas.trace import trace_store
 
     bb = c.backbone()
     task, examples = c.gsm8k(n)
@@ -19,14 +22,16 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
         decode=DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=c.ignore_eos()),
         upstream_max_new_tokens=upstream_max_new_tokens,
     )
-    methods = {}
-    for name in ("single", "text_mas", "latent_mas"):
+    by_store = {store: {} for store in stores}
+    for name, store in ((name, store) for name in ("single", "text_mas", "latent_mas") for store in stores):
+        methods = by_store[store]
         method = get_method(name, bb, default_topology("sequential"), config)
-        list(run_examples(method, task, examples[:1], batch_size=1))  # warm-up: kernels, allocator, caches
-        start = c.time.perf_counter()
-        records = list(run_examples(method, task, examples, batch_size=batch_size))
+        with trace_store(store):
+            list(run_examples(method, task, examples[:1], batch_size=1))  # warm-up: kernels, allocator, caches
+            start = c.time.perf_counter()
+            records = list(run_examples(method, task, examples, batch_size=batch_size))
         wall = c.time.perf_counter() - start
-        print(f"{name}: {wall:.1f} s", file=c.sys.stderr, flush=True)
+        print(f"{name} ({store} store): {wall:.1f} s", file=c.sys.stderr, flush=True)
         roles = [a["role"] for a in records[0]["agents"]]
         per_agent = {
             role: {
@@ -53,10 +58,14 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
             "trace_len_mean": sum(r["trace_len"] for r in records) / len(records),
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
         }
-    ratios = {
-        "latent_over_single": methods["latent_mas"]["generation_s"] / methods["single"]["generation_s"],
-        "text_over_latent": methods["text_mas"]["generation_s"] / methods["latent_mas"]["generation_s"],
-    }
+
+    def ratios_of(methods: dict) -> dict:
+        return {
+            "latent_over_single": methods["latent_mas"]["generation_s"] / methods["single"]["generation_s"],
+            "text_over_latent": methods["text_mas"]["generation_s"] / methods["latent_mas"]["generation_s"],
+        }
+
+    methods, ratios = by_store[stores[-1]], ratios_of(by_store[stores[-1]])
     return {
         "settings": {
             "questions": n,
@@ -67,10 +76,14 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
             "agents": 4,
             "decoding": "greedy",
             "fixed_lengths": c.ignore_eos(),
+            "stores": list(stores),
             **c.model_settings(),
         },
+        "store": stores[-1],
         "methods": methods,
         "ratios": ratios,
+        "by_store": {store: {"methods": ms, "ratios": ratios_of(ms)} for store, ms in by_store.items()},
+        "load_average": list(c.os.getloadavg()),
         "targets": {"latent_over_single_max": 1.3, "text_over_latent_min": 4.0},
     }
 
@@ -82,11 +95,19 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--upstream-max-new-tokens", type=int, default=128)
     p.add_argument("--latent-steps", type=int, default=10)
+    p.add_argument("--stores", default="grow", help="trace stores, e.g. concat,grow (before,after) in one run")
     p.add_argument("--threads", type=int, default=None)
     c.add_model_args(p)
     args = p.parse_args()
     c.setup(args.threads, args)
-    result = run(args.n, args.batch_size, args.max_new_tokens, args.upstream_max_new_tokens, args.latent_steps)
+    result = run(
+        args.n,
+        args.batch_size,
+        args.max_new_tokens,
+        args.upstream_max_new_tokens,
+        args.latent_steps,
+        tuple(args.stores.split(",")),
+    )
     c.write("inference_cost", result)
     rows = [
         [

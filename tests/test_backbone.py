@@ -52,3 +52,15 @@ def test_bad_paths(path, message):
 def test_bad_dtype():
     with pytest.raises(BackboneError, match="unknown dtype 'fp8'"):
         load_backbone("smollm2-135m", dtype="fp8")
+
+
+def test_auto_dtype_on_cpu_stays_fp32_even_with_bf16_instructions(monkeypatch):
+    """bf16 is opt-in on CPUs: there a row's answer depends on its batch (docs/design.md, dtype)."""
+    import torch
+
+    from diffmas import backbone as bb_module
+
+    monkeypatch.setattr(bb_module, "cpu_bf16_support", lambda: {"avx512_bf16": True, "amx_bf16": True})
+    cpu = torch.device("cpu")
+    assert bb_module.resolve_dtype("auto", cpu) == torch.float32
+    assert bb_module.resolve_dtype("bf16", cpu) == torch.bfloat16

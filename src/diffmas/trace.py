@@ -1,7 +1,7 @@
 """LatentTrace: the shared, append-only KV-cache trace that agents write to and read from.
 
-The trace owns a transformers `DynamicCache` together with everything needed to extend it
-correctly for a *batch* of independent questions:
+The trace owns a transformers cache (one `_TraceLayer` per decoder layer) together with everything
+needed to extend it correctly for a *batch* of independent questions:
 
 - `attention_mask` (B, L): 1 for real positions, 0 for padding. Each appended chunk is left-padded
   on its own, so padding can sit in the middle of the trace; the mask (never rebuilt as all ones)
@@ -22,6 +22,13 @@ full K/V copy every latent step's attention would keep, are recomputed during ba
 own checkpointing drops the cache, so the trace does it itself: while a chunk is recomputed its
 cache layers *replay* (report the length they had then and return the same keys/values, without
 appending). Append-only storage makes that exact: the first L entries never change.
+
+Storage: at inference (autograd off) each layer writes new entries in place into a buffer that
+grows geometrically (1.5x) and hands attention views of its first L columns, so a decode or latent step
+costs O(new entries) instead of `DynamicCache`'s O(L) concatenation of the whole cache. With
+autograd on, appends concatenate into new tensors (copy on write), because in-place updates break
+gradients. `trace_store("concat")` gives the old store everywhere (benchmarks, equivalence tests).
+`n_bytes` counts the live entries; `capacity_bytes` what the buffers hold, free columns included.
 """
 
 from __future__ import annotations
@@ -50,23 +57,112 @@ class TraceOverflowError(DiffmasError):
     """Appending would run past the model's context length."""
 
 
-class _ReplayLayer(DynamicLayer):
-    """A DynamicLayer that, while `replay_length` is set, pretends to hold only its first
-    `replay_length` entries and returns them with the new ones instead of appending."""
+# Which store new traces use: "grow" (in place, geometric capacity; the default) or "concat"
+# (transformers' DynamicLayer behaviour: every append concatenates the whole cache). `trace_store`
+# switches it, for benchmarks and equivalence tests against the old store.
+TraceStore = Literal["grow", "concat"]
+TRACE_STORES = ("grow", "concat")
+_STORE: TraceStore = "grow"
+
+
+@contextlib.contextmanager
+def trace_store(kind: TraceStore):
+    """Build the traces made inside this block with the given store ("grow" or "concat")."""
+    global _STORE
+    if kind not in TRACE_STORES:
+        raise DiffmasError(f"trace store {kind!r}: choose one of {', '.join(TRACE_STORES)}")
+    before, _STORE = _STORE, kind
+    try:
+        yield
+    finally:
+        _STORE = before
+
+
+class _TraceLayer(DynamicLayer):
+    """One decoder layer's keys and values on the trace.
+
+    `keys` / `values` (B, kv_heads, L, head_dim) always hold exactly the L live entries; how they
+    are stored depends on the mode:
+
+    - in place (`grow`, inference): they are views of the first L columns of a buffer of capacity
+      >= L, and an append writes into the free columns; the buffer is reallocated (1.5x) only
+      when it is full, so a step costs O(new entries), amortised, instead of O(L). Views taken
+      earlier stay valid: their columns are never written again (append-only).
+    - copy on write (autograd on, or the `concat` store): every append concatenates into a fresh
+      tensor, as `DynamicLayer` does. Autograd needs it: attention saves the keys it read for
+      backward, and any later in-place write into the same storage bumps its version counter and
+      makes backward fail (transformers issue 43010). The buffer is dropped on such an append, so
+      an in-place write never reaches storage an autograd graph holds.
+
+    `replay_length` (gradient checkpointing, see the module docstring): while set, the layer
+    pretends to hold only its first `replay_length` entries and returns them with the new ones
+    without appending.
+    """
 
     replay_length: int | None = None
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values), capacity >= L
+
+    def __init__(self, grow: bool):
+        super().__init__()
+        self.grow = grow
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.replay_length is None:
-            return super().update(key_states, value_states, *args, **kwargs)
-        past = slice(0, self.replay_length)
-        return (
-            torch.cat([self.keys[..., past, :], key_states], dim=-2),
-            torch.cat([self.values[..., past, :], value_states], dim=-2),
-        )
+        if self.replay_length is not None:
+            past = slice(0, self.replay_length)
+            return (
+                torch.cat([self.keys[..., past, :], key_states], dim=-2),
+                torch.cat([self.values[..., past, :], value_states], dim=-2),
+            )
+        if not self.is_initialized or self.keys.numel() == 0:
+            self.set(key_states, value_states)  # the first chunk: nothing to copy yet
+        elif self.grow and not torch.is_grad_enabled():
+            self._write(key_states, value_states)
+        else:
+            self._buffers = None
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold these tensors as the layer's entries (no copy; they are never written to)."""
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self._buffers = None
+        self.is_initialized = True
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        n, t = self.keys.shape[-2], key_states.shape[-2]
+        if self._buffers is None or self._buffers[0].shape[-2] < n + t:
+            self._reserve(n + t)
+        bk, bv = self._buffers
+        bk[..., n : n + t, :].copy_(key_states)
+        bv[..., n : n + t, :].copy_(value_states)
+        self.keys, self.values = bk[..., : n + t, :], bv[..., : n + t, :]
+
+    def _reserve(self, needed: int) -> None:
+        """Move the entries into new buffers of capacity >= needed, 1.5x the entries at least:
+        amortised, each entry is copied a bounded number of times, and free capacity stays <= half."""
+        n = self.keys.shape[-2]
+        capacity = -(-max(needed, n + n // 2) // _CAPACITY_STEP) * _CAPACITY_STEP
+        buffers = []
+        for live in (self.keys, self.values):
+            shape = (*live.shape[:-2], capacity, live.shape[-1])
+            buf = torch.empty(shape, dtype=live.dtype, device=live.device)
+            buf[..., :n, :].copy_(live)
+            buffers.append(buf)
+        self._buffers = (buffers[0], buffers[1])
+
+    def capacity(self) -> int:
+        """Columns the layer can hold before it reallocates (L in copy-on-write mode)."""
+        if self._buffers is not None:
+            return self._buffers[0].shape[-2]
+        return self.get_seq_length()
 
     def get_seq_length(self) -> int:
         return self.replay_length if self.replay_length is not None else super().get_seq_length()
+
+
+_CAPACITY_STEP = 64  # buffer capacities are multiples of this many columns
 
 
 @dataclass
@@ -107,6 +203,7 @@ class LatentTrace:
         self.backbone = backbone
         self.batch_size = batch_size
         self.reads = reads
+        self.store: TraceStore = _STORE  # see `trace_store`
         device = backbone.device
         self.set_kv([])
         self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
@@ -126,16 +223,29 @@ class LatentTrace:
         return self.attention_mask.sum(dim=1).tolist()
 
     def n_bytes(self) -> int:
-        """Exact bytes held by the cached keys and values (all rows, padding included)."""
-        total = 0
-        for layer in self.cache.layers:
-            if hasattr(layer, "n_bytes"):  # packed storage (a quantised trace budget) counts its own
-                total += layer.n_bytes()
-                continue
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if tensor is not None:
-                    total += tensor.numel() * tensor.element_size()
-        return total
+        """Exact bytes of the live keys and values: L columns, all rows, padding included
+        (`bytes_per_entry() * length * batch`, less where a quantised budget packs entries); free
+        buffer capacity is not counted."""
+        return sum(self._layer_bytes(layer) for layer in self._live_layers())
+
+    def capacity_bytes(self) -> int:
+        """Bytes the key/value storage holds, free columns of the in-place buffers included
+        (at most about 1.5x `n_bytes`; equal to it in copy-on-write mode)."""
+        return sum(
+            layer.capacity() * (layer.keys.numel() // max(layer.keys.shape[-2], 1)) * layer.keys.element_size() * 2
+            if hasattr(layer, "capacity")
+            else self._layer_bytes(layer)
+            for layer in self._live_layers()
+        )
+
+    def _live_layers(self) -> list:
+        return [] if self.released or self.length == 0 else list(self.cache.layers)
+
+    @staticmethod
+    def _layer_bytes(layer) -> int:
+        if hasattr(layer, "n_bytes"):  # packed storage (a quantised trace budget) counts its own
+            return layer.n_bytes()
+        return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
 
     def real_bytes(self) -> list[int]:
         """Per row, the bytes of its real entries (padding excluded): n_real x `bytes_per_entry`, but
@@ -232,9 +342,8 @@ class LatentTrace:
         """During a chunk's recomputation, make every cache layer look `length` long and return
         past + recomputed entries without appending (see the module docstring), under the adapter
         that wrote the chunk."""
-        layers = [layer for layer in self.cache.layers if type(layer) in (DynamicLayer, _ReplayLayer)]
+        layers = self.cache.layers
         for layer in layers:
-            layer.__class__ = _ReplayLayer
             layer.replay_length = length
         inside, adapter = adapter_scope
         try:
@@ -315,6 +424,7 @@ class LatentTrace:
             if self.inputs is None
             else [(e.index_select(0, rows), m.index_select(0, rows)) for e, m in self.inputs]
         )
+        other.store = self.store
         other.cache = None
         if self.length == 0 or self.released:
             other.set_kv([])
@@ -345,7 +455,16 @@ class LatentTrace:
         """Replace the stored keys/values (one (keys, values) per layer, or [] for none); the caller
         keeps mask, positions and segments consistent with the new columns."""
         config = self.backbone.base_model().config
-        self.cache = DynamicCache(kv, config=config) if kv else DynamicCache(config=config)
+        cache = DynamicCache(config=config)
+        if kv and len(kv) != len(cache.layers):
+            raise DiffmasError(
+                f"set_kv got {len(kv)} layers of keys/values for a model with {len(cache.layers)}; "
+                "pass one (keys, values) per decoder layer"
+            )
+        cache.layers = [_TraceLayer(grow=self.store == "grow") for _ in cache.layers]
+        for layer, (keys, values) in zip(cache.layers, kv):
+            layer.set(keys, values)
+        self.cache = cache
 
     def replace_columns(
         self, start: int, end: int, weights: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor

@@ -10,7 +10,7 @@ def env() -> None:
     """Print versions, device, dtype and cache locations for bug reports."""
     import torch
 
-    from diffmas.backbone import EMBEDDED_MODELS, diffmas_home, resolve_device, resolve_dtype
+    from diffmas.backbone import EMBEDDED_MODELS, cpu_bf16_support, diffmas_home, resolve_device, resolve_dtype
     from diffmas.provenance import device_description, git_commit, package_versions
     from diffmas.scoring.sandbox import isolation
 
@@ -22,6 +22,9 @@ def env() -> None:
         f"- device: {device_description()}",
         f"- default dtype: {str(resolve_dtype('auto', device)).replace('torch.', '')}",
         f"- torch threads: {torch.get_num_threads()}",
+        "- CPU bf16: "
+        + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in cpu_bf16_support().items())
+        + f" (torch CPU kernels: {torch.backends.cpu.get_cpu_capability()})",
         f"- DIFFMAS_HOME: {diffmas_home()}",
         f"- code sandbox: {isolation().describe()}",
     ]
