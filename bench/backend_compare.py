@@ -16,22 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffmas.tasks.data import smoke_questions
+
 import _common as c
 
-QUESTIONS = [
-    "Janet has 3 apples and buys 5 more. How many apples does she have?",
-    "What is 17 * 23?",
-    "A train travels 60 km in 1.5 hours. What is its average speed in km/h?",
-    "Tom had 12 marbles and gave away 4. How many are left?",
-    "What is the sum of the first five positive integers?",
-    "A shirt costs $20 and is 25% off. What is the sale price?",
-    "If x + 7 = 15, what is x?",
-    "How many minutes are in 3 hours?",
-    "Sara reads 15 pages a day. How many pages does she read in a week?",
-    "What is 144 divided by 12?",
-    "A rectangle is 4 m by 9 m. What is its area?",
-    "Ben is twice as old as Ann, who is 6. How old is Ben?",
-]
+QUESTIONS = smoke_questions()
 FORMAT = "Put the final answer in \\boxed{}."
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from channel import ChannelSettings  # noqa: E402
+from channel import ChannelSettings, train_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "results" / "budget"
@@ -118,34 +118,10 @@ def adapter_for(stage: Stage, s: BudgetSettings) -> Path | None:
 
 
 def train_stage(stage: Stage, s: BudgetSettings, adapter: Path) -> None:
-    from diffmas.train import TrainConfig
     from diffmas.train.trainer import train
 
-    t = s.training
-    train(
-        TrainConfig(
-            task=s.relay_task,
-            model=s.model,
-            device=s.device,
-            limit=t.steps * t.batch_size,
-            latent_steps=s.relay_m,
-            reads="all",
-            trace_budget=parse(stage.train_budget),
-            lora_r=t.lora_r,
-            lora_alpha=t.lora_alpha,
-            learning_rate=t.learning_rate,
-            lr_scheduler=t.lr_scheduler,
-            warmup_ratio=t.warmup_steps,
-            batch_size=t.batch_size,
-            grad_accum=1,
-            max_steps=t.steps,
-            save_steps=max(t.steps // 4, 1),
-            logging_steps=5,
-            seed=t.seed,
-        ),
-        adapter,
-        report_to=[],
-    )
+    config = train_config(s.training, s.relay_task, s.relay_m, reads="all", trace_budget=parse(stage.train_budget))
+    train(config, adapter, report_to=[])
 
 
 def eval_one(stage: Stage, s: BudgetSettings, spec: str, adapter: Path | None) -> None:

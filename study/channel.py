@@ -117,6 +117,34 @@ def stages(s: ChannelSettings) -> list[Stage]:
     return grid + probes
 
 
+def train_config(s: ChannelSettings, task: str, m: int, **overrides):
+    """The study's training settings for one relay task (shared with study/budget.py)."""
+    from diffmas.train import TrainConfig
+
+    return TrainConfig(
+        **{
+            "task": task,
+            "model": s.model,
+            "device": s.device,
+            "limit": s.steps * s.batch_size,
+            "latent_steps": m,
+            "reads": s.reads,
+            "lora_r": s.lora_r,
+            "lora_alpha": s.lora_alpha,
+            "learning_rate": s.learning_rate,
+            "lr_scheduler": s.lr_scheduler,
+            "warmup_ratio": s.warmup_steps,
+            "batch_size": s.batch_size,
+            "grad_accum": 1,
+            "max_steps": s.steps,
+            "save_steps": max(s.steps // 4, 1),
+            "logging_steps": 5,
+            "seed": s.seed,
+            **overrides,
+        }
+    )
+
+
 def run_stage(stage: Stage, s: ChannelSettings) -> None:
     from diffmas.evaluate.runner import EvalConfig, evaluate
     from diffmas.generate import DecodeConfig
@@ -125,34 +153,10 @@ def run_stage(stage: Stage, s: ChannelSettings) -> None:
     folder = OUT / stage.name
     adapter = folder / "adapter"
     if stage.trained:
-        from diffmas.train import TrainConfig
         from diffmas.train.trainer import train
 
-        train(
-            TrainConfig(
-                task=stage.task,
-                model=s.model,
-                device=s.device,
-                limit=s.steps * s.batch_size,
-                latent_steps=stage.m,
-                reads=s.reads,
-                upstream_grad=stage.upstream_grad,
-                adapters=stage.adapters,
-                lora_r=s.lora_r,
-                lora_alpha=s.lora_alpha,
-                learning_rate=s.learning_rate,
-                lr_scheduler=s.lr_scheduler,
-                warmup_ratio=s.warmup_steps,
-                batch_size=s.batch_size,
-                grad_accum=1,
-                max_steps=s.steps,
-                save_steps=max(s.steps // 4, 1),
-                logging_steps=5,
-                seed=s.seed,
-            ),
-            adapter,
-            report_to=[],
-        )
+        config = train_config(s, stage.task, stage.m, upstream_grad=stage.upstream_grad, adapters=stage.adapters)
+        train(config, adapter, report_to=[])
     evaluate(
         EvalConfig(
             task=stage.task,

@@ -263,3 +263,10 @@ def get_field(row: dict[str, Any], name: str, kind: type | tuple[type, ...] = st
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise RowError(f"field {name!r} should be {expected}, got {type(value).__name__}")
     return value
+
+
+def smoke_questions(n: int | None = None) -> list[str]:
+    """Short arithmetic questions shipped in ``diffmas/data/smoke_questions.txt`` (written for this
+    project): the fixed inputs of the serving tests and benchmarks, one place for all of them."""
+    lines = (Path(__file__).resolve().parents[1] / "data" / "smoke_questions.txt").read_text().splitlines()
+    return [line for line in lines if line.strip()][:n]
