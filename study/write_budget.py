@@ -214,6 +214,43 @@ def trained_section(cells, s: BudgetSettings) -> str:
     return table(header, rows)
 
 
+README_BEGIN, README_END = "<!-- budget:begin -->", "<!-- budget:end -->"
+
+
+def headline(cells, by_name) -> list[str]:
+    """README lines: per trained relay channel, the smallest budget that holds per policy."""
+    lines = []
+    for name, what in (
+        ("relay/diffmas-full", "relay_word (K=8, m=4, reads=all), DiffMAS trained on the full trace"),
+        ("arc/latent_mas", "ARC-Easy option likelihood, latent_mas"),
+    ):
+        metric = "option" if name.startswith("arc") else "correct"
+        base = cells.get((name, ""))
+        if base is None:
+            continue
+        _, verdicts = stage_table(cells, by_name[name], [metric])
+        rows = smallest(verdicts, metric)
+        if not above_chance(base, metric):
+            lines.append(f"- {what}: the full trace is not above chance; no budget to find.")
+            continue
+        found = "; ".join(f"{budget} ({kib})" for _, budget, kib in rows)
+        lines.append(
+            f"- {what} ({pct(base.accuracy(metric))} % on the full trace): smallest budget that holds — {found}."
+        )
+    return lines
+
+
+def write_readme(lines: list[str]) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text or not lines:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    block = [README_BEGIN, *lines, "", "Every policy and budget: [docs/budget.md](docs/budget.md).", README_END]
+    readme.write_text(head + "\n".join(block) + tail)
+
+
 def main() -> None:
     s = BudgetSettings()
     cells, missing = load(s)
@@ -290,6 +327,7 @@ def main() -> None:
     ]
     if missing:
         parts += ["## Not run yet", "", *(f"- {m}" for m in missing), ""]
+    write_readme(headline(cells, by_name))
     (DOCS / "budget.md").write_text("\n".join(parts))
     print(f"wrote {DOCS / 'budget.md'} ({len(cells)} evaluations, {len(missing)} missing)")
 
