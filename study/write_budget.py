@@ -177,13 +177,23 @@ def plot(cells, stage_list: list[Stage], metric: str, path: Path, title: str) ->
             )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=policy, linestyle="--" if policy == "random" else "-")
+        if stage.condition == "diffmas-full":  # the adapters trained under a budget, evaluated under it
+            under = [
+                c
+                for (name, spec), c in cells.items()
+                if spec and name.startswith(f"{stage.group}/diffmas-under-") and name.endswith(c.label)
+            ]
+            if under:
+                xs = [c.upstream_bytes / base.upstream_bytes for c in under]
+                ax.scatter(xs, [c.accuracy(metric) for c in under], marker="*", s=120, color="black", zorder=5)
+                ax.scatter([], [], marker="*", color="black", label="trained under that budget")
         ax.axhline(base.accuracy(metric), color="black", linewidth=0.8, label="full trace")
+        ax.set_ylim(-0.03, 1.03)
         ax.set_xscale("log")
         ax.set_xlabel("upstream KV kept (share of full)")
         ax.set_ylabel("option accuracy" if metric == "option" else "accuracy")
         ax.set_title(CONDITIONS.get(stage.condition, stage.condition), fontsize=8)
-        if i == 0:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
