@@ -36,6 +36,7 @@ from channel import ChannelSettings, train_config  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "results" / "budget"
 POSITION_POLICIES = ("prompt-drop", "random", "window", "merge")
+LATENT_ONLY = "prompt-drop:10%"  # at m=4 on relay_word no prompt entry fits: the latent steps alone
 
 
 @dataclass
@@ -96,7 +97,8 @@ def stages(s: BudgetSettings) -> list[Stage]:
         Stage("relay", "latent_mas", grid),
         Stage("relay", "diffmas-full", grid, train_budget=""),
         Stage("arc", "latent_mas", tuple(budget_grid(s.arc_sizes, s.bits))),
-        *(Stage("relay", f"diffmas-under-{label(b)}", ("", b), train_budget=b) for b in s.train_budgets),
+        # under B, full, and latent steps only (10 %: no prompt entry fits): where did training put the secret?
+        *(Stage("relay", f"diffmas-under-{label(b)}", ("", b, LATENT_ONLY), train_budget=b) for b in s.train_budgets),
         Stage("arc", "diffmas", tuple(budget_grid(s.arc_sizes, s.bits))),
         Stage("latent", "diffmas-latent", ("", "prompt-drop:8", "random:8", *(f"quantize:{b}" for b in s.bits))),
     ]

@@ -162,6 +162,13 @@ def test_resume_continues_the_loss_curve_identically(qa_task, tmp_path):
     assert sorted(b) == list(range(1, 7))
     for step in range(1, 7):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    # rerunning a finished run changes nothing: same summary back, adapter untouched
+    weights = (tmp_path / "split" / "adapter_model.safetensors").read_bytes()
+    again = train(cfg, tmp_path / "split", backbone=make_backbone(False), report_to=[])
+    assert (
+        again == json.loads(json.dumps(resumed))
+        and (tmp_path / "split" / "adapter_model.safetensors").read_bytes() == weights
+    )
 
 
 @pytest.mark.parametrize("adapters", ["shared", "per-role"])

@@ -169,6 +169,9 @@ def train(
     items = load_items(config)
     digest = data_hash(items)
     _check_data(out, saved, digest)
+    if saved is not None and (out / SUMMARY).is_file():
+        # finished with these settings and data: rerunning the command (a resumed study) changes nothing
+        return json.loads((out / SUMMARY).read_text())
     torch.manual_seed(config.seed)  # LoRA initialisation
     backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=process_device(config.device))
     _check_target_modules(backbone, config)
@@ -230,7 +233,7 @@ def train(
         "method": config.method,
         "examples": len(items),
         "steps": trainer.state.global_step,
-        "resumed_from": str(last) if last else None,
+        "resumed_from": str(last.relative_to(out)) if last else None,  # no machine paths in the record
         "train_seconds": round(wall, 2),
         # sft_text_mas: writing the upstream texts in this run (not counted in train_seconds; 0 when cached)
         "upstream_text_seconds": round(context_seconds, 2),
