@@ -142,7 +142,7 @@ def eval_one(stage: Stage, s: BudgetSettings, spec: str, adapter: Path | None) -
         subset_seed=s.arc_subset_seed if arc else None,
         batch_size=16 if arc else 32,
         option_likelihood=arc,
-        adapter=str(adapter) if adapter else None,
+        adapter=str(adapter.relative_to(REPO)) if adapter else None,
         seed=s.seed,
         method_config=MethodConfig(
             latent_steps=s.arc_m if arc else s.relay_m,
@@ -166,6 +166,8 @@ def run_stage(stage: Stage, s: BudgetSettings) -> None:
         print(f"skip {stage.name}: adapter {adapter} is absent (run the study that trains it)", flush=True)
         return
     for spec in stage.budgets:
+        if (eval_dir(stage, spec) / "summary.json").is_file():
+            continue  # finished (a stage gains budgets as the study grows)
         print(f"== {stage.name} / {label(spec)}", flush=True)
         eval_one(stage, s, spec, adapter)
 
@@ -191,6 +193,7 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.chdir(REPO)  # run records name adapters relative to the repository, not by this machine's paths
     s = BudgetSettings()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.worker:
@@ -203,7 +206,7 @@ def main() -> None:
         sys.exit(f"{OUT} holds a study with other settings; move it away or use the same settings")
     settings_file.write_text(json.dumps(asdict(s), indent=2) + "\n")
     shutil.rmtree(OUT / ".claims", ignore_errors=True)  # claims of an interrupted run
-    command = [sys.executable, __file__, "--worker", *(["--only", args.only] if args.only else [])]
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", *(["--only", args.only] if args.only else [])]
     workers = [subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(args.workers)]
     codes = [w.wait() for w in workers]
     shutil.rmtree(OUT / ".claims", ignore_errors=True)

@@ -165,7 +165,7 @@ def run_stage(stage: Stage, s: ChannelSettings) -> None:
             device=s.device,
             limit=s.test_examples,
             batch_size=s.eval_batch_size,
-            adapter=str(adapter) if stage.trained else None,
+            adapter=str(adapter.relative_to(REPO)) if stage.trained else None,
             seed=s.seed,
             method_config=MethodConfig(
                 latent_steps=stage.m,
@@ -229,6 +229,7 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.chdir(REPO)  # run records name adapters relative to the repository, not by this machine's paths
     s = ChannelSettings(
         **{k: v for k, v in (("model", args.model), ("device", args.device), ("steps", args.steps)) if v is not None}
     )
@@ -246,7 +247,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
-        __file__,
+        str(Path(__file__).resolve()),
         "--worker",
         *sum(
             (

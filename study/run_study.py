@@ -128,7 +128,7 @@ def eval_config(
         batch_size=s.eval_batch_size,
         device="cpu",
         dtype="float32",
-        adapter=str(OUT / "adapters" / adapter) if adapter else None,
+        adapter=str((OUT / "adapters" / adapter).relative_to(REPO)) if adapter else None,
         method_config=MethodConfig(
             latent_steps=latent_steps,
             upstream_max_new_tokens=s.upstream_max_new_tokens,
@@ -262,6 +262,7 @@ def main() -> None:
     )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.chdir(REPO)  # run records name adapters relative to the repository
     shared = REPO.parent / "shared" / "data"
     if "DIFFMAS_DATA_DIR" not in os.environ and shared.is_dir():
         os.environ["DIFFMAS_DATA_DIR"] = str(shared)

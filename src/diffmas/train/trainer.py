@@ -112,6 +112,10 @@ class TrajectoryTrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
+        # the base model as the user named it (a hub id, their path, or an embedded name), not the
+        # converted directory it was loaded from: adapter files carry no path of this machine
+        for peft_config in self.backbone.model.peft_config.values():
+            peft_config.base_model_name_or_path = self.backbone.name
         self.backbone.model.save_pretrained(output_dir)  # adapters only, safetensors
         write_metadata(output_dir, self.backbone, self.train_config, self.topology, self.mapping, self.data_hash)
 
