@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS, IMG = REPO / "docs", REPO / "docs" / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from budget import POSITION_POLICIES, BudgetSettings, Stage, eval_dir, label, parse, stages  # noqa: E402
+from budget import LATENT_ONLY, POSITION_POLICIES, BudgetSettings, Stage, eval_dir, label, parse, stages  # noqa: E402
 
 from diffmas.evaluate.information import above_chance_p  # noqa: E402
 from diffmas.evaluate.metrics import bootstrap_ci  # noqa: E402
@@ -129,7 +129,7 @@ def stage_table(cells, stage: Stage, metrics: list[str]) -> tuple[str, dict]:
                 p = paired(cell, base, metric)
                 verdicts[(spec, metric)] = (cell, p)
                 row.append(f"{100 * p['delta']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]")
-                row.append("holds" if p["holds"] else "**drops**")
+                row.append("improves" if p["ci"][0] > 0 else "holds" if p["holds"] else "**drops**")
             else:
                 row += ["—", "—"]
         row += [f"{cell.seconds:.2f}" if cell.seconds else "—", f"{cell.peak / 2**30:.2f}" if cell.peak else "—"]
@@ -208,19 +208,30 @@ def trained_section(cells, s: BudgetSettings) -> str:
         a, b = cells.get((under.name, spec)), cells.get((full.name, spec))
         base = cells.get((full.name, ""))
         if a is None or b is None or base is None:
-            rows.append([label(spec), "not run", "", "", ""])
+            rows.append([label(spec), "not run", "", "", "", "", ""])
             continue
         p = paired(a, b, "correct")
+        alone = cells.get((under.name, LATENT_ONLY))
         rows.append(
             [
                 label(spec),
                 pct(b.accuracy("correct")),
                 pct(a.accuracy("correct")),
+                pct(alone.accuracy("correct")) if alone else "not run",
+                pct(cells[(full.name, LATENT_ONLY)].accuracy("correct")) if (full.name, LATENT_ONLY) in cells else "—",
                 f"{100 * p['delta']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]",
                 "recovers" if p["ci"][0] > 0 else ("no difference" if p["ci"][0] <= 0 <= p["ci"][1] else "worse"),
             ]
         )
-    header = ["budget B", "trained full, eval under B", "trained under B, eval under B", "Δ [95 % CI]", "verdict"]
+    header = [
+        "budget B",
+        "trained full, eval under B",
+        "trained under B, eval under B",
+        "trained under B, latent steps only",
+        "trained full, latent steps only",
+        "Δ under B [95 % CI]",
+        "verdict",
+    ]
     return table(header, rows)
 
 
@@ -279,7 +290,9 @@ def main() -> None:
         f"({', '.join(x for x in s.sizes if '%' in x)}), and int8 / int4 for quantize. *Upstream KV* is",
         "what the upstream agents leave (the whole trace less the final agent's own entries), as a share",
         "of the full trace's; *holds*: within one point of the full trace's accuracy on the same",
-        "questions, or a paired 95 % bootstrap interval of the difference that contains 0.",
+        "questions, or a paired 95 % bootstrap interval of the difference that contains 0; *improves*:",
+        "that interval lies above 0. Peak memory is the process's resident peak during the run (reset",
+        "per run), model weights included; trace bytes are the measure of what a budget saves.",
         "",
     ]
     sections = [
@@ -320,6 +333,8 @@ def main() -> None:
         "",
         "The same LoRA training (the channel study's settings) with the budget applied inside the",
         "trajectory, evaluated under the same budget, against the adapter trained on the full trace.",
+        f"*Latent steps only*: evaluated under {label(LATENT_ONLY)}, where no prompt entry fits and only",
+        "the latent steps stay: how much of the secret each training put into the latent channel.",
         "",
         trained_section(cells, s),
         "",
