@@ -21,15 +21,14 @@ random, window, merge); int8 / int4 (quantize). The training settings are the ch
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workers import claim, launch, start_worker_threads  # noqa: E402
 
 from channel import ChannelSettings, train_config  # noqa: E402
 
@@ -174,14 +173,8 @@ def run_stage(stage: Stage, s: BudgetSettings) -> None:
 
 def work(s: BudgetSettings, only: str | None) -> None:
     """Run every unfinished stage nobody else has claimed (a claim is an atomic mkdir)."""
-    claims = OUT / ".claims"
-    claims.mkdir(parents=True, exist_ok=True)
     for stage in stages(s):
-        if done(stage) or (only and only not in stage.name):
-            continue
-        try:
-            (claims / stage.name.replace("/", "__")).mkdir()
-        except FileExistsError:
+        if done(stage) or (only and only not in stage.name) or not claim(OUT, stage.name):
             continue
         run_stage(stage, s)
 
@@ -197,21 +190,9 @@ def main() -> None:
     s = BudgetSettings()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        start_worker_threads()
         return work(s, args.only)
-    settings_file = OUT / "settings.json"
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != asdict(s):
-        sys.exit(f"{OUT} holds a study with other settings; move it away or use the same settings")
-    settings_file.write_text(json.dumps(asdict(s), indent=2) + "\n")
-    shutil.rmtree(OUT / ".claims", ignore_errors=True)  # claims of an interrupted run
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", *(["--only", args.only] if args.only else [])]
-    workers = [subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(args.workers)]
-    codes = [w.wait() for w in workers]
-    shutil.rmtree(OUT / ".claims", ignore_errors=True)
-    if any(codes):
-        sys.exit(f"a worker failed (exit codes {codes}); rerun the same command to resume")
+    launch(OUT, asdict(s), __file__, ["--only", args.only] if args.only else [], args.workers)
 
 
 if __name__ == "__main__":

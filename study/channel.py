@@ -23,13 +23,14 @@ each agent reading only its predecessor); `relay_sum` (three holders, one aggreg
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workers import claim, launch, start_worker_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "results" / "channel"
@@ -205,16 +206,9 @@ def run_order(s: ChannelSettings) -> list[Stage]:
 
 def work(s: ChannelSettings, only: str | None) -> None:
     """Run every unfinished stage nobody else has claimed (a claim is an atomic mkdir)."""
-    claims = OUT / ".claims"
-    claims.mkdir(parents=True, exist_ok=True)
     for stage in run_order(s):
-        if done(stage) or (only and only not in stage.name):
+        if done(stage) or (only and only not in stage.name) or not claim(OUT, stage.name):
             continue
-        claim = claims / stage.name.replace("/", "__")
-        try:
-            claim.mkdir()
-        except FileExistsError:
-            continue  # another worker has it
         print(f"== {stage.name}", flush=True)
         run_stage(stage, s)
 
@@ -235,34 +229,10 @@ def main() -> None:
     )
     OUT.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        start_worker_threads()
         return work(s, args.only)
-    settings_file = OUT / "settings.json"
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != asdict(s):
-        sys.exit(f"{OUT} holds a study with other settings; move it away or use the same options")
-    settings_file.write_text(json.dumps(asdict(s), indent=2) + "\n")
-    shutil.rmtree(OUT / ".claims", ignore_errors=True)  # claims of an interrupted run
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        *sum(
-            (
-                ["--" + k, str(v)]
-                for k, v in (("only", args.only), ("model", args.model), ("device", args.device), ("steps", args.steps))
-                if v is not None
-            ),
-            [],
-        ),
-    ]
-    workers = [subprocess.Popen(command, env=env) for _ in range(args.workers)]
-    codes = [w.wait() for w in workers]
-    shutil.rmtree(OUT / ".claims", ignore_errors=True)
-    if any(codes):
-        sys.exit(f"a worker failed (exit codes {codes}); rerun the same command to resume")
+    given = (("only", args.only), ("model", args.model), ("device", args.device), ("steps", args.steps))
+    launch(OUT, asdict(s), __file__, [a for k, v in given if v is not None for a in ("--" + k, str(v))], args.workers)
 
 
 if __name__ == "__main__":
