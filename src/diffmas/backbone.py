@@ -151,6 +151,11 @@ class Backbone:
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     @property
+    def kv_bytes_per_entry(self) -> int:
+        """layers x 2 (K and V) x kv_heads x head_dim x dtype size: the KV cost of one trace position."""
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @property
     def max_length(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 1 << 30))
 

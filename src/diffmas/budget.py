@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from transformers.cache_utils import DynamicLayer
+from transformers.models.llama.modeling_llama import rotate_half
 
 from diffmas.errors import DiffmasError
 from diffmas.trace import LatentTrace
@@ -201,10 +202,7 @@ def rotated_query(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     if getattr(module, "q_norm", None) is not None:
         query = module.q_norm(query)
     query = query.transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = query.shape[-1] // 2
-    rotated = torch.cat((-query[..., half:], query[..., :half]), dim=-1)
-    return query * cos + rotated * sin
+    return query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
 
 
 @contextlib.contextmanager
@@ -254,11 +252,12 @@ def apply_budget(
                 visible[:, seg.start : seg.end] = 0
         scores = probe.attention(trace, visible)
     seeds = seeds or [0] * trace.batch_size
+    entry_bytes = trace.bytes_per_entry()
     for seg in [s for s in trace.segments if s.agent == agent and s.kind == "prompt"]:
         groups = []
         for row in range(trace.batch_size):
             real = trace.attention_mask[row, seg.start : seg.end].nonzero().flatten().tolist()
-            k = budget.prompt_kept(len(real), n_latent[row], trace.bytes_per_entry())
+            k = budget.prompt_kept(len(real), n_latent[row], entry_bytes)
             row_scores = scores[row, seg.start : seg.end] if scores is not None else None
             groups.append(_plan(budget, real, k, row_scores, seeds[row]))
         _rewrite(trace, seg.start, seg.end, groups)
@@ -278,7 +277,7 @@ def _plan(budget: TraceBudget, real: list[int], k: int, scores, seed: int) -> li
         g = torch.Generator().manual_seed(seed % (2**63))
         kept = sorted(real[i] for i in torch.randperm(len(real), generator=g)[:k].tolist())
     else:  # prompt-drop
-        order = torch.as_tensor([float(scores[c]) for c in real]).argsort(descending=True, stable=True)
+        order = scores[real].argsort(descending=True, stable=True)
         kept = sorted(real[i] for i in order[:k].tolist())
     return [[c] for c in kept]
 
@@ -407,6 +406,4 @@ def _quantize_agent(trace: LatentTrace, agent: str, bits: int) -> None:
         for layer in layers:
             layer.pack_tail()
         return
-    kv = trace.kv()
-    trace.set_kv([])
-    trace.cache.layers = [QuantizedLayer(k, v, bits) for k, v in kv]
+    trace.set_layers([QuantizedLayer(k, v, bits) for k, v in trace.kv()])

@@ -250,7 +250,7 @@ class LatentTrace:
     def real_bytes(self) -> list[int]:
         """Per row, the bytes of its real entries (padding excluded): n_real x `bytes_per_entry`, but
         packed layers (a quantised trace budget) count their own. A released trace reports what it held."""
-        layers = [] if self.released or self.length == 0 else self.cache.layers
+        layers = self._live_layers()
         if not any(hasattr(layer, "row_bytes") for layer in layers):
             return [n * self.bytes_per_entry() for n in self.n_real()]
         per_layer = self.bytes_per_entry() // self.backbone.n_layers
@@ -264,8 +264,7 @@ class LatentTrace:
 
     def bytes_per_entry(self) -> int:
         """layers x 2 (K and V) x kv_heads x head_dim x dtype size: the cost of one trace position."""
-        bb = self.backbone
-        return bb.n_layers * 2 * bb.n_kv_heads * bb.head_dim * torch.finfo(bb.dtype).bits // 8
+        return self.backbone.kv_bytes_per_entry
 
     def release(self) -> None:
         """Free the keys and values and keep the accounting (mask, positions, segments).
@@ -429,8 +428,7 @@ class LatentTrace:
         if self.length == 0 or self.released:
             other.set_kv([])
         elif all(hasattr(layer, "select_rows") for layer in self.cache.layers):
-            other.set_kv([])  # packed storage selects its own rows without unpacking
-            other.cache.layers = [layer.select_rows(rows) for layer in self.cache.layers]
+            other.set_layers([layer.select_rows(rows) for layer in self.cache.layers])  # packed: no unpacking
         else:
             other.set_kv([(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in self.kv()])
         other.attention_mask = self.attention_mask.index_select(0, rows)
@@ -447,9 +445,7 @@ class LatentTrace:
     # budget policies, inspection) goes through these two, so the storage behind them can change.
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the stored (keys, values), each (B, kv_heads, L, head_dim); do not write to them."""
-        if self.released or self.length == 0:
-            return []
-        return [layer.full() if hasattr(layer, "full") else (layer.keys, layer.values) for layer in self.cache.layers]
+        return [layer.full() if hasattr(layer, "full") else (layer.keys, layer.values) for layer in self._live_layers()]
 
     def set_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Replace the stored keys/values (one (keys, values) per layer, or [] for none); the caller
@@ -466,6 +462,11 @@ class LatentTrace:
             layer.set(keys, values)
         self.cache = cache
 
+    def set_layers(self, layers: list) -> None:
+        """Hold these cache layers (one per decoder layer), e.g. a budget's packed storage."""
+        self.set_kv([])
+        self.cache.layers = layers
+
     def replace_columns(
         self, start: int, end: int, weights: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
     ) -> None:
@@ -476,8 +477,8 @@ class LatentTrace:
         mask (B, W): which slots are real; positions (B, W): their RoPE positions (-1 padding).
         The old columns' storage is released: the trace really shrinks.
         """
-        seg = next(s for s in self.segments if s.start <= start and end <= s.end)
-        if (start, end) != (seg.start, seg.end):
+        seg = next((s for s in self.segments if (s.start, s.end) == (start, end)), None)
+        if seg is None:
             raise DiffmasError("replace_columns rewrites one whole segment")
         width = weights.shape[1]
         kv = []

@@ -130,8 +130,7 @@ class VLLMBackend:
                 agents, out, lengths = self._latent(method, asks, format, seeds)
             else:
                 agents, out, lengths = self._text(method, asks, format, seeds)
-        per_entry = method.backbone.n_layers * 2 * method.backbone.n_kv_heads * method.backbone.head_dim
-        per_entry = per_entry * torch.finfo(method.backbone.dtype).bits // 8
+        per_entry = method.backbone.kv_bytes_per_entry
         return [
             RunResult(
                 method=method.name,
