@@ -40,13 +40,13 @@ M = 3
 EVICTING = ("prompt-drop", "random", "window")
 
 
-def upstream(bb, rows, budget, reads="all", m=M):
+def upstream(bb, rows, budget, reads="all", m=M, agents="ab"):
     """Agents a and b (prompt + m latent steps, each fitted to `budget`); returns the trace and,
     per agent, its prompt positions before the budget applied."""
     trace = LatentTrace(bb, len(rows), reads=reads)
     seeds = row_seeds(budget, [r[:2] for r in rows])
     before = {}
-    for i, name in enumerate("ab"):
+    for i, name in enumerate(agents):
         with probe_for(budget, bb) as probe:
             h = prefill(trace, name, [r[i] for r in rows])
             latent_steps(trace, name, h, m)
@@ -89,6 +89,13 @@ def test_parse_budget_forms_and_errors():
         with pytest.raises(BudgetError):
             parse_budget(policy, spec)
     assert TraceBudget.from_any(parse_budget("window", "8").to_dict()) == parse_budget("window", "8")
+    assert parse_budget("window", "96", scope="trace").label == "window-96-trace"
+    assert parse_budget("merge", "1MiB", scope="trace").scope == "trace"
+    for policy, spec, scope in [("window", "25%", "trace"), ("quantize", "int8", "trace"), ("window", "8", "row")]:
+        with pytest.raises(BudgetError):
+            parse_budget(policy, spec, scope=scope)
+    with pytest.raises(BudgetError, match="--trace-scope needs"):
+        parse_budget(None, None, scope="trace")
 
 
 def test_budget_is_refused_where_there_is_no_latent_trace(tied_backbone):
@@ -131,6 +138,65 @@ def _check_bookkeeping(trace):
     assert torch.equal(trace.positions == -1, trace.attention_mask == 0)
     assert trace.kv()[0][0].shape[2] == trace.length
     assert trace.next_position.tolist() == [int(p.max()) + 1 for p in trace.positions]
+
+
+@pytest.mark.parametrize("policy", ["prompt-drop", "random", "window", "merge"])
+@pytest.mark.parametrize("size", [0, 5, 11, "8KiB"])
+def test_a_per_trace_budget_bounds_all_upstream_agents_together(backbone, policy, size):
+    """Scope trace: after each agent, the prompt entries of all agents so far fit one budget."""
+    budget = parse_budget(policy, str(size), scope="trace")
+    after_a, _ = upstream(backbone, ROWS, budget, agents="a")
+    trace, before = upstream(backbone, ROWS, budget)
+    k = size if isinstance(size, int) else 8192 // trace.bytes_per_entry() - 2 * M  # 2 agents × M latent
+    for row in range(len(ROWS)):
+        n_a, n_b = len(before["a"][row]), len(before["b"][row])
+        assert len(kept_positions(after_a, "a")[row]) == max(0, min(n_a, k + (M if size == "8KiB" else 0)))
+        kept = kept_positions(trace, "a")[row] + kept_positions(trace, "b")[row]
+        assert len(kept) == max(0, min(n_a + n_b, k))
+        assert all(len(kept_positions(trace, name, "latent")[row]) == M for name in "ab")
+        if policy != "merge":
+            assert set(kept) <= set(before["a"][row] + before["b"][row])
+    _check_bookkeeping(trace)
+    assert trace.n_bytes() == trace.length * len(ROWS) * trace.bytes_per_entry()
+
+
+def test_per_trace_window_keeps_the_traces_first_entries_and_its_most_recent(tied_backbone):
+    budget = TraceBudget("window", prompt_states=7, sinks=2, scope="trace")
+    after_a, _ = upstream(tied_backbone, ROWS, budget, agents="a")
+    trace, before = upstream(tied_backbone, ROWS, budget)
+    for row in range(len(ROWS)):
+        survivors = kept_positions(after_a, "a")[row] + before["b"][row]
+        expected = survivors[:2] + survivors[-5:] if len(survivors) > 7 else survivors
+        assert kept_positions(trace, "a")[row] + kept_positions(trace, "b")[row] == expected
+
+
+def test_one_upstream_agent_has_the_same_budget_per_agent_or_per_trace(tied_backbone):
+    per_agent, _ = upstream(tied_backbone, ROWS, TraceBudget("prompt-drop", prompt_states=4), agents="a")
+    per_trace, _ = upstream(tied_backbone, ROWS, TraceBudget("prompt-drop", prompt_states=4, scope="trace"), agents="a")
+    assert kept_positions(per_agent, "a") == kept_positions(per_trace, "a")
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+def test_per_trace_eviction_equals_masking_the_dropped_entries(backbone, policy):
+    """The reference masks what each eviction dropped when it happened: a's entries after a wrote
+    (what b read), then both agents' after b wrote (what the final agent reads)."""
+    budget = TraceBudget(policy, prompt_states=6, sinks=2, scope="trace")
+    after_a, _ = upstream(backbone, ROWS, budget, m=2, agents="a")
+    bounded, _ = upstream(backbone, ROWS, budget, m=2)
+    ref = LatentTrace(backbone, len(ROWS))
+    for i, (name, kept) in enumerate([("a", [after_a]), ("b", [bounded])]):
+        h = prefill(ref, name, [r[i] for r in ROWS])
+        latent_steps(ref, name, h, 2)
+        for trace in kept:
+            keep = [a + b for a, b in zip(kept_positions(trace, "a"), kept_positions(trace, "b"))]
+            for seg in [s for s in ref.segments if s.kind == "prompt"]:
+                for row in range(len(ROWS)):
+                    for col in range(seg.start, seg.end):
+                        if int(ref.positions[row, col]) not in keep[row]:
+                            ref.attention_mask[row, col] = 0
+    torch.testing.assert_close(
+        final_logits(backbone, bounded, ROWS), final_logits(backbone, ref, ROWS), atol=1e-4, rtol=0
+    )
 
 
 def test_window_keeps_sinks_and_the_most_recent(tied_backbone):
@@ -188,7 +254,13 @@ def test_eviction_equals_masking_the_dropped_entries(backbone, policy):
 
 
 @pytest.mark.parametrize(
-    "budget", [*(TraceBudget(p, prompt_states=4) for p in POLICIES[:4]), TraceBudget("quantize", bits=4)]
+    "budget",
+    [
+        *(TraceBudget(p, prompt_states=4) for p in POLICIES[:4]),
+        TraceBudget("quantize", bits=4),
+        *(TraceBudget(p, prompt_states=7, scope="trace") for p in POLICIES[:4]),
+    ],
+    ids=lambda b: b.label,
 )
 def test_batched_equals_one_by_one(untied_backbone, budget):
     topo = Topology("sequential", tuple(Role(n, "s", "{question}") for n in "abc"))
@@ -321,7 +393,15 @@ def test_random_eviction_depends_on_the_seed_not_the_batch(tied_backbone):
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("budget", [TraceBudget("prompt-drop", prompt_states=2), TraceBudget("quantize", bits=4)])
+@pytest.mark.parametrize(
+    "budget",
+    [
+        TraceBudget("prompt-drop", prompt_states=2),
+        TraceBudget("quantize", bits=4),
+        TraceBudget("merge", prompt_states=3, scope="trace"),
+    ],
+    ids=lambda b: b.label,
+)
 def test_gradients_reach_the_sender_through_a_bounded_trace(budget):
     from diffmas.train import TrainConfig
     from diffmas.train.adapters import add_trainable_adapters, lora_parameters

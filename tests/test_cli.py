@@ -63,6 +63,9 @@ def test_run_under_a_trace_budget(tiny_model_dir):
     upstream_prompt = sum(a["n_prompt_tokens"] for a in full["agents"][:-1])
     assert full["trace_len"] - bounded["trace_len"] == upstream_prompt - 3 * 4
     assert bounded["trace_bytes"] < full["trace_bytes"]
+    # per trace: the three upstream agents keep 4 prompt entries between them
+    whole = record("--trace-policy", "window", "--trace-budget", "4", "--trace-scope", "trace")
+    assert full["trace_len"] - whole["trace_len"] == upstream_prompt - 4
 
 
 def test_run_prints_answer_and_cost_table(tiny_model_dir):
@@ -99,6 +102,10 @@ def test_run_prints_answer_and_cost_table(tiny_model_dir):
         (["run", "q", "--trace-policy", "window"], "error: --trace-policy window needs --trace-budget"),
         (["run", "q", "--trace-policy", "prune", "--trace-budget", "8"], "error: trace policy 'prune'"),
         (["run", "q", "--trace-budget", "8"], "error: --trace-budget needs --trace-policy"),
+        (
+            ["run", "q", "--trace-policy", "window", "--trace-budget", "25%", "--trace-scope", "trace"],
+            "error: a per-trace budget is prompt states",
+        ),
         (
             ["run", "q", "--method", "single", "--trace-policy", "window", "--trace-budget", "8"],
             "error: a trace budget",

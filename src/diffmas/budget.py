@@ -16,6 +16,10 @@ entries to fit the budget, before any later agent reads them:
 
 The budget is k prompt entries per agent, or a share of the agent's bytes (its prompt and latent
 entries: the latent steps are kept first, the prompt fills what is left), or bytes per agent.
+With scope "trace" it bounds all upstream entries together instead (k prompt entries, or bytes,
+per trace row): after each upstream agent writes, the policy chooses among every upstream prompt
+entry so far (earlier agents' survivors included), scored by the newest agent's queries for
+prompt-drop, and the sinks are the trace's first entries for window.
 Kept entries keep their RoPE positions: keys are stored rotated, so moving a column does not move
 its position (`LatentTrace.positions` records them). The final agent's own entries are never
 touched.
@@ -42,6 +46,7 @@ from diffmas.errors import DiffmasError
 from diffmas.trace import LatentTrace
 
 POLICIES = ("prompt-drop", "random", "window", "merge", "quantize")
+SCOPES = ("agent", "trace")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -52,24 +57,33 @@ class BudgetError(DiffmasError):
 @dataclass(frozen=True)
 class TraceBudget:
     """A trace budget; set exactly one of `prompt_states`, `fraction`, `agent_bytes` (not for
-    quantize, whose budget is its `bits`)."""
+    quantize, whose budget is its `bits`). `scope`: "agent" bounds each upstream agent's entries,
+    "trace" all upstream entries together (the counts are then per trace row)."""
 
     policy: str
-    prompt_states: int | None = None  # k: prompt entries kept per agent
+    prompt_states: int | None = None  # k: prompt entries kept per agent (per trace row)
     fraction: float | None = None  # share of each agent's entries (= bytes) kept
-    agent_bytes: int | None = None  # bytes per agent and row
+    agent_bytes: int | None = None  # bytes per agent (per trace) and row
     bits: int = 8  # quantize: 8 or 4
     sinks: int = 4  # window: first prompt entries always kept
     seed: int = 0  # random: draws depend on this and the row's prompt only
+    scope: str = "agent"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise BudgetError(f"trace policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if self.scope not in SCOPES:
+            raise BudgetError(f"trace budget scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         given = [v is not None for v in (self.prompt_states, self.fraction, self.agent_bytes)]
         if self.policy == "quantize":
             if any(given) or self.bits not in (4, 8):
                 raise BudgetError("the quantize policy takes a budget of int8 or int4 (bits), nothing else")
+            if self.scope != "agent":
+                raise BudgetError("quantize has no per-trace budget: it packs every upstream entry (scope agent)")
             return
+        if self.scope == "trace" and self.fraction is not None:
+            # re-applied after each agent, a share of what survives would compound on earlier agents
+            raise BudgetError("a per-trace budget is prompt states (96) or bytes (1MiB), not a share")
         if sum(given) != 1:
             raise BudgetError(f"policy {self.policy}: give one budget (prompt states, a percentage, or bytes)")
         if self.prompt_states is not None and self.prompt_states < 0:
@@ -92,7 +106,7 @@ class TraceBudget:
             size = f"{self.fraction * 100:g}pct"
         else:
             size = f"{self.agent_bytes}B"
-        return f"{self.policy}-{size}"
+        return f"{self.policy}-{size}" + ("-trace" if self.scope == "trace" else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,13 +128,16 @@ class TraceBudget:
         return max(0, min(n_prompt, total - n_latent))
 
 
-def parse_budget(policy: str | None, spec: str | None, seed: int = 0) -> TraceBudget | None:
-    """CLI form: `--trace-policy POLICY --trace-budget SPEC`.
+def parse_budget(policy: str | None, spec: str | None, seed: int = 0, scope: str = "agent") -> TraceBudget | None:
+    """CLI form: `--trace-policy POLICY --trace-budget SPEC [--trace-scope agent|trace]`.
 
     SPEC: `32` (prompt states per agent), `25%` (of each agent's bytes), `64KiB` / `2MB` (bytes per
-    agent and row), `int8` / `int4` (quantize). Neither given: no budget.
+    agent and row), `int8` / `int4` (quantize). With scope trace, the count or bytes bound all
+    upstream agents together. Neither given: no budget.
     """
     if policy is None and spec is None:
+        if scope != "agent":
+            raise BudgetError("--trace-scope needs --trace-policy and --trace-budget")
         return None
     if policy is None:
         raise BudgetError("--trace-budget needs --trace-policy (" + ", ".join(POLICIES) + ")")
@@ -128,16 +145,17 @@ def parse_budget(policy: str | None, spec: str | None, seed: int = 0) -> TraceBu
         bits = {"int8": 8, "int4": 4, "8": 8, "4": 4, None: 8}.get(spec.lower() if spec else None)
         if bits is None:
             raise BudgetError(f"--trace-budget {spec!r}: the quantize policy takes int8 or int4")
-        return TraceBudget(policy, bits=bits)
+        return TraceBudget(policy, bits=bits, scope=scope)
     if spec is None:
         raise BudgetError(f"--trace-policy {policy} needs --trace-budget (e.g. 32, 25%, 64KiB)")
     text = spec.strip().lower()
     if re.fullmatch(r"\d+", text):
-        return TraceBudget(policy, prompt_states=int(text), seed=seed)
+        return TraceBudget(policy, prompt_states=int(text), seed=seed, scope=scope)
     if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text):
-        return TraceBudget(policy, fraction=float(m.group(1)) / 100, seed=seed)
+        return TraceBudget(policy, fraction=float(m.group(1)) / 100, seed=seed, scope=scope)
     if (m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)", text)) and m.group(2) in _UNITS:
-        return TraceBudget(policy, agent_bytes=int(float(m.group(1)) * _UNITS[m.group(2)]), seed=seed)
+        nbytes = int(float(m.group(1)) * _UNITS[m.group(2)])
+        return TraceBudget(policy, agent_bytes=nbytes, seed=seed, scope=scope)
     raise BudgetError(f"--trace-budget {spec!r}: use prompt states (32), a share (25%) or bytes (64KiB)")
 
 
@@ -243,7 +261,8 @@ def apply_budget(
     if budget.policy == "quantize":
         _quantize_agent(trace, agent, budget.bits)
         return
-    n_latent = trace.agent_tokens(agent, "latent")
+    writers = _writers(trace, agent, budget.scope)
+    n_latent = [sum(counts) for counts in zip(*(trace.agent_tokens(w, "latent") for w in writers))]
     scores = None
     if probe is not None:
         visible = trace.visible_mask(agent, hidden_agents).clone()
@@ -253,37 +272,70 @@ def apply_budget(
         scores = probe.attention(trace, visible)
     seeds = seeds or [0] * trace.batch_size
     entry_bytes = trace.bytes_per_entry()
-    for seg in [s for s in trace.segments if s.agent == agent and s.kind == "prompt"]:
-        groups = []
-        for row in range(trace.batch_size):
-            real = trace.attention_mask[row, seg.start : seg.end].nonzero().flatten().tolist()
-            k = budget.prompt_kept(len(real), n_latent[row], entry_bytes)
-            row_scores = scores[row, seg.start : seg.end] if scores is not None else None
-            groups.append(_plan(budget, real, k, row_scores, seeds[row]))
-        _rewrite(trace, seg.start, seg.end, groups)
+    segments = [s for s in trace.segments if s.agent in writers and s.kind == "prompt"]
+    plans: list[list[list[list[int]]]] = [[] for _ in segments]  # per segment, per row: its slots
+    for row in range(trace.batch_size):
+        real = [trace.attention_mask[row, s.start : s.end].nonzero().flatten().add(s.start).tolist() for s in segments]
+        k = budget.prompt_kept(sum(map(len, real)), n_latent[row], entry_bytes)
+        row_scores = scores[row] if scores is not None else None
+        for plan, slots in zip(plans, _plan_row(budget, real, k, row_scores, seeds[row])):
+            plan.append(slots)
+    for seg, plan in reversed(list(zip(segments, plans))):  # right to left: earlier columns stay put
+        _rewrite(trace, seg.start, seg.end, plan)
 
 
-def _plan(budget: TraceBudget, real: list[int], k: int, scores, seed: int) -> list[list[int]]:
-    """One row's new slots, each a group of segment columns (a group of one keeps an entry)."""
-    if budget.policy == "merge":
-        if not real or k == 0:
-            return []
-        bounds = [round(i * len(real) / k) for i in range(k + 1)]
-        return [real[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+def _writers(trace: LatentTrace, agent: str, scope: str) -> list[str]:
+    """The agents whose entries the budget bounds now: the one that just wrote, or (scope trace)
+    every agent on the trace so far (the final agent has not written yet when a budget applies)."""
+    if scope == "agent":
+        return [agent]
+    return list(dict.fromkeys(seg.agent for seg in trace.segments))
+
+
+def _plan_row(budget: TraceBudget, real: list[list[int]], k: int, scores, seed: int) -> list[list[list[int]]]:
+    """One row's new slots in each segment, each slot a group of trace columns (a group of one
+    keeps an entry). real: per segment, the row's real prompt columns; k: entries kept in all."""
+    if budget.policy == "merge":  # pool within segments, k shared by their sizes
+        return [_merge(cols, n) for cols, n in zip(real, _shares(k, [len(c) for c in real]))]
+    columns = [c for cols in real for c in cols]
+    kept = set(_choose(budget, columns, k, scores, seed))
+    return [[[c] for c in cols if c in kept] for cols in real]
+
+
+def _choose(budget: TraceBudget, columns: list[int], k: int, scores, seed: int) -> list[int]:
+    """The k of these trace columns a dropping policy keeps."""
     if budget.policy == "window":
         sinks = min(budget.sinks, k)
-        kept = real[:sinks] + real[len(real) - (k - sinks) :] if k > sinks else real[:sinks]
-    elif budget.policy == "random":
+        return columns[:sinks] + columns[len(columns) - (k - sinks) :] if k > sinks else columns[:sinks]
+    if budget.policy == "random":
         g = torch.Generator().manual_seed(seed % (2**63))
-        kept = sorted(real[i] for i in torch.randperm(len(real), generator=g)[:k].tolist())
-    else:  # prompt-drop
-        order = scores[real].argsort(descending=True, stable=True)
-        kept = sorted(real[i] for i in order[:k].tolist())
-    return [[c] for c in kept]
+        return [columns[i] for i in torch.randperm(len(columns), generator=g)[:k].tolist()]
+    order = scores[columns].argsort(descending=True, stable=True)  # prompt-drop
+    return [columns[i] for i in order[:k].tolist()]
+
+
+def _merge(columns: list[int], k: int) -> list[list[int]]:
+    """k slots, each the mean of a contiguous group of these columns."""
+    if not columns or k == 0:
+        return []
+    bounds = [round(i * len(columns) / k) for i in range(k + 1)]
+    return [columns[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _shares(k: int, sizes: list[int]) -> list[int]:
+    """k split over segments in proportion to their sizes (largest remainder), none above its size."""
+    total = sum(sizes)
+    if total == 0:
+        return [0] * len(sizes)
+    exact = [k * n / total for n in sizes]
+    shares = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: shares[i] - exact[i])[: k - sum(shares)]:
+        shares[i] += 1
+    return [min(s, n) for s, n in zip(shares, sizes)]
 
 
 def _rewrite(trace: LatentTrace, start: int, end: int, groups: list[list[list[int]]]) -> None:
-    """Replace one segment by each row's slots (rows left-padded to the widest)."""
+    """Replace one segment by each row's slots (groups of trace columns; rows left-padded to the widest)."""
     batch, width, n = trace.batch_size, max((len(g) for g in groups), default=0), end - start
     device = trace.attention_mask.device
     weights = torch.zeros(batch, width, n, device=device)
@@ -293,9 +345,10 @@ def _rewrite(trace: LatentTrace, start: int, end: int, groups: list[list[list[in
     for row, slots in enumerate(groups):
         pad = width - len(slots)
         for j, group in enumerate(slots):
-            weights[row, pad + j, group] = 1.0 / len(group)
+            local = [c - start for c in group]
+            weights[row, pad + j, local] = 1.0 / len(local)
             mask[row, pad + j] = 1
-            positions[row, pad + j] = int(old_positions[row, group].mean().round())
+            positions[row, pad + j] = int(old_positions[row, local].mean().round())
     trace.replace_columns(start, end, weights, mask, positions)
 
 

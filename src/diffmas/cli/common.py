@@ -61,8 +61,14 @@ TracePolicyOpt = typer.Option(
 TraceBudgetOpt = typer.Option(
     None,
     "--trace-budget",
-    help="Per upstream agent: prompt states kept (32), a share of its bytes (25%), bytes (64KiB), "
-    "or int8/int4 for quantize.",
+    help="Per upstream agent (or per trace, see --trace-scope): prompt states kept (32), a share of "
+    "its bytes (25%), bytes (64KiB), or int8/int4 for quantize.",
+)
+TraceScopeOpt = typer.Option(
+    "agent",
+    "--trace-scope",
+    help="What --trace-budget bounds: each upstream agent's entries (agent) or all upstream entries "
+    "together (trace; prompt states or bytes).",
 )
 
 # Options of the commands that write run directories (eval, sweep); `eval_config` turns them into an EvalConfig.
@@ -127,6 +133,7 @@ def build_config(
     reads: str = "all",
     trace_policy: Optional[str] = None,
     trace_budget: Optional[str] = None,
+    trace_scope: str = "agent",
 ) -> MethodConfig:
     from diffmas.budget import parse_budget
 
@@ -137,7 +144,7 @@ def build_config(
         upstream_temperature=upstream_temperature,
         chat_kwargs=parse_chat_kwargs(chat_template_kwargs),
         reads=reads,
-        trace_budget=parse_budget(trace_policy, trace_budget, seed),
+        trace_budget=parse_budget(trace_policy, trace_budget, seed, trace_scope),
     )
 
 
@@ -170,6 +177,7 @@ def eval_config(
     reads: str = "all",
     trace_policy: Optional[str] = None,
     trace_budget: Optional[str] = None,
+    trace_scope: str = "agent",
 ) -> EvalConfig:
     """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
     from diffmas.evaluate.runner import EvalConfig
@@ -204,6 +212,7 @@ def eval_config(
             reads,
             trace_policy,
             trace_budget,
+            trace_scope,
         ),
     )
 

@@ -33,6 +33,7 @@ def run(
     reads: str = c.ReadsOpt,
     trace_policy: Optional[str] = c.TracePolicyOpt,
     trace_budget: Optional[str] = c.TraceBudgetOpt,
+    trace_scope: str = c.TraceScopeOpt,
     adapter: Optional[Path] = c.AdapterOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
@@ -74,6 +75,7 @@ def run(
         reads,
         trace_policy,
         trace_budget,
+        trace_scope,
     )
     built = load_method(method, topo, config, model=model, dtype=dtype, device=device, adapter=adapter)
     result = built.run_batch([question], format=format)[0]

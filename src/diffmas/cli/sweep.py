@@ -74,6 +74,7 @@ def sweep(
     reads: str = c.ReadsOpt,
     trace_policy: Optional[str] = c.TracePolicyOpt,
     trace_budget: Optional[str] = c.TraceBudgetOpt,
+    trace_scope: str = c.TraceScopeOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
