@@ -15,7 +15,9 @@ Stages (each a list of evaluations, one per budget of the grid, plus the full tr
 - arc:     ARC-Easy (the project's study task), latent_mas and the study's DiffMAS adapter (m=10,
            four agents), option likelihood and greedy answers on the study's 200 test questions.
 Budgets: 8, 16, 32, 64 prompt states per agent; 10 %, 25 %, 50 % of each agent's bytes (prompt-drop,
-random, window, merge); int8 / int4 (quantize). The training settings are the channel study's.
+random, window, merge); int8 / int4 (quantize); on ARC also 24 and 96 prompt states per trace (the
+totals of 8 and 32 per agent for the three upstream agents; prompt-drop and random). The training
+settings are the channel study's.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class BudgetSettings:
     relay_m: int = 4
     sizes: list[str] = field(default_factory=lambda: ["8", "16", "32", "64", "10%", "25%", "50%"])
     arc_sizes: list[str] = field(default_factory=lambda: ["8", "32"])  # the CPU allows a smaller grid
+    # per-trace budgets on ARC (three upstream agents): the same totals as 8 and 32 per agent
+    arc_trace_sizes: list[str] = field(default_factory=lambda: ["24", "96"])
+    arc_trace_policies: list[str] = field(default_factory=lambda: ["prompt-drop", "random"])
     bits: list[str] = field(default_factory=lambda: ["int8", "int4"])
     # trained under budget B, evaluated under B (the relay stage)
     train_budgets: list[str] = field(default_factory=lambda: ["prompt-drop:8", "random:8", "quantize:int4"])
@@ -66,12 +71,13 @@ def budget_grid(sizes: list[str], bits: list[str]) -> list[str]:
 
 
 def parse(spec: str):
+    """'policy:size' (per agent) or 'policy:size:trace' (per trace); '' is the full trace."""
     from diffmas.budget import parse_budget
 
     if not spec:
         return None
-    policy, size = spec.split(":")
-    return parse_budget(policy, size)
+    policy, size, *scope = spec.split(":")
+    return parse_budget(policy, size, scope=scope[0] if scope else "agent")
 
 
 def label(spec: str) -> str:
@@ -95,13 +101,17 @@ def stages(s: BudgetSettings) -> list[Stage]:
     out = [
         Stage("relay", "latent_mas", grid),
         Stage("relay", "diffmas-full", grid, train_budget=""),
-        Stage("arc", "latent_mas", tuple(budget_grid(s.arc_sizes, s.bits))),
+        Stage("arc", "latent_mas", (*budget_grid(s.arc_sizes, s.bits), *trace_scope_grid(s))),
         # under B, full, and latent steps only (10 %: no prompt entry fits): where did training put the secret?
         *(Stage("relay", f"diffmas-under-{label(b)}", ("", b, LATENT_ONLY), train_budget=b) for b in s.train_budgets),
         Stage("arc", "diffmas", tuple(budget_grid(s.arc_sizes, s.bits))),
         Stage("latent", "diffmas-latent", ("", "prompt-drop:8", "random:8", *(f"quantize:{b}" for b in s.bits))),
     ]
     return out
+
+
+def trace_scope_grid(s: BudgetSettings) -> list[str]:
+    return [f"{p}:{n}:trace" for p in s.arc_trace_policies for n in s.arc_trace_sizes]
 
 
 def eval_dir(stage: Stage, spec: str) -> Path:
@@ -157,7 +167,9 @@ def done(stage: Stage) -> bool:
     return all((eval_dir(stage, spec) / "summary.json").is_file() for spec in stage.budgets)
 
 
-def run_stage(stage: Stage, s: BudgetSettings) -> None:
+def run_stage(stage: Stage, s: BudgetSettings, claim_each: bool) -> None:
+    """Train the stage's adapter if it has one, then its evaluations; with `claim_each`, only
+    those this worker claims (evaluations of a fixed adapter are independent of each other)."""
     adapter = adapter_for(stage, s)
     if stage.train_budget is not None:
         train_stage(stage, s, adapter)
@@ -167,16 +179,22 @@ def run_stage(stage: Stage, s: BudgetSettings) -> None:
     for spec in stage.budgets:
         if (eval_dir(stage, spec) / "summary.json").is_file():
             continue  # finished (a stage gains budgets as the study grows)
+        if claim_each and not claim(OUT, f"{stage.name}/{label(spec)}"):
+            continue
         print(f"== {stage.name} / {label(spec)}", flush=True)
         eval_one(stage, s, spec, adapter)
 
 
 def work(s: BudgetSettings, only: str | None) -> None:
-    """Run every unfinished stage nobody else has claimed (a claim is an atomic mkdir)."""
+    """Run every unfinished stage nobody else has claimed (a claim is an atomic mkdir): a stage
+    that trains is claimed whole, the evaluations of the others one by one."""
     for stage in stages(s):
-        if done(stage) or (only and only not in stage.name) or not claim(OUT, stage.name):
+        if done(stage) or (only and only not in stage.name):
             continue
-        run_stage(stage, s)
+        if stage.train_budget is None:
+            run_stage(stage, s, claim_each=True)
+        elif claim(OUT, stage.name):
+            run_stage(stage, s, claim_each=False)
 
 
 def main() -> None:

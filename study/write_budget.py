@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS, IMG = REPO / "docs", REPO / "docs" / "img"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from budget import LATENT_ONLY, POSITION_POLICIES, BudgetSettings, Stage, eval_dir, label, parse, stages  # noqa: E402
+from budget import LATENT_ONLY, BudgetSettings, Stage, eval_dir, label, parse, stages  # noqa: E402
 
 from diffmas.evaluate.information import above_chance_p  # noqa: E402
 from diffmas.evaluate.metrics import bootstrap_ci  # noqa: E402
@@ -60,7 +60,10 @@ class Cell:
 
     @property
     def policy(self) -> str:
-        return self.budget.policy if self.budget else "full"
+        """The policy, and its scope where that is the whole trace (e.g. prompt-drop per trace)."""
+        if not self.budget:
+            return "full"
+        return self.budget.policy + (" per trace" if self.budget.scope == "trace" else "")
 
     def accuracy(self, metric: str) -> float:
         values = list((self.option if metric == "option" else self.correct).values())
@@ -143,23 +146,66 @@ def stage_table(cells, stage: Stage, metrics: list[str]) -> tuple[str, dict]:
 
 
 def smallest(verdicts: dict, metric: str) -> list[list[str]]:
-    """Per policy, the smallest budget (by upstream bytes) that holds, and whether random holds there."""
+    """Per policy, the smallest budget (by upstream bytes) that holds, and the random control's
+    verdict at the same budget."""
     out = []
-    for policy in (*POSITION_POLICIES, "quantize"):
-        held = [
-            (cell.upstream_bytes, cell)
-            for (spec, m), (cell, p) in verdicts.items()
-            if m == metric and cell.policy == policy and p["holds"]
-        ]
-        tried = [cell for (spec, m), (cell, _) in verdicts.items() if m == metric and cell.policy == policy]
+    for policy in dict.fromkeys(cell.policy for cell, _ in verdicts.values()):
+        tried = [(cell, p) for (spec, m), (cell, p) in verdicts.items() if m == metric and cell.policy == policy]
+        held = [(cell, p) for cell, p in tried if p["holds"]]
         if not tried:
             continue
         if not held:
-            out.append([policy, "none of " + ", ".join(c.label for c in tried), "—"])
+            out.append([policy, "none of " + ", ".join(c.label for c, _ in tried), "—", "—"])
             continue
-        _, best = min(held, key=lambda t: t[0])
-        out.append([policy, best.label, f"{best.upstream_bytes / 2**10:.0f} KiB"])
+        best, _ = min(held, key=lambda t: t[0].upstream_bytes)
+        out.append([policy, best.label, f"{best.upstream_bytes / 2**10:.0f} KiB", _random_at(verdicts, best, metric)])
     return out
+
+
+def _random_at(verdicts: dict, cell: Cell, metric: str) -> str:
+    """The random control's verdict at this cell's budget (same size and scope)."""
+    if cell.budget.policy in ("random", "quantize"):
+        return "—"
+    spec = ":".join(["random", *cell.spec.split(":")[1:]])
+    found = verdicts.get((spec, metric))
+    if found is None:
+        return "not run"
+    other, p = found
+    verdict = "improves" if p["ci"][0] > 0 else "holds" if p["holds"] else "drops"
+    return f"{verdict} ({pct(other.accuracy(metric))} %)"
+
+
+def scope_section(cells, stage: Stage, s: BudgetSettings, metric: str) -> str:
+    """Per agent vs per trace at the same total of prompt states (ARC: three upstream agents)."""
+    n_upstream = 3
+    rows = []
+    for policy in s.arc_trace_policies:
+        for total in s.arc_trace_sizes:
+            per_agent = f"{policy}:{int(total) // n_upstream}"
+            a, b = cells.get((stage.name, per_agent)), cells.get((stage.name, f"{policy}:{total}:trace"))
+            if a is None or b is None:
+                rows.append([policy, total, "not run", "not run", "", ""])
+                continue
+            p = paired(b, a, metric)
+            rows.append(
+                [
+                    policy,
+                    total,
+                    f"{pct(a.accuracy(metric))} ({a.upstream_bytes / 2**10:.0f} KiB)",
+                    f"{pct(b.accuracy(metric))} ({b.upstream_bytes / 2**10:.0f} KiB)",
+                    f"{100 * p['delta']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]",
+                    "better" if p["ci"][0] > 0 else "worse" if p["ci"][1] < 0 else "no difference",
+                ]
+            )
+    header = [
+        "policy",
+        "prompt states in all",
+        "per agent, % (upstream KV)",
+        "per trace, % (upstream KV)",
+        "Δ per trace − per agent [95 % CI], pts",
+        "verdict",
+    ]
+    return table(header, rows)
 
 
 def plot(cells, stage_list: list[Stage], metric: str, path: Path, title: str) -> None:
@@ -169,14 +215,15 @@ def plot(cells, stage_list: list[Stage], metric: str, path: Path, title: str) ->
         base = cells.get((stage.name, ""))
         if base is None:
             continue
-        for policy in (*POSITION_POLICIES, "quantize"):
+        for policy in dict.fromkeys(c.policy for (name, spec), c in cells.items() if name == stage.name and spec):
             pts = sorted(
                 (c.upstream_bytes / base.upstream_bytes, c.accuracy(metric))
                 for (name, spec), c in cells.items()
                 if name == stage.name and spec and c.policy == policy
             )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=policy, linestyle="--" if policy == "random" else "-")
+                style = "--" if policy.startswith("random") else ":" if policy.endswith("per trace") else "-"
+                ax.plot(*zip(*pts), marker="o", label=policy, linestyle=style)
         if stage.condition == "diffmas-full":  # the adapters trained under a budget, evaluated under it
             under = [
                 c
@@ -251,10 +298,13 @@ def headline(cells, by_name) -> list[str]:
             continue
         _, verdicts = stage_table(cells, by_name[name], [metric])
         rows = smallest(verdicts, metric)
+        found = "; ".join(f"{budget} ({kib})" for _, budget, kib, _ in rows)
         if not above_chance(base, metric):
-            lines.append(f"- {what}: the full trace is not above chance; no budget to find.")
+            lines.append(
+                f"- {what}: the full trace ({pct(base.accuracy(metric))} %) is not above chance, so holding it "
+                f"is vacuous; smallest budgets that do — {found}."
+            )
             continue
-        found = "; ".join(f"{budget} ({kib})" for _, budget, kib in rows)
         lines.append(
             f"- {what} ({pct(base.accuracy(metric))} % on the full trace): smallest budget that holds — {found}."
         )
@@ -309,25 +359,30 @@ def main() -> None:
         parts += [f"## {title}", "", text, ""]
         for metric in metrics:
             rows = smallest(verdicts, metric)
-            base = cells.get((name, ""))
-            if rows and not above_chance(base, metric):
-                p_value = chance_p(base, metric)
-                parts += [
-                    f"The full trace's {'option accuracy' if metric == 'option' else 'accuracy'} is not above "
-                    f"chance (exact binomial p = {p_value:.2g}): there is nothing for a budget to keep, so "
-                    "every budget trivially holds; no smallest budget is reported.",
-                    "",
-                ]
+            if not rows:
                 continue
-            if rows:
-                what = "option accuracy" if metric == "option" else "accuracy"
+            base = cells.get((name, ""))
+            what = "option accuracy" if metric == "option" else "accuracy"
+            informative = above_chance(base, metric)
+            parts += [f"Smallest budget that holds ({what}), per policy, and the random control there:", ""]
+            parts += [table(["policy", "budget", "upstream KV", "random at that budget"], rows), ""]
+            if not informative:
                 parts += [
-                    f"Smallest budget that holds ({what}), per policy:",
-                    "",
-                    table(["policy", "budget", "upstream KV"], rows),
+                    f"The full trace's {what} is not above chance (exact binomial p = {chance_p(base, metric):.2g}): "
+                    "holding it is no evidence that a budget keeps a channel, so these smallest budgets say "
+                    "only that a budget does not do worse than an uninformative trace.",
                     "",
                 ]
-                summary_rows += [[name, what, *r] for r in rows]
+            chance_note = "yes" if informative else "no (vacuous)"
+            summary_rows += [[name, what, *r[:3], chance_note] for r in rows]
+        if name == "arc/latent_mas":
+            parts += [
+                "Per agent or per trace, at the same total of prompt states (per trace: the policy chooses",
+                "among all upstream prompt entries after each agent; see docs/design.md):",
+                "",
+                scope_section(cells, stage, BudgetSettings(), "option"),
+                "",
+            ]
     parts += [
         "## Training under the budget (relay, reads=all)",
         "",
@@ -347,7 +402,7 @@ def main() -> None:
     parts += [
         "## Every smallest budget at a glance",
         "",
-        table(["stage", "metric", "policy", "budget", "upstream KV"], summary_rows),
+        table(["stage", "metric", "policy", "budget", "upstream KV", "full trace above chance"], summary_rows),
         "",
     ]
     if missing:
