@@ -256,7 +256,7 @@ def section_steps(r: dict) -> str:
 
 def section_training(r: dict) -> str:
     s = r["settings"]
-    target = r["targets"]["ratio_max"]
+    target, at = r["targets"]["ratio_max"], r["targets"].get("at_examples_per_step", 8)
     rows = [
         [
             n,
@@ -267,18 +267,24 @@ def section_training(r: dict) -> str:
             f"{b[k]['peak_memory_bytes'] / 2**20:.0f}",
         ]
         for n, b in r["by_batch"].items()
-        for k in ("diffmas", "diffmas_checkpointed", "sft_single")
+        for k in ("diffmas", "diffmas_checkpointed", "sft_single", "diffmas_repeat_kv", "sft_single_repeat_kv")
         if k in b
     ]
     ratios = [
-        [n, f"{b['ratio_diffmas_over_single']:.2f}x", f"≤ {target}x", verdict(b["ratio_diffmas_over_single"] <= target)]
+        [
+            n,
+            f"{b['ratio_diffmas_over_single_repeat_kv']:.2f}x" if "ratio_diffmas_over_single_repeat_kv" in b else "",
+            f"{b['ratio_diffmas_over_single']:.2f}x",
+            f"≤ {target}x" if int(n) == at else "—",
+            verdict(b["ratio_diffmas_over_single"] <= target) if int(n) == at else "—",
+        ]
         for n, b in r["by_batch"].items()
         if "ratio_diffmas_over_single" in b
     ]
     first = next(iter(r["by_batch"].values()))
     why = (
         ""
-        if all(b.get("ratio_diffmas_over_single", 0) <= target for b in r["by_batch"].values())
+        if all(b.get("ratio_diffmas_over_single", 0) <= target for n, b in r["by_batch"].items() if int(n) == at)
         else f"**Why the target is missed.** A DiffMAS step runs the upstream agents' prompts and "
         f"{s['latent_steps'] * (s['agents'] - 1)} latent steps with gradients: its trace is "
         f"{first['diffmas']['trace_len'] / first['sft_single']['trace_len']:.1f}x the final agent's own "
@@ -292,7 +298,12 @@ def section_training(r: dict) -> str:
             f"Examples per step {s['examples_per_step']} from {s['task']}, {s['agents']} agents, m={s['latent_steps']}, "
             f"LoRA {s['lora']}, median of {s['repeats']} forward+backward passes.",
             md_table(["examples/step", "method", "s/step", "trace length/example", "target tokens", "peak MiB"], rows),
-            md_table(["examples/step", "DiffMAS / sft_single", "target", "verdict"], ratios),
+            md_table(
+                ["examples/step", "DiffMAS / sft_single, repeat_kv", "DiffMAS / sft_single", "target", "verdict"],
+                ratios,
+            ),
+            "`*_repeat_kv`: transformers' SDPA, which copies grouped KV heads for every chunk of more than one "
+            "position (before); the other rows run the backbone's CPU kernel, which reads them in place (after).",
             "`diffmas_checkpointed` recomputes each trace chunk during backward (`--gradient-checkpointing`). "
             "Without it, memory grows with m × trace length: every latent step's attention keeps its own copy "
             "of the keys and values for backward.",
@@ -370,14 +381,16 @@ def section_summary(results: dict[str, dict | None]) -> str:
         )
     train = results.get("training_step")
     if train and "8" in train["by_batch"] and "ratio_diffmas_over_single" in train["by_batch"]["8"]:
-        ratio = train["by_batch"]["8"]["ratio_diffmas_over_single"]
+        b8 = train["by_batch"]["8"]
+        ratio, before = b8["ratio_diffmas_over_single"], b8.get("ratio_diffmas_over_single_repeat_kv")
+        target = train["targets"]["ratio_max"]
         rows.append(
             [
-                "DiffMAS training step / sft_single, batch 8",
+                "DiffMAS training step / sft_single, batch 8 (before: repeat_kv attention)",
+                f"{before:.2f}x" if before else "",
                 f"{ratio:.2f}x",
-                f"{ratio:.2f}x (same code)",
-                "≤ 3.5x",
-                f"{verdict(ratio <= 3.5)} (measured {train['machine']['date'][:10]})",
+                f"≤ {target}x",
+                verdict(ratio <= target),
             ]
         )
     if not rows:
@@ -390,9 +403,10 @@ def section_summary(results: dict[str, dict | None]) -> str:
             "comes from one run of one script, the two stores interleaved; the sections below give the full "
             "tables, the machine and its load.",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
-            "The training step runs the same code before and after: with autograd on, both stores concatenate "
-            "(in-place updates break gradients), so its row repeats the one measured ratio (Training step "
-            "below, with the measured reason it misses).",
+            "With autograd on both stores concatenate (in-place updates break gradients), so the training "
+            "step's before / after is the attention kernel instead: transformers' SDPA, which copies grouped "
+            "KV heads per chunk (repeat_kv), against the backbone's CPU kernel (`diffmas.attention`); see "
+            "Training step below for the measured reason the target is missed.",
         ]
     )
 

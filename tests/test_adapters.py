@@ -163,3 +163,22 @@ def test_cli_run_reads_as_the_adapter_was_trained_and_warns_on_another(tmp_path)
         assert _run_json(*base)["config"]["reads"] == "latent"
     with pytest.warns(AdapterSettingsWarning, match="reads='latent' but runs with reads='all'"):
         assert _run_json(*base, "--reads", "all")["config"]["reads"] == "all"
+
+
+def test_cli_sweep_uses_the_adapters_trained_agents(tiny_dir_and_adapter, tmp_path):
+    """The sweep sets m itself; the rest (here: two agents) comes from the adapter, as in eval."""
+    from typer.testing import CliRunner
+
+    from diffmas.cli import app
+
+    model_dir, adapter = tiny_dir_and_adapter
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"question": "What is 1+1?", "answer": "2"}) + "\n")
+    args = ["sweep", "--task", f"jsonl:{data}?type=math", "--model", str(model_dir), "--method", "diffmas"]
+    args += ["--adapter", str(adapter), "--latent-steps", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "s")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterSettingsWarning)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "s" / "m1" / "samples.jsonl").read_text().splitlines()[0])
+    assert [(a["role"], a["n_latent_steps"]) for a in record["agents"]] == [("planner", 1), ("solver", 0)]

@@ -127,12 +127,14 @@ def test_segment_bookkeeping_matches_the_trace(backbone):
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_inspection_does_not_change_the_answer(backbone, reads, temperature):
     method = method_on(backbone, topology=None, reads=reads, max_new=8, temperature=temperature)
+    fast = backbone.base_model().config._attn_implementation
+    assert fast in ("sdpa", "diffmas_cpu_sdpa")
     normal = method.run_batch([QUESTION], seeds=[7])[0]
     record = inspect_question(method, QUESTION, seed=7)
     assert record["answer"]["token_ids"] == normal.token_ids
     assert record["answer"]["text"] == normal.text
     # the probes leave the model as they found it: fast attention back, no hooks left
-    assert backbone.base_model().config._attn_implementation == "sdpa"
+    assert backbone.base_model().config._attn_implementation == fast
     modules = [
         backbone.decoder(),
         *backbone.decoder().layers,
@@ -144,11 +146,12 @@ def test_inspection_does_not_change_the_answer(backbone, reads, temperature):
 
 
 def test_bad_settings_are_one_clear_error(tied_backbone):
+    fast = tied_backbone.base_model().config._attn_implementation
     with pytest.raises(InspectError, match="top_k"):
         InspectConfig(top_k=0)
     with pytest.raises(InspectError, match="layers 1..2"):
         inspect_question(method_on(tied_backbone), QUESTION, config=InspectConfig(lens_layers=[5]))
-    assert tied_backbone.base_model().config._attn_implementation == "sdpa"
+    assert tied_backbone.base_model().config._attn_implementation == fast
 
 
 # ----------------------------------------------------------------------------- the page

@@ -130,7 +130,7 @@ def test_overfit_eight_examples(qa_task, tmp_path):
         lora_r=16,
         lora_alpha=32,
         save_steps=1000,
-        lr_scheduler="constant",
+        lr_scheduler="cosine",  # settles at the end: the memorised answers do not hang on rounding noise
     )
     bb = make_backbone(False)
     summary = train(cfg, tmp_path / "fit", backbone=bb, report_to=[])
@@ -148,7 +148,7 @@ def test_overfit_eight_examples(qa_task, tmp_path):
         "latent_mas", bb, topo, MethodConfig(latent_steps=2, decode=DecodeConfig(max_new_tokens=64)), mapping
     )
     answers = [r.text for r in method.run_batch([task.prompt(ex) for ex in task.load("test")], task.format_instruction)]
-    assert answers == targets
+    assert answers == targets, (summary["loss_curve"][-5:], answers)
 
 
 def test_resume_continues_the_loss_curve_identically(qa_task, tmp_path):

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from diffmas.attention import use_cpu_sdpa
 from diffmas.errors import DiffmasError
 
 
@@ -117,6 +118,7 @@ class Backbone:
 
     def __post_init__(self):
         check_cache_layers(self.base_model().config, self.name)
+        use_cpu_sdpa(self.model)  # grouped KV heads read in place on CPUs (see attention.py)
 
     # -- shape facts used by the trace and the accounting
     @property

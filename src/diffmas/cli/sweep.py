@@ -44,6 +44,7 @@ def check_latent_method(name: str) -> None:
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     task: str = typer.Option(..., "--task", help="Task name (diffmas tasks) or jsonl:PATH?..."),
     method: str = typer.Option("latent_mas", help="latent_mas or diffmas."),
     latent_steps: str = typer.Option(
@@ -81,19 +82,49 @@ def sweep(
     allow_weak_sandbox: bool = c.AllowWeakSandboxOpt,
 ) -> None:
     """Evaluate a method at several latent step counts (model loaded once); compare them and write a report."""
-    # Every option but the sweep's own goes unchanged into each run's EvalConfig.
-    options = {k: v for k, v in locals().items() if k not in ("latent_steps", "out", "agents_sweep", "agents")}
-    c.allow_weak_sandbox(options.pop("allow_weak_sandbox"))
+    c.allow_weak_sandbox(allow_weak_sandbox)
+    # Every option but the sweep's own (m, agents) goes into each run's EvalConfig.
+    options = dict(
+        task=task,
+        method=method,
+        split=split,
+        limit=limit,
+        subset_seed=subset_seed,
+        samples=samples,
+        batch_size=batch_size,
+        adapter=adapter,
+        option_likelihood=option_likelihood,
+        data_dir=data_dir,
+        model=model,
+        topology=topology,
+        roles=roles,
+        max_new_tokens=max_new_tokens,
+        upstream_max_new_tokens=upstream_max_new_tokens,
+        temperature=temperature,
+        upstream_temperature=upstream_temperature,
+        top_p=top_p,
+        chat_template_kwargs=chat_template_kwargs,
+        reads=reads,
+        trace_policy=trace_policy,
+        trace_budget=trace_budget,
+        trace_scope=trace_scope,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+    )
     from diffmas.evaluate import runner
     from diffmas.roles import build_topology
     from diffmas.tasks import get_task
 
     steps = parse_steps(latent_steps)
-    counts = parse_steps(agents_sweep, "--agents-sweep", minimum=1) if agents_sweep else [agents]
     if agents_sweep and roles:
         raise DiffmasError("--agents-sweep builds the default roles; it cannot be combined with --roles")
     c.check_methods([method])
     check_latent_method(method)
+    # an adapter's trained topology, roles, chat kwargs, reads and (unless swept) agents; m is swept
+    options = c.with_adapter_settings(ctx, {**options, "agents": agents})
+    agents = options.pop("agents")
+    counts = parse_steps(agents_sweep, "--agents-sweep", minimum=1) if agents_sweep else [agents]
     grid = [(n, m) for n in counts for m in steps]
     configs = [c.eval_config(**options, agents=n, latent_steps=m) for n, m in grid]
     run_dirs = [out / (f"a{n}-m{m}" if agents_sweep else f"m{m}") for n, m in grid]
