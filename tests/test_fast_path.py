@@ -25,6 +25,8 @@ from diffmas.generate import DecodeConfig, decode
 from diffmas.methods import MethodConfig, MethodError, check_budget, get_method
 from diffmas.trace import LatentTrace, bucket_capacity, n_buckets
 
+from conftest import TEST_DEVICE
+
 LOGITS_TOL = 1e-5  # see the module docstring
 TOL = 1e-4
 ROWS = ["What is 2+2?", "Name a colour that is a long colour name please", "Why?"]  # left padding
@@ -121,6 +123,16 @@ def test_compiled_step_equals_its_uncompiled_forward(untied_backbone, monkeypatc
     assert_same(uncompiled, build(untied_backbone, ROWS, step, monkeypatch), 1e-5, 1e-5)
 
 
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs: DIFFMAS_TEST_DEVICE=cuda (bench/gpu.sh)")
+def test_cuda_graphs_match_the_eager_path(untied_backbone, monkeypatch):
+    """The "cudagraphs" backend: graphs recorded on the static buffers (no code generation), a new
+    trace re-recording them; GPU kernels differ more between shapes, hence TOL for the logits."""
+    step = static_step(untied_backbone, "cudagraphs")
+    eager = build(untied_backbone, ROWS, None, monkeypatch)
+    for _ in range(2):  # the second trace has new buffers: its graphs are recorded again
+        assert_same(eager, build(untied_backbone, ROWS, step, monkeypatch), TOL, TOL)
+
+
 def test_compiles_are_bounded_by_buckets_not_traces(tied_backbone):
     torch._dynamo.reset()  # compiled code is cached per function, across steps and tests
     counting = Counting()
@@ -174,8 +186,9 @@ def test_bad_settings_are_clear_errors(tied_backbone):
     budget = MethodConfig(compile="auto", trace_budget=parse_budget("window", "8", 0))
     with pytest.raises(MethodError, match="does not combine with a trace budget"):
         check_budget("latent_mas", budget)  # before any model loads
-    with pytest.raises(CompileError, match="needs CUDA graphs"):
-        static_step(tied_backbone, "reduce-overhead")  # the tiny model is on the CPU
+    if tied_backbone.device.type == "cpu":
+        with pytest.raises(CompileError, match="needs CUDA graphs"):
+            static_step(tied_backbone, "reduce-overhead")
 
 
 def test_a_failing_compile_is_an_error_not_a_fallback(tied_backbone):
@@ -196,3 +209,36 @@ def test_recompile_limit_is_an_error(tied_backbone):
         h = prefill(trace, "a", ["x" * 250])
         with pytest.raises(CompileError, match="run without --compile"):
             latent_steps(trace, "a", h, 10)  # the second bucket would be a second compile
+
+
+def test_cli_run_with_compile(tmp_path):
+    """`diffmas run --compile eager` against the same run in process with the eager path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from diffmas.cli.common import build_config
+    from diffmas.evaluate.runner import load_method
+    from diffmas.roles import build_topology
+
+    from conftest import make_model, make_tokenizer
+
+    make_model(tied=False).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    question, flags = "What is 2+2?", ["--latent-steps", "2", "--max-new-tokens", "6", "--compile", "eager"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffmas", "run", question, "--model", str(tmp_path), *flags, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    fast = json.loads(proc.stdout)
+    assert fast["config"]["compile"] == "eager"
+    config = build_config(2, 6, 256, 0.0, 1.0, 0)  # the run's settings, compile off
+    method = load_method("latent_mas", build_topology("sequential", None, None), config, model=str(tmp_path))
+    eager = method.run_batch([question])[0]
+    assert (fast["text"], fast["trace_bytes"]) == (eager.text, eager.trace_bytes)
+    assert fast["token_logprobs"] == pytest.approx(eager.token_logprobs, abs=TOL)
