@@ -24,12 +24,13 @@ import _common as c
 STORES = ("concat", "grow")
 
 
-def synthetic_trace(bb, store: str, batch: int, length: int):
-    """A trace of `length` real positions per row, filled with random keys/values."""
+def synthetic_trace(bb, store: str, batch: int, length: int, step=None):
+    """A trace of `length` real positions per row, filled with random keys/values (with `step`:
+    the static store of the compiled fast path, whatever `store` says)."""
     from diffmas.trace import LatentTrace, trace_store
 
     with trace_store(store):
-        trace = LatentTrace(bb, batch)
+        trace = LatentTrace(bb, batch, step=step)
     gen = torch.Generator(device=bb.device).manual_seed(0)
     shape = (batch, bb.n_kv_heads, length, bb.head_dim)
     keys, values = (torch.randn(shape, generator=gen, device=bb.device).to(bb.dtype) for _ in range(2))

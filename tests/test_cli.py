@@ -110,6 +110,11 @@ def test_run_prints_answer_and_cost_table(tiny_model_dir):
             ["run", "q", "--method", "single", "--trace-policy", "window", "--trace-budget", "8"],
             "error: a trace budget",
         ),
+        (["run", "q", "--compile", "fast"], "error: compile='fast': choose one of off, auto"),
+        (
+            ["run", "q", "--compile", "auto", "--trace-policy", "window", "--trace-budget", "8"],
+            "error: --compile auto does not combine with a trace budget",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

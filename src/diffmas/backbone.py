@@ -115,6 +115,7 @@ class Backbone:
     # training: recompute each trace chunk's activations in backward instead of keeping them
     gradient_checkpointing: bool = False
     _adapter_stack: list = field(default_factory=list, repr=False)
+    _static_steps: dict = field(default_factory=dict, repr=False)  # compile mode -> fast_path.StaticStep
 
     def __post_init__(self):
         check_cache_layers(self.base_model().config, self.name)

@@ -23,6 +23,7 @@ from diffmas.backbone import Backbone
 from diffmas.budget import TraceBudget, apply_budget, probe_for, row_seeds
 from diffmas.channel import latent_steps, prefill, text_context
 from diffmas.errors import DiffmasError
+from diffmas.fast_path import check_compile_mode, static_step
 from diffmas.generate import DecodeConfig, Decoded, continuation_logprobs, decode
 from diffmas.roles import Role, Topology, default_topology, render_prompt
 from diffmas.trace import READS, LatentTrace, Reads
@@ -46,6 +47,9 @@ class MethodConfig:
     reads: Reads = "all"
     # Bound on what each upstream agent leaves in the trace (latent_mas, diffmas); None: everything.
     trace_budget: TraceBudget | None = None
+    # Inference's one-position steps (decode, latent) compiled on static, bucketed trace buffers:
+    # off (eager, the default), auto, or a backend/mode of `diffmas.fast_path.COMPILE_MODES`.
+    compile: str = "off"
 
     def __post_init__(self):
         if isinstance(self.decode, dict):
@@ -59,6 +63,7 @@ class MethodConfig:
             raise MethodError(f"upstream_max_new_tokens must be >= 1, got {self.upstream_max_new_tokens}")
         if self.upstream_temperature is not None and self.upstream_temperature < 0:
             raise MethodError(f"upstream_temperature must be >= 0, got {self.upstream_temperature}")
+        check_compile_mode(self.compile)
 
     def upstream_decode(self) -> DecodeConfig:
         """How text_mas upstream agents decode: the final agent's settings with their own budget."""
@@ -150,9 +155,18 @@ def get_method(
 
 
 def check_budget(name: str, config: MethodConfig) -> None:
-    """A trace budget bounds the latent trace: refuse it, before any model is loaded, elsewhere."""
-    if config.trace_budget is not None and not issubclass(METHODS[name], LatentMAS):
+    """A trace budget bounds the latent trace: refuse it, before any model is loaded, elsewhere
+    and with the compiled fast path (a budget rewrites and packs trace columns outside its static
+    buffers)."""
+    if config.trace_budget is None:
+        return
+    if not issubclass(METHODS[name], LatentMAS):
         raise MethodError(f"a trace budget applies to the latent channel (latent_mas, diffmas), not {name}")
+    if config.compile != "off":
+        raise MethodError(
+            f"--compile {config.compile} does not combine with a trace budget (--trace-policy "
+            f"{config.trace_budget.policy}): the budget rewrites trace columns outside the static buffers; drop one"
+        )
 
 
 def list_methods() -> list[str]:
@@ -230,6 +244,7 @@ class Method:
         self.config = config or MethodConfig()
         self.adapters = dict(adapters or {})
         check_budget(self.name, self.config)
+        self.step = static_step(backbone, self.config.compile)  # None: eager
 
     # -- one call per batch of questions
     def run_batch(
@@ -310,8 +325,12 @@ class Method:
 
     # -- shared pieces
     def new_trace(self, batch_size: int) -> LatentTrace:
-        """A fresh trace that applies this method's `reads` to every agent writing on it."""
-        return LatentTrace(self.backbone, batch_size, reads=self.config.reads, record_inputs=self.record_inputs)
+        """A fresh trace that applies this method's `reads` to every agent writing on it; on the
+        compiled fast path when it is on and autograd is off (training builds its traces eagerly)."""
+        step = None if torch.is_grad_enabled() else self.step
+        return LatentTrace(
+            self.backbone, batch_size, reads=self.config.reads, record_inputs=self.record_inputs, step=step
+        )
 
     def prompts(self, role: Role, asks: Sequence["Ask"], format: str, contexts=None) -> list[str]:
         """The role's chat prompt for each question (with earlier agents' text, if any)."""

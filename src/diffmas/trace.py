@@ -29,6 +29,12 @@ costs O(new entries) instead of `DynamicCache`'s O(L) concatenation of the whole
 autograd on, appends concatenate into new tensors (copy on write), because in-place updates break
 gradients. `trace_store("concat")` gives the old store everywhere (benchmarks, equivalence tests).
 `n_bytes` counts the live entries; `capacity_bytes` what the buffers hold, free columns included.
+
+Static store (the opt-in fast path, `MethodConfig.compile`, see `diffmas.fast_path`): a trace made
+with a `step` keeps each layer's entries in a zero-initialised buffer whose capacity is a bucket
+(`bucket_capacity`), and every append attends over the whole buffer with the unused columns masked.
+One-position appends (decode and latent steps) then run through the compiled `step`, whose inputs
+change shape only when the trace moves into the next bucket.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from typing import Iterable, Literal
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from diffmas.errors import DiffmasError
 
@@ -164,6 +170,82 @@ class _TraceLayer(DynamicLayer):
 
 _CAPACITY_STEP = 64  # buffer capacities are multiples of this many columns
 
+MIN_BUCKET = 256  # the static store's smallest capacity, in columns
+
+
+def bucket_capacity(needed: int) -> int:
+    """The static store's capacity for `needed` columns: the smallest power of two >= needed, at
+    least `MIN_BUCKET`. Powers of two keep the number of shapes a compiled step sees (and so its
+    recompiles) at `n_buckets(max_length)`, at the price of up to 2x free columns."""
+    return max(MIN_BUCKET, 1 << max(needed - 1, 0).bit_length())
+
+
+def n_buckets(max_length: int) -> int:
+    """How many capacities a trace of up to `max_length` columns can go through: 256, 512, ...,
+    the first power of two >= max_length (9 for a 40960-position Qwen3 context)."""
+    return bucket_capacity(max_length).bit_length() - MIN_BUCKET.bit_length() + 1
+
+
+class _BucketLayer(StaticLayer):
+    """One decoder layer's keys and values in the static store (inference only).
+
+    transformers' `StaticLayer` does the writing: `update` index_copy_'s the new entries into the
+    buffer at column `cumulative_length` (a tensor, so a compiled step does not specialise on the
+    trace length), and attention reads the whole buffer, `capacity()` columns, of which the trace's
+    mask hides the unused ones (zeros, so a masked column's zero weight never meets a NaN). The
+    buffers get static addresses (`mark_static_address`), which CUDA graphs need for in-place
+    writes. Growing into the next bucket (new buffers, entries copied) happens in `reserve`, before
+    the step, never inside it. The in-place writes would break autograd (see `_TraceLayer`), so an
+    append with autograd on is refused.
+    """
+
+    def __init__(self):
+        super().__init__(max_cache_len=0)
+        self.length = 0  # live columns, kept in Python: reading `cumulative_length` would sync a GPU
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if torch.is_grad_enabled():
+            raise DiffmasError(
+                "the static trace store (--compile) writes in place and is inference only; "
+                "train without --compile, or append under torch.no_grad()"
+            )
+        return super().update(key_states, value_states)
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` columns: move into the bucket that holds them, if this one does not."""
+        if needed <= self.max_cache_len:
+            return
+        self.max_cache_len = bucket_capacity(needed)
+        if self.is_initialized:
+            keys, values = self.full()  # views of the old buffers, which they keep alive for the copy
+            self.lazy_initialization(keys, values)
+            self.keys[..., : self.length, :].copy_(keys)
+            self.values[..., : self.length, :].copy_(values)
+
+    def advance(self, n_new: int) -> None:
+        """Count the `n_new` columns the decoder just wrote (`cumulative_length` counted them on its side)."""
+        self.length += n_new
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold a copy of these entries, (B, kv_heads, L, head_dim) each, in a fresh bucket."""
+        n = keys.shape[-2]
+        self.max_cache_len = bucket_capacity(n)
+        self.lazy_initialization(keys, values)
+        self.keys[..., :n, :].copy_(keys)
+        self.values[..., :n, :].copy_(values)
+        self.cumulative_length.fill_(n)
+        self.length = n
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live entries: views of the first `length` columns."""
+        return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+    def n_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.full())
+
+    def capacity(self) -> int:
+        return self.max_cache_len
+
 
 @dataclass
 class Segment:
@@ -192,18 +274,22 @@ class LatentTrace:
         training loss all see the same visibility.
     record_inputs: also keep every append's (inputs_embeds, chunk_mask), detached, so another
         engine can rebuild the trace from its input embeddings (see `real_inputs`).
+    step: the compiled one-position step of `diffmas.fast_path` (inference only): the trace then
+        uses the static store (see the module docstring) and runs its one-position appends through it.
     """
 
     released = False  # see `release`
+    step = None  # see `step`
     inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see `record_inputs`
 
-    def __init__(self, backbone, batch_size: int, reads: Reads = "all", record_inputs: bool = False):
+    def __init__(self, backbone, batch_size: int, reads: Reads = "all", record_inputs: bool = False, step=None):
         if reads not in READS:
             raise DiffmasError(f"reads={reads!r}: choose one of {', '.join(READS)}")
         self.backbone = backbone
         self.batch_size = batch_size
         self.reads = reads
-        self.store: TraceStore = _STORE  # see `trace_store`
+        self.step = step
+        self.store: TraceStore | Literal["static"] = "static" if step is not None else _STORE  # see `trace_store`
         device = backbone.device
         self.set_kv([])
         self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
@@ -309,6 +395,8 @@ class LatentTrace:
         full_mask = torch.cat([visible, chunk_mask], dim=1)  # (B, L + T)
 
         def run(embeds: torch.Tensor) -> torch.Tensor:
+            if self.store == "static":
+                return self._static_forward(embeds, full_mask, position_ids)
             return self.backbone.decoder()(
                 inputs_embeds=embeds,
                 attention_mask=full_mask,
@@ -334,6 +422,21 @@ class LatentTrace:
         self.positions = torch.cat([self.positions, position_ids.masked_fill(chunk_mask == 0, -1)], dim=1)
         self.next_position = self.next_position + n_new
         self._record(agent, kind, start, self.length, n_new.tolist())
+        return hidden
+
+    def _static_forward(self, embeds: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor):
+        """The decoder on the static store: the mask widened to the bucket (its new columns hidden);
+        one-position chunks through the compiled step, longer ones (prompts) eagerly."""
+        n_new = embeds.shape[1]
+        layers = self.cache.layers
+        for layer in layers:
+            layer.reserve(self.length + n_new)  # outside the step: growing reallocates
+        mask = full_mask.new_zeros(full_mask.shape[0], layers[0].capacity())  # (B, C)
+        mask[:, : full_mask.shape[1]] = full_mask
+        forward = self.step if n_new == 1 else self.step.eager
+        hidden = forward(embeds, mask, position_ids, self.cache)
+        for layer in layers:
+            layer.advance(n_new)
         return hidden
 
     @contextlib.contextmanager
@@ -424,6 +527,7 @@ class LatentTrace:
             else [(e.index_select(0, rows), m.index_select(0, rows)) for e, m in self.inputs]
         )
         other.store = self.store
+        other.step = self.step
         other.cache = None
         if self.length == 0 or self.released:
             other.set_kv([])
@@ -457,7 +561,9 @@ class LatentTrace:
                 f"set_kv got {len(kv)} layers of keys/values for a model with {len(cache.layers)}; "
                 "pass one (keys, values) per decoder layer"
             )
-        cache.layers = [_TraceLayer(grow=self.store == "grow") for _ in cache.layers]
+        cache.layers = [
+            _BucketLayer() if self.store == "static" else _TraceLayer(grow=self.store == "grow") for _ in cache.layers
+        ]
         for layer, (keys, values) in zip(cache.layers, kv):
             layer.set(keys, values)
         self.cache = cache

@@ -70,6 +70,12 @@ TraceScopeOpt = typer.Option(
     help="What --trace-budget bounds: each upstream agent's entries (agent) or all upstream entries "
     "together (trace; prompt states or bytes).",
 )
+CompileOpt = typer.Option(
+    "off",
+    "--compile",
+    help="Compile the one-position inference steps (decode, latent) on static, bucketed trace buffers: off, "
+    "auto (CUDA graphs on a GPU, inductor on CPU), inductor, reduce-overhead, cudagraphs, aot_eager, eager.",
+)
 
 # Options of the commands that write run directories (eval, sweep); `eval_config` turns them into an EvalConfig.
 SplitOpt = typer.Option("test", help="Dataset split.")
@@ -134,6 +140,7 @@ def build_config(
     trace_policy: Optional[str] = None,
     trace_budget: Optional[str] = None,
     trace_scope: str = "agent",
+    compile: str = "off",
 ) -> MethodConfig:
     from diffmas.budget import parse_budget
 
@@ -145,6 +152,7 @@ def build_config(
         chat_kwargs=parse_chat_kwargs(chat_template_kwargs),
         reads=reads,
         trace_budget=parse_budget(trace_policy, trace_budget, seed, trace_scope),
+        compile=compile,
     )
 
 
@@ -178,6 +186,7 @@ def eval_config(
     trace_policy: Optional[str] = None,
     trace_budget: Optional[str] = None,
     trace_scope: str = "agent",
+    compile: str = "off",
 ) -> EvalConfig:
     """The EvalConfig of one run, from the eval options (named as the CLI parameters)."""
     from diffmas.evaluate.runner import EvalConfig
@@ -213,6 +222,7 @@ def eval_config(
             trace_policy,
             trace_budget,
             trace_scope,
+            compile,
         ),
     )
 

@@ -34,6 +34,7 @@ def run(
     trace_policy: Optional[str] = c.TracePolicyOpt,
     trace_budget: Optional[str] = c.TraceBudgetOpt,
     trace_scope: str = c.TraceScopeOpt,
+    compile: str = c.CompileOpt,
     adapter: Optional[Path] = c.AdapterOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
@@ -76,6 +77,7 @@ def run(
         trace_policy,
         trace_budget,
         trace_scope,
+        compile,
     )
     built = load_method(method, topo, config, model=model, dtype=dtype, device=device, adapter=adapter)
     result = built.run_batch([question], format=format)[0]

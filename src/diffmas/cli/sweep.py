@@ -76,6 +76,7 @@ def sweep(
     trace_policy: Optional[str] = c.TracePolicyOpt,
     trace_budget: Optional[str] = c.TraceBudgetOpt,
     trace_scope: str = c.TraceScopeOpt,
+    compile: str = c.CompileOpt,
     seed: int = c.SeedOpt,
     dtype: str = c.DtypeOpt,
     device: str = c.DeviceOpt,
