@@ -242,3 +242,24 @@ def test_cli_run_with_compile(tmp_path):
     eager = method.run_batch([question])[0]
     assert (fast["text"], fast["trace_bytes"]) == (eager.text, eager.trace_bytes)
     assert fast["token_logprobs"] == pytest.approx(eager.token_logprobs, abs=TOL)
+
+
+def test_cli_eval_records_compile(tmp_path):
+    """`diffmas eval --compile eager` reaches the run's config (and so its resume check)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffmas.cli import app
+
+    from conftest import make_model, make_tokenizer
+
+    make_model(tied=False).save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"question": "What is 1+1?", "answer": "2"}) + "\n")
+    args = ["eval", "--task", f"jsonl:{data}?type=math", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, [*args, "--latent-steps", "1", "--max-new-tokens", "2", "--compile", "eager"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["eval"]["method_config"]["compile"] == "eager"

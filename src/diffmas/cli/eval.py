@@ -79,6 +79,7 @@ def eval_(
         trace_policy=trace_policy,
         trace_budget=trace_budget,
         trace_scope=trace_scope,
+        compile=compile,
         seed=seed,
         dtype=dtype,
         device=device,

@@ -109,6 +109,7 @@ def sweep(
         trace_policy=trace_policy,
         trace_budget=trace_budget,
         trace_scope=trace_scope,
+        compile=compile,
         seed=seed,
         dtype=dtype,
         device=device,
