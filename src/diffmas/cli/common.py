@@ -358,6 +358,30 @@ _ADAPTER_OPTIONS = {
 }
 
 
+def trained_agent_settings(
+    ctx: typer.Context,
+    adapter: Optional[Path],
+    latent_steps: int,
+    topology: str,
+    agents: Optional[int],
+    roles: Optional[Path],
+    chat_template_kwargs: Optional[str],
+    reads: str,
+) -> dict:
+    """The agent settings of `run` and `serve` (keys named as the options), the adapter's trained
+    ones where the command line leaves them unset (see `with_adapter_settings`)."""
+    options = {
+        "adapter": adapter,
+        "latent_steps": latent_steps,
+        "topology": topology,
+        "agents": agents,
+        "roles": roles,
+        "chat_template_kwargs": chat_template_kwargs,
+        "reads": reads,
+    }
+    return with_adapter_settings(ctx, options)
+
+
 def with_adapter_settings(ctx: typer.Context, options: dict) -> dict:
     """The command's options with the adapter's trained settings for those not set on the command
     line, and a warning for each set to another value than the adapter was trained with."""

@@ -48,18 +48,7 @@ def run(
     if not question.strip():
         raise DiffmasError("the question is empty; pass the question to answer, e.g. diffmas run 'What is 2+2?'")
     c.check_methods([method])
-    trained = c.with_adapter_settings(
-        ctx,
-        {
-            "adapter": adapter,
-            "latent_steps": latent_steps,
-            "topology": topology,
-            "agents": agents,
-            "roles": roles,
-            "chat_template_kwargs": chat_template_kwargs,
-            "reads": reads,
-        },
-    )
+    trained = c.trained_agent_settings(ctx, adapter, latent_steps, topology, agents, roles, chat_template_kwargs, reads)
     latent_steps, topology, agents, roles, chat_template_kwargs, reads = (
         trained[k] for k in ("latent_steps", "topology", "agents", "roles", "chat_template_kwargs", "reads")
     )

@@ -48,18 +48,7 @@ def serve(
     from diffmas.serve import RequestSettings, ServeConfig, build_engine, create_app
 
     c.check_methods([method])
-    trained = c.with_adapter_settings(
-        ctx,
-        {
-            "adapter": adapter,
-            "latent_steps": latent_steps,
-            "topology": topology,
-            "agents": agents,
-            "roles": roles,
-            "chat_template_kwargs": chat_template_kwargs,
-            "reads": reads,
-        },
-    )
+    trained = c.trained_agent_settings(ctx, adapter, latent_steps, topology, agents, roles, chat_template_kwargs, reads)
     defaults = RequestSettings(
         method=method,
         latent_steps=trained["latent_steps"],
