@@ -74,6 +74,16 @@ def kept_positions(trace, agent, kind="prompt"):
     return out
 
 
+def mask_dropped(ref, keep, agents):
+    """The reference for eviction: mask out of `ref` (a full trace) every prompt column of
+    `agents` whose position is not in keep[row]."""
+    for seg in [s for s in ref.segments if s.kind == "prompt" and s.agent in agents]:
+        for row in range(ref.batch_size):
+            for col in range(seg.start, seg.end):
+                if int(ref.positions[row, col]) not in keep[row]:
+                    ref.attention_mask[row, col] = 0
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -189,11 +199,7 @@ def test_per_trace_eviction_equals_masking_the_dropped_entries(backbone, policy)
         latent_steps(ref, name, h, 2)
         for trace in kept:
             keep = [a + b for a, b in zip(kept_positions(trace, "a"), kept_positions(trace, "b"))]
-            for seg in [s for s in ref.segments if s.kind == "prompt"]:
-                for row in range(len(ROWS)):
-                    for col in range(seg.start, seg.end):
-                        if int(ref.positions[row, col]) not in keep[row]:
-                            ref.attention_mask[row, col] = 0
+            mask_dropped(ref, keep, "ab")
     torch.testing.assert_close(
         final_logits(backbone, bounded, ROWS), final_logits(backbone, ref, ROWS), atol=1e-4, rtol=0
     )
@@ -240,12 +246,7 @@ def test_eviction_equals_masking_the_dropped_entries(backbone, policy):
     for i, name in enumerate("ab"):
         h = prefill(ref, name, [r[i] for r in ROWS])
         latent_steps(ref, name, h, 2)
-        keep = kept_positions(bounded, name)
-        seg = next(s for s in ref.segments if s.agent == name and s.kind == "prompt")
-        for row in range(len(ROWS)):
-            for col in range(seg.start, seg.end):
-                if int(ref.positions[row, col]) not in keep[row]:
-                    ref.attention_mask[row, col] = 0
+        mask_dropped(ref, kept_positions(bounded, name), [name])
     # 1e-4: attention sums over a different number of columns (masked vs absent), so fp32 rounding
     # differs; a wrong kept set or position moves these logits far more (the unlimited test holds 1e-5)
     torch.testing.assert_close(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -154,6 +155,13 @@ def build_config(
         trace_budget=parse_budget(trace_policy, trace_budget, seed, trace_scope),
         compile=compile,
     )
+
+
+def eval_options(ctx: typer.Context, *skip: str) -> dict:
+    """The command's values of `eval_config`'s parameters, by name, less `skip` (click keeps every
+    parsed option in ctx.params: one list of names, `eval_config`'s, for eval and sweep)."""
+    names = set(inspect.signature(eval_config).parameters) - set(skip)
+    return {k: v for k, v in ctx.params.items() if k in names}
 
 
 def eval_config(
@@ -368,7 +376,7 @@ def trained_agent_settings(
     chat_template_kwargs: Optional[str],
     reads: str,
 ) -> dict:
-    """The agent settings of `run` and `serve` (keys named as the options), the adapter's trained
+    """The agent settings of `run`, `serve` and `inspect` (keys named as the options), the adapter's trained
     ones where the command line leaves them unset (see `with_adapter_settings`)."""
     options = {
         "adapter": adapter,

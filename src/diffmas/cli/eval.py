@@ -53,37 +53,7 @@ def eval_(
 ) -> None:
     """Evaluate a method on a task; writes config.json, samples.jsonl and summary.json."""
     c.allow_weak_sandbox(allow_weak_sandbox)
-    options = dict(
-        task=task,
-        method=method,
-        split=split,
-        limit=limit,
-        subset_seed=subset_seed,
-        samples=samples,
-        batch_size=batch_size,
-        adapter=adapter,
-        option_likelihood=option_likelihood,
-        data_dir=data_dir,
-        latent_steps=latent_steps,
-        model=model,
-        topology=topology,
-        agents=agents,
-        roles=roles,
-        max_new_tokens=max_new_tokens,
-        upstream_max_new_tokens=upstream_max_new_tokens,
-        temperature=temperature,
-        upstream_temperature=upstream_temperature,
-        top_p=top_p,
-        chat_template_kwargs=chat_template_kwargs,
-        reads=reads,
-        trace_policy=trace_policy,
-        trace_budget=trace_budget,
-        trace_scope=trace_scope,
-        compile=compile,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-    )
+    options = c.eval_options(ctx)
     from diffmas.evaluate.runner import SubsetWarning, evaluate
 
     c.check_methods([method])

@@ -77,16 +77,7 @@ def inspect_(
                 f"--index {index}: {task} ({split}) has {len(examples)} examples (0..{len(examples) - 1})"
             )
         example = examples[index]
-    options = {
-        "adapter": adapter,
-        "latent_steps": latent_steps,
-        "topology": topology,
-        "agents": agents,
-        "roles": roles,
-        "chat_template_kwargs": chat_template_kwargs,
-        "reads": reads,
-    }
-    trained = c.with_adapter_settings(ctx, options)
+    trained = c.trained_agent_settings(ctx, adapter, latent_steps, topology, agents, roles, chat_template_kwargs, reads)
     topo = build_topology(trained["topology"], trained["agents"], trained["roles"], task_obj)
     method_config = c.build_config(
         trained["latent_steps"],

@@ -85,35 +85,7 @@ def sweep(
     """Evaluate a method at several latent step counts (model loaded once); compare them and write a report."""
     c.allow_weak_sandbox(allow_weak_sandbox)
     # Every option but the sweep's own (m, agents) goes into each run's EvalConfig.
-    options = dict(
-        task=task,
-        method=method,
-        split=split,
-        limit=limit,
-        subset_seed=subset_seed,
-        samples=samples,
-        batch_size=batch_size,
-        adapter=adapter,
-        option_likelihood=option_likelihood,
-        data_dir=data_dir,
-        model=model,
-        topology=topology,
-        roles=roles,
-        max_new_tokens=max_new_tokens,
-        upstream_max_new_tokens=upstream_max_new_tokens,
-        temperature=temperature,
-        upstream_temperature=upstream_temperature,
-        top_p=top_p,
-        chat_template_kwargs=chat_template_kwargs,
-        reads=reads,
-        trace_policy=trace_policy,
-        trace_budget=trace_budget,
-        trace_scope=trace_scope,
-        compile=compile,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-    )
+    options = c.eval_options(ctx, "latent_steps", "agents")
     from diffmas.evaluate import runner
     from diffmas.roles import build_topology
     from diffmas.tasks import get_task
