@@ -619,6 +619,62 @@ def section_trace(r: dict) -> str:
     )
 
 
+def section_fast_path(r: dict) -> str:
+    """The opt-in fast path (`--compile`): eager vs compiled one-position steps, and the memory-bound floor."""
+    s, bandwidth = r["settings"], r.get("bandwidth_assumed")
+    rows = [
+        [
+            x["kind"],
+            x["batch"],
+            x["length"],
+            f"{x['eager_ms']:.1f}",
+            f"{x['fast_ms']:.1f}",
+            f"{x['fast_over_eager']:.2f}x",
+            f"{x['floor_ms']:.2f}" if x.get("floor_ms") else "—",
+            f"{x['fast_ms'] / x['floor_ms']:.2f}x" if x.get("floor_ms") else "—",
+            f"{x['first_call_s'][0]:.0f}",
+        ]
+        for x in r["rows"]
+    ]
+    target = r.get("target", {})
+    met = target.get("met")
+    verdict_line = (
+        f"Target: decode step ≤ {target.get('decode_fast_over_floor_max')}x the memory-bound floor: "
+        + ("not checkable here (no bandwidth assumed for this device)" if met is None else verdict(met))
+        + "."
+    )
+    return "\n\n".join(
+        [
+            "## Fast path (`--compile`)",
+            f"One-position steps on a synthetic trace, eager vs `--compile {s['compile']}` (static bucketed store), "
+            f"{s['steps']} steps after {s['warmup_steps']} warm-up, median of {s['repeats']} runs; "
+            f"{s['model']} in {s['dtype']}. "
+            + (
+                f"Floor: bytes read per step (weights + KV) / {bandwidth}."
+                if bandwidth
+                else "No floor: no bandwidth assumed."
+            )
+            + (f" _{r['note']}_" if r.get("note") else ""),
+            md_table(
+                [
+                    "step",
+                    "batch",
+                    "trace length",
+                    "eager ms",
+                    "fast ms",
+                    "fast / eager",
+                    "floor ms",
+                    "fast / floor",
+                    "first call s",
+                ],
+                rows,
+            ),
+            verdict_line,
+            machine_line(r),
+        ]
+    )
+
+
 def section_elsewhere() -> str:
     """Runs on other machines (bench/gpu.sh): the same tables, one per result file."""
     out = []
@@ -627,6 +683,7 @@ def section_elsewhere() -> str:
         ("inference_cost", section_inference),
         ("training_step", section_training),
         ("batching", section_batching),
+        ("fast_path", section_fast_path),
     ):
         for tag, result in tagged(name):
             body = render(result).split("\n", 1)[1]  # drop the CPU section's heading
