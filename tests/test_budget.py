@@ -477,3 +477,19 @@ def test_option_likelihood_under_a_budget_batched_equals_one_by_one(untied_backb
     if budget.policy == "quantize":  # the copies are packed too, not unpacked
         up = method.build_upstream(asks_of(questions))
         assert all(isinstance(layer, QuantizedLayer) for layer in up.trace.expand(3).cache.layers)
+
+
+def test_a_run_saved_before_the_scope_field_stays_resumable():
+    """Run configs written before `TraceBudget.scope` existed compare as scope 'agent', the
+    behaviour they ran with; another scope is still a conflict."""
+    from diffmas.evaluate.runner import EvalConfig
+    from diffmas.provenance import config_diff, dataclass_defaults
+
+    config = MethodConfig(trace_budget=parse_budget("window", "8"))
+    new = EvalConfig(task="t", method="latent_mas", method_config=config).to_dict()
+    old = {**new, "method_config": {**new["method_config"], "trace_budget": dict(new["method_config"]["trace_budget"])}}
+    del old["method_config"]["trace_budget"]["scope"]
+    defaults = dataclass_defaults(EvalConfig)
+    assert config_diff(old, new, defaults) == []
+    new["method_config"]["trace_budget"]["scope"] = "trace"
+    assert config_diff(old, new, defaults) == ["method_config.trace_budget.scope: 'agent' -> 'trace'"]

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.metadata
 import platform
 import subprocess
+import typing
 from pathlib import Path
 
 PACKAGES = (
@@ -58,15 +59,27 @@ def device_description() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@dataclasses.dataclass(frozen=True)
+class Optional_:
+    """The default of an optional nested config (`X | None = None`): the value itself, and the
+    defaults of X's fields, for a saved X that predates one of them."""
+
+    value: object
+    fields: dict
+
+
 def dataclass_defaults(cls) -> dict:
-    """Default values of a config dataclass's fields, nested configs as dicts."""
+    """Default values of a config dataclass's fields, nested configs as dicts (optional nested
+    configs as `Optional_`)."""
+    hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
+            nested = [t for t in typing.get_args(hints.get(f.name)) if dataclasses.is_dataclass(t)]
+            out[f.name] = Optional_(f.default, dataclass_defaults(nested[0])) if nested else f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
-            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            out[f.name] = dataclass_defaults(type(value)) if dataclasses.is_dataclass(value) else value
     return out
 
 
@@ -76,10 +89,12 @@ def config_diff(saved: dict, wanted: dict, defaults: dict, prefix: str = "") -> 
     default: the older run ran with it, so it stays resumable."""
     out = []
     for key in sorted(set(saved) | set(wanted)):
-        default = defaults.get(key) if isinstance(defaults, dict) else None
+        entry = defaults.get(key) if isinstance(defaults, dict) else None
+        default = entry.value if isinstance(entry, Optional_) else entry
+        fields = entry.fields if isinstance(entry, Optional_) else entry if isinstance(entry, dict) else {}
         old, new = saved.get(key, default), wanted.get(key, default)
         if isinstance(old, dict) and isinstance(new, dict):
-            out += config_diff(old, new, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
+            out += config_diff(old, new, fields, f"{prefix}{key}.")
         elif old != new:
             out.append(f"{prefix}{key}: {old!r} -> {new!r}")
     return out
