@@ -8,6 +8,7 @@ heads copied per chunk by repeat_kv); the others the backbone's CPU kernel (diff
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -90,6 +91,7 @@ def run(sizes: list[int], m: int, repeats: int) -> dict:
         },
         "by_batch": {},
         "targets": {"ratio_max": 3.5, "at_examples_per_step": 8},
+        "load_average_before": list(os.getloadavg()),  # what else ran on the machine
     }
     for n in sizes:
         row = result["by_batch"][str(n)] = {}
@@ -106,6 +108,7 @@ def run(sizes: list[int], m: int, repeats: int) -> dict:
                     row[f"ratio_diffmas_over_single{suffix}"] = (
                         row[f"diffmas{suffix}"]["seconds_per_step"] / row[f"sft_single{suffix}"]["seconds_per_step"]
                     )
+            result["load_average_after"] = list(os.getloadavg())
             c.write("training_step", result)
     return result
 
