@@ -88,6 +88,11 @@ def paired(a: Cell, base: Cell, metric: str) -> dict:
     return {"delta": delta, "ci": (lo, hi), "holds": delta >= -ONE_POINT or lo <= 0 <= hi, "n": len(shared)}
 
 
+def verdict(p: dict) -> str:
+    """A budget against the full trace, from `paired`: improves, holds or drops."""
+    return "improves" if p["ci"][0] > 0 else "holds" if p["holds"] else "drops"
+
+
 def chance_p(cell: Cell, metric: str) -> float:
     values = cell.option if metric == "option" else cell.correct
     chance = cell.summary.get("chance") or get_task(cell.run.setting("task")).chance()
@@ -132,7 +137,7 @@ def stage_table(cells, stage: Stage, metrics: list[str]) -> tuple[str, dict]:
                 p = paired(cell, base, metric)
                 verdicts[(spec, metric)] = (cell, p)
                 row.append(f"{100 * p['delta']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]")
-                row.append("improves" if p["ci"][0] > 0 else "holds" if p["holds"] else "**drops**")
+                row.append(verdict(p).replace("drops", "**drops**"))
             else:
                 row += ["—", "—"]
         row += [f"{cell.seconds:.2f}" if cell.seconds else "—", f"{cell.peak / 2**30:.2f}" if cell.peak else "—"]
@@ -171,13 +176,13 @@ def _random_at(verdicts: dict, cell: Cell, metric: str) -> str:
     if found is None:
         return "not run"
     other, p = found
-    verdict = "improves" if p["ci"][0] > 0 else "holds" if p["holds"] else "drops"
-    return f"{verdict} ({pct(other.accuracy(metric))} %)"
+    return f"{verdict(p)} ({pct(other.accuracy(metric))} %)"
 
 
 def scope_section(cells, stage: Stage, s: BudgetSettings, metric: str) -> str:
-    """Per agent vs per trace at the same total of prompt states (ARC: three upstream agents)."""
-    n_upstream = 3
+    """Per agent vs per trace at the same total of prompt states."""
+    base = cells.get((stage.name, ""))
+    n_upstream = len(base.run.records[0]["agents"]) - 1 if base else 1  # every agent but the final one
     rows = []
     for policy in s.arc_trace_policies:
         for total in s.arc_trace_sizes:
@@ -380,7 +385,7 @@ def main() -> None:
                 "Per agent or per trace, at the same total of prompt states (per trace: the policy chooses",
                 "among all upstream prompt entries after each agent; see docs/design.md):",
                 "",
-                scope_section(cells, stage, BudgetSettings(), "option"),
+                scope_section(cells, stage, s, "option"),
                 "",
             ]
     parts += [

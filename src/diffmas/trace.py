@@ -329,7 +329,7 @@ class LatentTrace:
 
     @staticmethod
     def _layer_bytes(layer) -> int:
-        if hasattr(layer, "n_bytes"):  # packed storage (a quantised trace budget) counts its own
+        if hasattr(layer, "n_bytes"):  # packed (a quantised budget) or bucketed (--compile) storage counts its own
             return layer.n_bytes()
         return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
 

@@ -84,8 +84,8 @@ def sweep(
 ) -> None:
     """Evaluate a method at several latent step counts (model loaded once); compare them and write a report."""
     c.allow_weak_sandbox(allow_weak_sandbox)
-    # Every option but the sweep's own (m, agents) goes into each run's EvalConfig.
-    options = c.eval_options(ctx, "latent_steps", "agents")
+    # Every option but the sweep's own m goes into each run's EvalConfig (agents: unless swept).
+    options = c.eval_options(ctx, "latent_steps")
     from diffmas.evaluate import runner
     from diffmas.roles import build_topology
     from diffmas.tasks import get_task
@@ -96,7 +96,7 @@ def sweep(
     c.check_methods([method])
     check_latent_method(method)
     # an adapter's trained topology, roles, chat kwargs, reads and (unless swept) agents; m is swept
-    options = c.with_adapter_settings(ctx, {**options, "agents": agents})
+    options = c.with_adapter_settings(ctx, options)
     agents = options.pop("agents")
     counts = parse_steps(agents_sweep, "--agents-sweep", minimum=1) if agents_sweep else [agents]
     grid = [(n, m) for n in counts for m in steps]
