@@ -69,7 +69,7 @@ test: setup
 # Benchmarks on the embedded model (CPU: about 40 minutes); writes bench/results/*.json and docs/benchmarks.md.
 # inference_cost and batching measure the old (concat) and the new (grow) trace store in one run.
 bench: setup
-	cd bench && for s in trace_store step_cost training_step trace_growth cpu_bf16; do ../$(PY) $$s.py || exit 1; done
+	cd bench && for s in trace_store step_cost training_step trace_growth cpu_bf16 packed_linear; do ../$(PY) $$s.py || exit 1; done
 	cd bench && for s in inference_cost batching; do ../$(PY) $$s.py --stores concat,grow || exit 1; done
 	cd bench && ../$(PY) write_docs.py
 

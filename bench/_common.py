@@ -189,11 +189,20 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
+def sync(device=None) -> None:
+    """Wait for the GPU's queued kernels before reading a clock: CUDA calls return when queued, so
+    a timer stopped without this measures the launches, not the work. A no-op without CUDA."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize(device)
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -33,8 +33,7 @@ TARGET_MAX_OVER_FLOOR = 2.0
 
 
 def sync(bb) -> None:
-    if bb.device.type == "cuda":
-        torch.cuda.synchronize(bb.device)
+    c.sync(bb.device)
 
 
 def take_steps(trace, kind: str, hidden: torch.Tensor, n: int) -> None:

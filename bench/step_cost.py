@@ -28,8 +28,10 @@ def run(context: int, steps: int, repeats: int, batch: int) -> dict:
 
     def latent_run():
         trace, h = fresh()
+        c.sync(bb.device)
         start = c.time.perf_counter()
         latent_steps(trace, "a", h, steps)
+        c.sync(bb.device)  # latent steps never read a result back: without it, only launches are timed
         return c.time.perf_counter() - start
 
     # steps + 1 tokens, EOS suppressed: exactly `steps` forwards (the last token is not fed back)
@@ -37,8 +39,10 @@ def run(context: int, steps: int, repeats: int, batch: int) -> dict:
 
     def decode_run():
         trace, h = fresh()
+        c.sync(bb.device)
         start = c.time.perf_counter()
         decode(trace, "a", h, config, [0] * batch)
+        c.sync(bb.device)
         return c.time.perf_counter() - start
 
     with torch.no_grad():

@@ -52,6 +52,7 @@ def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> t
 
     trace = synthetic_trace(bb, store, batch, length)
     hidden = torch.randn(batch, bb.config.hidden_size, device=bb.device).to(bb.dtype)
+    c.sync(bb.device)
     if kind == "latent":
         start, cpu = c.time.perf_counter(), c.time.process_time()
         latent_steps(trace, "a", hidden, steps)
@@ -60,6 +61,7 @@ def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> t
         config = DecodeConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1)
         start, cpu = c.time.perf_counter(), c.time.process_time()
         decode(trace, "a", hidden, config, [0] * batch)
+    c.sync(bb.device)
     wall, cpu = c.time.perf_counter() - start, c.time.process_time() - cpu
     assert trace.length == length + steps
     return wall / steps * 1000, cpu / steps * 1000

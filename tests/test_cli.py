@@ -140,7 +140,8 @@ def test_roles_file(tiny_model_dir, tmp_path):
 def test_env_block():
     proc = cli("env")
     assert proc.returncode == 0
-    for key in ("torch:", "transformers:", "device:", "default dtype:", "CPU bf16: avx512_bf16", "DIFFMAS_HOME:"):
+    keys = ("torch:", "transformers:", "device:", "default dtype:", "CPU bf16: avx512_bf16", "CPU linear layers:")
+    for key in keys + ("DIFFMAS_HOME:",):
         assert key in proc.stdout
 
 

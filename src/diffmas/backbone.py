@@ -24,6 +24,7 @@ import torch
 
 from diffmas.attention import use_cpu_sdpa
 from diffmas.errors import DiffmasError
+from diffmas.linear import use_packed_linear
 
 
 class BackboneError(DiffmasError):
@@ -120,6 +121,7 @@ class Backbone:
     def __post_init__(self):
         check_cache_layers(self.base_model().config, self.name)
         use_cpu_sdpa(self.model)  # grouped KV heads read in place on CPUs (see attention.py)
+        use_packed_linear(self.model)  # few-row steps on CPUs: weights packed once (see linear.py)
 
     # -- shape facts used by the trace and the accounting
     @property

@@ -11,6 +11,7 @@ def env() -> None:
     import torch
 
     from diffmas.backbone import EMBEDDED_MODELS, cpu_bf16_support, diffmas_home, resolve_device, resolve_dtype
+    from diffmas.linear import packing_available
     from diffmas.provenance import device_description, git_commit, package_versions
     from diffmas.scoring.sandbox import isolation
 
@@ -25,6 +26,8 @@ def env() -> None:
         "- CPU bf16: "
         + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in cpu_bf16_support().items())
         + f" (torch CPU kernels: {torch.backends.cpu.get_cpu_capability()})",
+        "- CPU linear layers: "
+        + ("MKL packed GEMM for 2-16-row steps" if packing_available() else "PyTorch's (no MKL in this torch)"),
         f"- DIFFMAS_HOME: {diffmas_home()}",
         f"- code sandbox: {isolation().describe()}",
     ]

@@ -1,0 +1,188 @@
+"""The backbone's CPU linear layers (diffmas.linear): MKL's packed GEMM for few-row steps.
+
+What must hold: the packed product is bitwise batch-invariant and bitwise equal to F.linear from
+16 rows on; whole decode and latent steps match PyTorch's own kernel; autograd, compiled graphs,
+other dtypes and in-place weight edits take or refresh the right path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffmas.channel import latent_steps, prefill
+from diffmas.generate import DecodeConfig, decode
+from diffmas.linear import (
+    MAX_PACKED_ROWS,
+    MIN_PACKED_ROWS,
+    PackedLinear,
+    forget_packed,
+    linear_kernel,
+    packing_available,
+)
+from diffmas.trace import LatentTrace
+
+from conftest import TEST_DEVICE, make_tokenizer
+
+pytestmark = pytest.mark.skipif(
+    TEST_DEVICE != "cpu" or not packing_available(),
+    reason="NOT TESTED: the packed CPU linear needs a CPU torch build with MKL",
+)
+
+
+def wide_backbone(tied: bool):
+    """A random Llama with 256-wide layers: the tiny test models' 64-wide weights stay plain."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from diffmas.backbone import Backbone, prepare_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=259,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    tok = make_tokenizer()
+    prepare_tokenizer(tok)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return Backbone(model=model, tokenizer=tok, name=f"wide-{'tied' if tied else 'untied'}")
+
+
+def packed_layer(in_features=576, out_features=1536, seed=0) -> PackedLinear:
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features)
+    layer.__class__ = PackedLinear
+    return layer
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (576, 576), (576, 192), (576, 49152)])
+def test_rows_get_the_same_bits_alone_and_in_any_batch(shape):
+    """The embedded model's weight shapes (in, out): a measured property of MKL, see linear.py."""
+    layer = packed_layer(*shape)
+    x = torch.randn(32, layer.in_features)
+    # 32 rows: PyTorch's many-row kernel, the reference the packed rows must equal
+    reference = F.linear(x, layer.weight, layer.bias)
+    for rows in range(MIN_PACKED_ROWS, MAX_PACKED_ROWS + 1):
+        assert torch.equal(layer(x[:rows]), reference[:rows]), rows
+    assert torch.equal(layer(x[:3].view(1, 3, -1)), reference[:3].view(1, 3, -1))  # (B, T, d) inputs
+
+
+@torch.no_grad()
+def test_pytorch_kernel_is_not_batch_invariant_below_sixteen_rows():
+    """Why the packed path exists beyond speed: F.linear's few-row results differ from its own
+    results for the same rows in a larger call. If this ever fails, torch changed its kernels:
+    re-measure bench/packed_linear.py before keeping the packed path."""
+    layer = packed_layer(576, 1536)
+    x = torch.randn(32, 576)
+    with linear_kernel("default"):
+        alone = layer(x[:4])
+    assert not torch.equal(alone, F.linear(x, layer.weight, layer.bias)[:4])
+    assert torch.equal(layer(x[:4]), F.linear(x, layer.weight, layer.bias)[:4])
+
+
+def test_autograd_keeps_pytorch_path_and_gradients():
+    layer = packed_layer()
+    x = torch.randn(4, layer.in_features, requires_grad=True)
+    layer(x).square().sum().backward()  # MKL's packed op has no backward: this must not reach it
+    with linear_kernel("default"):
+        x2 = x.detach().clone().requires_grad_(True)
+        layer(x2).square().sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+
+def many_rows_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """F.linear on these rows padded to 32: PyTorch's many-row kernel, which the packed one equals."""
+    padded = torch.cat([x, x.new_zeros(32 - len(x), x.shape[-1])])
+    return F.linear(padded, layer.weight, layer.bias)[: len(x)]
+
+
+@torch.no_grad()
+def test_weight_edits_are_seen():
+    layer = packed_layer()
+    x = torch.randn(2, layer.in_features)
+    before = layer(x)
+    assert torch.equal(before, many_rows_reference(layer, x))
+    layer.weight.mul_(2.0)  # in place under no_grad: the version counter moves
+    assert torch.equal(layer(x), many_rows_reference(layer, x))
+    layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # a new storage
+    assert torch.equal(layer(x), many_rows_reference(layer, x))
+    layer.weight.data.mul_(0.5)  # through .data no counter moves: the stale copy is still used
+    assert not torch.equal(layer(x), many_rows_reference(layer, x))
+    forget_packed()  # ... until it is dropped
+    assert torch.equal(layer(x), many_rows_reference(layer, x))
+
+
+@torch.no_grad()
+def test_other_dtypes_and_state_pass_through():
+    layer = packed_layer()
+    x = torch.randn(2, layer.in_features)
+    layer(x)  # packed once
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    clone = copy.deepcopy(layer)
+    assert isinstance(clone, PackedLinear) and torch.equal(clone(x), layer(x))
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    assert half(x.bfloat16()).dtype == torch.bfloat16  # not fp32: PyTorch's path
+
+
+def test_compiled_graphs_keep_pytorch_op():
+    layer = packed_layer()
+    x = torch.randn(2, layer.in_features)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fails on a graph break
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_backbone_layers_are_swapped_from_the_size_on():
+    from diffmas.linear import MIN_PACKED_WEIGHT
+
+    bb = wide_backbone(tied=False)
+    linears = [m for m in bb.model.modules() if isinstance(m, torch.nn.Linear)]
+    swapped = [m for m in linears if isinstance(m, PackedLinear)]
+    assert swapped and all((m.weight.numel() >= MIN_PACKED_WEIGHT) == (m in swapped) for m in linears)
+    assert any(m not in swapped for m in linears)  # the 128-wide k/v projections stay plain
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_steps_match_pytorch_kernel(tied):
+    """Prompt, latent steps and greedy decoding of a batch: the same tokens, and hidden states
+    and trace keys within fp32 rounding of PyTorch's own kernel (1e-4 after latent steps,
+    which feed each step's rounding back in, as the fast path's tests allow)."""
+    bb = wide_backbone(tied=tied)
+    prompts = ["a short one", "a much longer prompt, with several more words", "mid length"]
+
+    def run():
+        trace = LatentTrace(bb, len(prompts))
+        with torch.no_grad():
+            hidden = prefill(trace, "a", prompts)
+            hidden = latent_steps(trace, "a", hidden, 3)
+            out = decode(trace, "b", prefill(trace, "b", ["go"] * 3), DecodeConfig(max_new_tokens=6), [0] * 3)
+        return hidden, out, trace.kv()
+
+    hidden, out, kv = run()
+    with linear_kernel("default"):
+        hidden_ref, out_ref, kv_ref = run()
+    assert out.token_ids == out_ref.token_ids
+    torch.testing.assert_close(hidden, hidden_ref, rtol=1e-4, atol=1e-4)
+    for (k, v), (k_ref, v_ref) in zip(kv, kv_ref):
+        torch.testing.assert_close(k, k_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_kernel_name_is_one_clear_error():
+    from diffmas.errors import DiffmasError
+
+    with pytest.raises(DiffmasError, match="linear kernel 'fast'"):
+        with linear_kernel("fast"):
+            pass
