@@ -95,9 +95,12 @@ def assert_same(ref, got, tol, logits_tol):
     assert len(logits1) == len(logits0) == 16
     for a, b in zip(logits0, logits1):
         torch.testing.assert_close(b, a, atol=logits_tol, rtol=0)
+    # real columns only: what a padding column holds is never read (the mask hides it), and the
+    # eager path computes the padded prompts of a CPU batch row by row, leaving zeros there
+    real = t0.attention_mask[:, None, :, None].to(t0.kv()[0][0].dtype)
     for (k0, v0), (k1, v1) in zip(t0.kv(), t1.kv()):
-        torch.testing.assert_close(k1, k0, atol=tol, rtol=0)
-        torch.testing.assert_close(v1, v0, atol=tol, rtol=0)
+        torch.testing.assert_close(k1 * real, k0 * real, atol=tol, rtol=0)
+        torch.testing.assert_close(v1 * real, v0 * real, atol=tol, rtol=0)
     assert (t1.n_bytes(), t1.real_bytes(), t1.length) == (t0.n_bytes(), t0.real_bytes(), t0.length)
     assert torch.equal(t1.attention_mask, t0.attention_mask) and torch.equal(t1.positions, t0.positions)
 

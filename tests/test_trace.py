@@ -176,3 +176,80 @@ def test_overflow_is_a_clear_error(backbone):
     trace = LatentTrace(backbone, 1)
     with pytest.raises(TraceOverflowError, match="beyond the model's context of 40"):
         prefill(trace, "a", ["x" * 60])
+
+
+# ----------------------------------------------------------------------------- row by row
+LONG_ROWS = [
+    "a prompt of moderate length, over thirty-two tokens",
+    "a much longer prompt than that one, with several more words in it, to pad the others",
+    "the third prompt, of some middle length, also long",
+]
+
+
+def build_long(bb, rows, hidden_agents=()):
+    """Agent a's padded prompt and 2 latent steps, then agent b's padded prompt (hiding a when
+    asked) and 4 decoded tokens: (both prompts' last hidden states (2, B, d), decoded ids, trace)."""
+    from diffmas.generate import DecodeConfig, decode
+
+    trace = LatentTrace(bb, len(rows))
+    h_a = prefill(trace, "a", rows)
+    latent_steps(trace, "a", h_a, 2)
+    h_b = prefill(trace, "b", [r[::-1] for r in rows], hidden_agents)
+    out = decode(trace, "b", h_b, DecodeConfig(max_new_tokens=4, min_new_tokens=4), [0] * len(rows))
+    return torch.stack([h_a, h_b]), out.token_ids, trace
+
+
+def count_decoder_calls(bb, monkeypatch) -> list:
+    calls = []
+    decoder = bb.decoder()
+    real = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(k["inputs_embeds"].shape) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("hidden", [(), ("a",)], ids=["reads-all", "a-hidden"])
+@torch.no_grad()
+def test_row_by_row_prefill_equals_the_padded_batch(backbone, hidden, monkeypatch):
+    from diffmas.trace import row_by_row
+
+    calls = count_decoder_calls(backbone, monkeypatch)
+    h, ids, trace = build_long(backbone, LONG_ROWS, hidden)
+    rows = [shape[1] for shape in calls if shape[0] == 1 and shape[1] > 1]
+    assert len(rows) == 2 * len(LONG_ROWS)  # both prompts ran row by row, on real tokens only
+    assert sorted(rows[:3]) == sorted(trace.segments[0].n_tokens)
+    with row_by_row(False):
+        h_ref, ids_ref, ref = build_long(backbone, LONG_ROWS, hidden)
+    assert ids == ids_ref
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-5)  # padding columns: zeros vs unread values
+    assert (trace.n_bytes(), trace.real_bytes(), trace.length) == (ref.n_bytes(), ref.real_bytes(), ref.length)
+    assert torch.equal(trace.attention_mask, ref.attention_mask) and torch.equal(trace.positions, ref.positions)
+    real = trace.attention_mask[:, None, :, None].float()
+    for (k, v), (k_ref, v_ref) in zip(trace.kv(), ref.kv()):
+        torch.testing.assert_close(k * real, k_ref * real, rtol=0, atol=1e-4)
+        torch.testing.assert_close(v * real, v_ref * real, rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_row_by_row_gives_each_row_its_result_alone(backbone):
+    h, ids, _ = build_long(backbone, LONG_ROWS)
+    for b, row in enumerate(LONG_ROWS):
+        h_alone, ids_alone, _ = build_long(backbone, [row])
+        assert ids[b] == ids_alone[0]
+        torch.testing.assert_close(h[:, b], h_alone[:, 0], rtol=0, atol=1e-5)
+
+
+def test_row_by_row_only_where_it_pays(backbone, monkeypatch):
+    calls = count_decoder_calls(backbone, monkeypatch)
+
+    def one_chunk(prompts, grad=False, record=False):
+        calls.clear()
+        trace = LatentTrace(backbone, len(prompts), record_inputs=record)
+        with torch.set_grad_enabled(grad):
+            prefill(trace, "a", prompts)
+        return len(calls)
+
+    assert one_chunk(LONG_ROWS) == len(LONG_ROWS)
+    assert one_chunk(LONG_ROWS, grad=True) == 1  # training: one padded forward (gradients, checkpointing)
+    assert one_chunk(LONG_ROWS, record=True) == 1  # recorded inputs replay chunks as written
+    assert one_chunk([LONG_ROWS[0], "short"]) == 1  # a row under ROW_BY_ROW_MIN_TOKENS
+    assert one_chunk([LONG_ROWS[0], LONG_ROWS[0][::-1]]) == 1  # no padding

@@ -170,6 +170,26 @@ class _TraceLayer(DynamicLayer):
 
 _CAPACITY_STEP = 64  # buffer capacities are multiples of this many columns
 
+# Row by row (inference on a CPU): a CPU's prompt prefill is compute-bound, so a padding column
+# costs as much as a real token. A chunk whose rows all have at least ROW_BY_ROW_MIN_TOKENS real
+# tokens (enough rows for the matrix products to stay compute-bound) and at least
+# ROW_BY_ROW_MIN_PADDING padding runs each row alone on its real tokens. `row_by_row(False)`
+# turns it off (benchmarks' before/after, equivalence tests).
+ROW_BY_ROW_MIN_TOKENS = 32
+ROW_BY_ROW_MIN_PADDING = 0.05
+_ROW_BY_ROW = True
+
+
+@contextlib.contextmanager
+def row_by_row(enabled: bool):
+    """Within the block, traces run padded chunks row by row where they qualify (or never)."""
+    global _ROW_BY_ROW
+    before, _ROW_BY_ROW = _ROW_BY_ROW, bool(enabled)
+    try:
+        yield
+    finally:
+        _ROW_BY_ROW = before
+
 MIN_BUCKET = 256  # the static store's smallest capacity, in columns
 
 
@@ -397,6 +417,8 @@ class LatentTrace:
         def run(embeds: torch.Tensor) -> torch.Tensor:
             if self.store == "static":
                 return self._static_forward(embeds, full_mask, position_ids)
+            if self._row_by_row(chunk_mask):
+                return self._forward_rows(embeds, chunk_mask, full_mask, position_ids)
             return self.backbone.decoder()(
                 inputs_embeds=embeds,
                 attention_mask=full_mask,
@@ -422,6 +444,53 @@ class LatentTrace:
         self.positions = torch.cat([self.positions, position_ids.masked_fill(chunk_mask == 0, -1)], dim=1)
         self.next_position = self.next_position + n_new
         self._record(agent, kind, start, self.length, n_new.tolist())
+        return hidden
+
+    def _row_by_row(self, chunk_mask: torch.Tensor) -> bool:
+        """Run this chunk row by row on its real tokens (see ROW_BY_ROW_*)?"""
+        batch, width = chunk_mask.shape
+        if not _ROW_BY_ROW or batch < 2 or width < ROW_BY_ROW_MIN_TOKENS or torch.is_grad_enabled():
+            return False
+        if self.backbone.device.type != "cpu" or self.inputs is not None:
+            return False  # a GPU gains from the batched shapes; recorded traces replay chunks as written
+        real = chunk_mask.sum(dim=1)
+        padding = 1 - float(real.sum()) / (batch * width)
+        return int(real.min()) >= ROW_BY_ROW_MIN_TOKENS and padding >= ROW_BY_ROW_MIN_PADDING
+
+    def _forward_rows(
+        self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder on each row's real tokens alone, over that row of the trace; the rows' new
+        keys and values are laid into the chunk's columns (zeros in padding, which the mask hides)
+        and appended through the cache as one batched forward would append them. Hidden states of
+        padding columns are zeros."""
+        length, config = self.length, self.backbone.base_model().config
+        past = self.kv()
+        hidden = torch.zeros_like(embeds)
+        new: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for b in range(embeds.shape[0]):
+            cols = chunk_mask[b].nonzero().squeeze(1)  # the row's real columns, in order
+            scratch = DynamicCache(config=config)
+            scratch.layers = [_TraceLayer(grow=False) for _ in scratch.layers]
+            for layer, (keys, values) in zip(scratch.layers, past):
+                layer.set(keys[b : b + 1], values[b : b + 1])  # views; the forward concatenates
+            mask = torch.cat([full_mask[b : b + 1, :length], chunk_mask.new_ones(1, len(cols))], dim=1)
+            hidden[b, cols] = self.backbone.decoder()(
+                inputs_embeds=embeds[b : b + 1, cols],
+                attention_mask=mask,
+                position_ids=position_ids[b : b + 1, cols],
+                past_key_values=scratch,
+                use_cache=True,
+            ).last_hidden_state[0]
+            for i, layer in enumerate(scratch.layers):
+                k, v = layer.keys[0, :, length:], layer.values[0, :, length:]  # (H, t, D)
+                if len(new) <= i:
+                    shape = (embeds.shape[0], k.shape[0], embeds.shape[1], k.shape[2])
+                    new.append((k.new_zeros(shape), v.new_zeros(shape)))
+                new[i][0][b, :, cols] = k
+                new[i][1][b, :, cols] = v
+        for i, (keys, values) in enumerate(new):
+            self.cache.update(keys, values, i)
         return hidden
 
     def _static_forward(self, embeds: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor):
