@@ -1,5 +1,9 @@
 """Batching: latent_mas throughput (questions/s) at batch 1, 4 and 16 on the same questions.
-Target: >= 4x at batch 16 over batch 1 (issue 14 acceptance; its text first asked 5x)."""
+Target: >= 4x at batch 16 over batch 1 (issue 14 acceptance; its text first asked 5x).
+
+Variants (`--stores`), each batch size on each in turn: `concat` (the old concatenating trace
+store), `padded` (the in-place store, prompts run as one padded batch: `row_by_row(False)`) and
+`grow` (the default: in-place store, padded CPU prompts run row by row)."""
 
 from __future__ import annotations
 
@@ -9,10 +13,10 @@ import _common as c
 
 
 def run(n: int, sizes: list[int], max_new_tokens: int, m: int, stores=("grow",)) -> dict:
-    """stores: trace stores to measure, each batch size on each in turn (before/after in one run);
-    the top-level figures are the last store's."""
+    """stores: variants to measure (see the module docstring), each batch size on each in turn
+    (before/after in one run); the top-level figures are the last one's."""
     from diffmas import DecodeConfig, MethodConfig, get_method
-    from diffmas.trace import trace_store
+    from diffmas.trace import row_by_row, trace_store
 
     bb = c.backbone()
     task, examples = c.gsm8k(n)
@@ -29,7 +33,7 @@ def run(n: int, sizes: list[int], max_new_tokens: int, m: int, stores=("grow",))
     for size, store in ((size, store) for size in sizes for store in stores):
         start = c.time.perf_counter()
         generated = 0
-        with trace_store(store):
+        with trace_store("grow" if store == "padded" else store), row_by_row(store != "padded"):
             for i in range(0, n, size):
                 for r in method.run_batch(prompts[i : i + size], task.format_instruction):
                     generated += r.agents[-1].n_generated_tokens
@@ -67,7 +71,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--latent-steps", type=int, default=10)
-    p.add_argument("--stores", default="grow", help="trace stores, e.g. concat,grow (before,after) in one run")
+    p.add_argument("--stores", default="grow", help="variants, e.g. concat,padded,grow (before, ..., after) in one run")
     p.add_argument("--threads", type=int, default=None)
     c.add_model_args(p)
     args = p.parse_args()
