@@ -47,21 +47,22 @@ def make_tokenizer():
     return tok
 
 
-def make_model(tied: bool, seed: int = 0, vocab_size: int = 259):
+def make_model(tied: bool, seed: int = 0, vocab_size: int = 259, width: int = 64, init: float = 0.2):
+    """A 2-layer random Llama, `width` wide (4 heads, 2 KV heads, MLP twice as wide)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
         # A wide init makes the layers matter next to the residual stream: with the default 0.02 a
         # tied model just repeats its last input token, and parity tests would compare constants.
-        initializer_range=0.2,
+        initializer_range=init,
         tie_word_embeddings=tied,
         pad_token_id=0,
         bos_token_id=1,
@@ -70,12 +71,13 @@ def make_model(tied: bool, seed: int = 0, vocab_size: int = 259):
     return LlamaForCausalLM(config).to(TEST_DEVICE).eval().requires_grad_(False)
 
 
-def make_backbone(tied: bool, seed: int = 0):
+def make_backbone(tied: bool, seed: int = 0, width: int = 64, init: float = 0.2):
     from diffmas.backbone import Backbone, prepare_tokenizer
 
     tok = make_tokenizer()
     prepare_tokenizer(tok)
-    return Backbone(model=make_model(tied, seed), tokenizer=tok, name=f"tiny-{'tied' if tied else 'untied'}")
+    name = f"tiny-{'tied' if tied else 'untied'}" + (f"-{width}" if width != 64 else "")
+    return Backbone(model=make_model(tied, seed, width=width, init=init), tokenizer=tok, name=name)
 
 
 @pytest.fixture(params=[True, False], ids=["tied", "untied"])

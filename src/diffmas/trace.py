@@ -30,6 +30,10 @@ autograd on, appends concatenate into new tensors (copy on write), because in-pl
 gradients. `trace_store("concat")` gives the old store everywhere (benchmarks, equivalence tests).
 `n_bytes` counts the live entries; `capacity_bytes` what the buffers hold, free columns included.
 
+Row by row (inference on a CPU): a padded chunk whose rows are all long enough runs each row alone
+on its real tokens (`_forward_rows`; see ROW_BY_ROW_MIN_TOKENS), so a compute-bound CPU prefill
+spends nothing on padding; padding columns then hold zeros, which no read sees.
+
 Static store (the opt-in fast path, `MethodConfig.compile`, see `diffmas.fast_path`): a trace made
 with a `step` keeps each layer's entries in a zero-initialised buffer whose capacity is a bucket
 (`bucket_capacity`), and every append attends over the whole buffer with the unused columns masked.
