@@ -194,6 +194,7 @@ def row_by_row(enabled: bool):
     finally:
         _ROW_BY_ROW = before
 
+
 MIN_BUCKET = 256  # the static store's smallest capacity, in columns
 
 
