@@ -26,17 +26,17 @@ counter: after one (peft's merge does, on the merged copy `export_merged` saves)
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from diffmas.errors import DiffmasError
+from diffmas.switch import Switch
 
 LinearKernel = Literal["packed", "default"]
 LINEAR_KERNELS = ("packed", "default")
+KERNEL: Switch[LinearKernel] = Switch("linear kernel", "packed", LINEAR_KERNELS)
 _KERNEL: LinearKernel = "packed"
 
 # Products of 2 to 16 rows go packed. One row is a matrix-vector product, which PyTorch's kernel
@@ -49,17 +49,9 @@ MIN_PACKED_ROWS, MAX_PACKED_ROWS = 2, 16
 MIN_PACKED_WEIGHT = 64 * 1024
 
 
-@contextlib.contextmanager
 def linear_kernel(kind: LinearKernel):
     """Run the backbone's CPU linear layers with the given kernel inside this block."""
-    global _KERNEL
-    if kind not in LINEAR_KERNELS:
-        raise DiffmasError(f"linear kernel {kind!r}: choose one of {', '.join(LINEAR_KERNELS)}")
-    before, _KERNEL = _KERNEL, kind
-    try:
-        yield
-    finally:
-        _KERNEL = before
+    return KERNEL.using(kind)
 
 
 def packing_available() -> bool:
@@ -78,7 +70,7 @@ class PackedLinear(torch.nn.Linear):
         weight = self.weight
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (
-            _KERNEL != "packed"
+            KERNEL.value != "packed"
             or torch.compiler.is_compiling()  # the fast path's graphs keep PyTorch's op
             or not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS
             or weight.device.type != "cpu"

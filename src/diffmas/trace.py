@@ -53,6 +53,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from diffmas.errors import DiffmasError
+from diffmas.switch import Switch
 
 SegmentKind = Literal["prompt", "latent", "generated"]
 # Who reads what of the *other* agents' entries (an agent always sees its own):
@@ -72,20 +73,12 @@ class TraceOverflowError(DiffmasError):
 # switches it, for benchmarks and equivalence tests against the old store.
 TraceStore = Literal["grow", "concat"]
 TRACE_STORES = ("grow", "concat")
-_STORE: TraceStore = "grow"
+STORE: Switch[TraceStore] = Switch("trace store", "grow", TRACE_STORES)
 
 
-@contextlib.contextmanager
 def trace_store(kind: TraceStore):
     """Build the traces made inside this block with the given store ("grow" or "concat")."""
-    global _STORE
-    if kind not in TRACE_STORES:
-        raise DiffmasError(f"trace store {kind!r}: choose one of {', '.join(TRACE_STORES)}")
-    before, _STORE = _STORE, kind
-    try:
-        yield
-    finally:
-        _STORE = before
+    return STORE.using(kind)
 
 
 class _TraceLayer(DynamicLayer):
@@ -181,18 +174,12 @@ _CAPACITY_STEP = 64  # buffer capacities are multiples of this many columns
 # turns it off (benchmarks' before/after, equivalence tests).
 ROW_BY_ROW_MIN_TOKENS = 32
 ROW_BY_ROW_MIN_PADDING = 0.05
-_ROW_BY_ROW = True
+ROW_BY_ROW: Switch[bool] = Switch("row_by_row", True, (True, False))
 
 
-@contextlib.contextmanager
 def row_by_row(enabled: bool):
     """Within the block, traces run padded chunks row by row where they qualify (or never)."""
-    global _ROW_BY_ROW
-    before, _ROW_BY_ROW = _ROW_BY_ROW, bool(enabled)
-    try:
-        yield
-    finally:
-        _ROW_BY_ROW = before
+    return ROW_BY_ROW.using(bool(enabled))
 
 
 MIN_BUCKET = 256  # the static store's smallest capacity, in columns
@@ -314,7 +301,7 @@ class LatentTrace:
         self.batch_size = batch_size
         self.reads = reads
         self.step = step
-        self.store: TraceStore | Literal["static"] = "static" if step is not None else _STORE  # see `trace_store`
+        self.store: TraceStore | Literal["static"] = "static" if step is not None else STORE.value
         device = backbone.device
         self.set_kv([])
         self.attention_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
@@ -454,7 +441,7 @@ class LatentTrace:
     def _row_by_row(self, chunk_mask: torch.Tensor) -> bool:
         """Run this chunk row by row on its real tokens (see ROW_BY_ROW_*)?"""
         batch, width = chunk_mask.shape
-        if not _ROW_BY_ROW or batch < 2 or width < ROW_BY_ROW_MIN_TOKENS or torch.is_grad_enabled():
+        if not ROW_BY_ROW.value or batch < 2 or width < ROW_BY_ROW_MIN_TOKENS or torch.is_grad_enabled():
             return False
         if self.backbone.device.type != "cpu" or self.inputs is not None:
             return False  # a GPU gains from the batched shapes; recorded traces replay chunks as written

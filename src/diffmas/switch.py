@@ -1,0 +1,34 @@
+"""Switch: a process-wide setting with a default, changed for the length of a block.
+
+The trace store (`trace.trace_store`), the CPU linear kernel (`linear.linear_kernel`) and row-by-row
+prefill (`trace.row_by_row`) are such settings: the default is what users get, and benchmarks and
+equivalence tests switch to the old path for a block to measure both in one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Generic, Iterator, Sequence, TypeVar
+
+from diffmas.errors import DiffmasError
+
+T = TypeVar("T")
+
+
+class Switch(Generic[T]):
+    """`value` is the current setting; `using(x)` sets it for a block and restores it after."""
+
+    def __init__(self, what: str, default: T, choices: Sequence[T]):
+        self.what, self.choices = what, tuple(choices)
+        self.value: T = default
+
+    @contextlib.contextmanager
+    def using(self, value: T) -> Iterator[None]:
+        if value not in self.choices:
+            names = ", ".join(str(c) for c in self.choices)
+            raise DiffmasError(f"{self.what} {value!r}: choose one of {names}")
+        before, self.value = self.value, value
+        try:
+            yield
+        finally:
+            self.value = before
