@@ -403,10 +403,11 @@ def section_summary(results: dict[str, dict | None]) -> str:
         [
             "## Before / after (issue 14)",
             '_before_: the concatenating store (`trace_store("concat")`, transformers\' `DynamicCache` '
-            "behaviour) unless the row names another; _after_: the defaults now (the in-place growable store, "
-            "and on CPUs the packed linear layers and row-by-row prompts). Each row's pair comes from one run of "
-            "one script; the sections below give the full tables, the machine and its load. The packed linear "
-            "layers have their own before / after section (PyTorch's kernel vs MKL's packed GEMM).",
+            "behaviour) unless the row names another; _after_: the in-place growable store and, on CPUs, "
+            "row-by-row prompts. Each row's pair comes from one run of one script; the sections below give the "
+            "full tables, the machine and its load (and the commit: the inference-cost and batching runs were "
+            "made with the packed linear layers on, the default at their commit, opt-in since). The packed "
+            "linear layers have their own before / after section (PyTorch's kernel vs MKL's packed GEMM).",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
             "With autograd on both stores concatenate (in-place updates break gradients), so the training "
             "step's before / after is the attention kernel instead: transformers' SDPA, which copies grouped "
@@ -709,8 +710,8 @@ def section_packed_linear(r: dict) -> str:
     return "\n\n".join(
         [
             "## Few-row linear products: PyTorch's kernel vs MKL's packed GEMM",
-            "Decode and latent steps multiply one row per question by every weight. `diffmas.linear` (the "
-            "CPU default) runs products of 2 to 16 rows, without autograd, on weights MKL packed once; "
+            "Decode and latent steps multiply one row per question by every weight. `diffmas.linear` (opt-in: "
+            '`linear_kernel("packed")`) runs products of 2 to 16 rows, without autograd, on weights MKL packed once; '
             "PyTorch's fp32 kernel re-packs the weight on every such call. Both kernels interleaved in "
             f"one run, median of {s['repeats']} runs each; {s['model']} in {s['dtype']}.",
             "Weight read bandwidth of one product, every layer of a shape in turn (GB/s of weights):",

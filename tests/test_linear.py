@@ -33,6 +33,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def packed():
+    """The packed kernel is opt-in (see diffmas.linear.KERNEL): every test here turns it on."""
+    with linear_kernel("packed"):
+        yield
+
+
 def wide_backbone(tied: bool):
     """A random Llama with 256-wide layers: the tiny test models' 64-wide weights stay plain. A
     narrower init than theirs: at this width 0.2 makes each latent step amplify rounding more."""
