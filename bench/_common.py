@@ -189,21 +189,15 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
-def sync(device=None) -> None:
-    """Wait for the GPU's queued kernels before reading a clock: CUDA calls return when queued, so
-    a timer stopped without this measures the launches, not the work. A no-op without CUDA."""
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        torch.cuda.synchronize(device)
+def median_time(fn, repeats: int, device) -> float:
+    """Median wall seconds of fn() on `device`, each run timed to the end of its queued GPU work."""
+    from diffmas.accounting import Stopwatch
 
-
-def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+        clock = Stopwatch(torch.device(device)).start()
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock.elapsed())
     return statistics.median(times)
 
 

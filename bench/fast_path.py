@@ -32,10 +32,6 @@ BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0}
 TARGET_MAX_OVER_FLOOR = 2.0
 
 
-def sync(bb) -> None:
-    c.sync(bb.device)
-
-
 def take_steps(trace, kind: str, hidden: torch.Tensor, n: int) -> None:
     """n one-position steps of `kind` on the trace (decode: EOS suppressed, n forwards)."""
     from diffmas.channel import latent_steps
@@ -50,16 +46,16 @@ def take_steps(trace, kind: str, hidden: torch.Tensor, n: int) -> None:
 def step_ms(bb, step, kind: str, batch: int, length: int, steps: int, warmup: int) -> tuple[float, float]:
     """(ms per step over `steps` steps after `warmup` ones, seconds of the warm-up) on a fresh
     `length`-position trace; step None: the eager path."""
+    from diffmas.accounting import Stopwatch
+
     trace = synthetic_trace(bb, "grow", batch, length, step)
     hidden = torch.randn(batch, bb.config.hidden_size, device=bb.device).to(bb.dtype)
-    start = c.time.perf_counter()
+    clock = Stopwatch(bb.device).start()
     take_steps(trace, kind, hidden, warmup)
-    sync(bb)
-    first = c.time.perf_counter() - start
-    start = c.time.perf_counter()
+    first = clock.elapsed()
+    clock.start()
     take_steps(trace, kind, hidden, steps)
-    sync(bb)
-    return (c.time.perf_counter() - start) / steps * 1000, first
+    return clock.elapsed() / steps * 1000, first
 
 
 def weight_bytes(bb, kind: str) -> int:

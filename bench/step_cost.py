@@ -15,6 +15,7 @@ import _common as c
 
 
 def run(context: int, steps: int, repeats: int, batch: int) -> dict:
+    from diffmas.accounting import Stopwatch
     from diffmas.channel import latent_steps, prefill
     from diffmas.generate import DecodeConfig, decode
     from diffmas.trace import LatentTrace
@@ -28,22 +29,18 @@ def run(context: int, steps: int, repeats: int, batch: int) -> dict:
 
     def latent_run():
         trace, h = fresh()
-        c.sync(bb.device)
-        start = c.time.perf_counter()
+        clock = Stopwatch(bb.device).start()
         latent_steps(trace, "a", h, steps)
-        c.sync(bb.device)  # latent steps never read a result back: without it, only launches are timed
-        return c.time.perf_counter() - start
+        return clock.elapsed()  # waits for the GPU: latent steps never read a result back
 
     # steps + 1 tokens, EOS suppressed: exactly `steps` forwards (the last token is not fed back)
     config = DecodeConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1)
 
     def decode_run():
         trace, h = fresh()
-        c.sync(bb.device)
-        start = c.time.perf_counter()
+        clock = Stopwatch(bb.device).start()
         decode(trace, "a", h, config, [0] * batch)
-        c.sync(bb.device)
-        return c.time.perf_counter() - start
+        return clock.elapsed()
 
     with torch.no_grad():
         latent_run(), decode_run()  # warm-up

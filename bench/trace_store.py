@@ -47,22 +47,21 @@ def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> t
 
     CPU time is this process's, all threads: on a machine shared with other work it is less
     exposed to them than wall time (though not to their use of memory bandwidth and caches)."""
+    from diffmas.accounting import Stopwatch
     from diffmas.channel import latent_steps
     from diffmas.generate import DecodeConfig, decode
 
     trace = synthetic_trace(bb, store, batch, length)
     hidden = torch.randn(batch, bb.config.hidden_size, device=bb.device).to(bb.dtype)
-    c.sync(bb.device)
     if kind == "latent":
-        start, cpu = c.time.perf_counter(), c.time.process_time()
+        clock, cpu = Stopwatch(bb.device).start(), c.time.process_time()
         latent_steps(trace, "a", hidden, steps)
     else:
         # steps + 1 tokens with EOS suppressed: exactly `steps` decoder forwards
         config = DecodeConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1)
-        start, cpu = c.time.perf_counter(), c.time.process_time()
+        clock, cpu = Stopwatch(bb.device).start(), c.time.process_time()
         decode(trace, "a", hidden, config, [0] * batch)
-    c.sync(bb.device)
-    wall, cpu = c.time.perf_counter() - start, c.time.process_time() - cpu
+    wall, cpu = clock.elapsed(), c.time.process_time() - cpu
     assert trace.length == length + steps
     return wall / steps * 1000, cpu / steps * 1000
 

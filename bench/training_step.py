@@ -50,7 +50,7 @@ def step_time(
 
     step()  # warm-up
     with MemoryMeter(bb.device) as memory:
-        seconds = c.median_time(step, repeats)
+        seconds = c.median_time(step, repeats, bb.device)
     return {
         "seconds_per_step": seconds,
         "trace_len": model.last_stats["trace_len"],

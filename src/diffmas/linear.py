@@ -41,7 +41,6 @@ LINEAR_KERNELS = ("packed", "default")
 # allocation made afterwards was not returned to the system when freed, which defeats the RSS-peak
 # accounting (tests/test_method_cost.py failed after the earlier tests of the suite).
 KERNEL: Switch[LinearKernel] = Switch("linear kernel", "default", LINEAR_KERNELS)
-_KERNEL: LinearKernel = "packed"
 
 # Products of 2 to 16 rows go packed. One row is a matrix-vector product, which PyTorch's kernel
 # runs at the bandwidth already; above 16 rows PyTorch's kernel was as fast or faster on the
