@@ -37,9 +37,10 @@ from diffmas.switch import Switch
 LinearKernel = Literal["packed", "default"]
 LINEAR_KERNELS = ("packed", "default")
 # Opt-in: with packing on, a process that builds and drops backbones kept the freed memory
-# resident (RSS 426 -> 1378 MiB over three embedded backbones, against 422 without), and a 400 MiB
-# allocation made afterwards was not returned to the system when freed, which defeats the RSS-peak
-# accounting (tests/test_method_cost.py failed after the earlier tests of the suite).
+# resident (in one ad-hoc run, RSS 426 -> 1378 MiB over three embedded backbones, against 422
+# without), and a 400 MiB allocation made afterwards was not returned to the system when freed,
+# which defeats the RSS-peak accounting (tests/test_method_cost.py failed after the suite's
+# earlier tests).
 KERNEL: Switch[LinearKernel] = Switch("linear kernel", "default", LINEAR_KERNELS)
 
 # Products of 2 to 16 rows go packed. One row is a matrix-vector product, which PyTorch's kernel
