@@ -2,12 +2,15 @@
 
 Peak memory is CUDA max-allocated on GPU, and peak resident set size (VmHWM) on CPU. On Linux the
 RSS high-water mark is reset at the start of each measurement (/proc/self/clear_refs), so each run
-reports its own peak rather than the process's lifetime peak.
+reports its own peak rather than the process's lifetime peak; the C heap is trimmed first
+(`trim_heap`), because memory freed before the block but still resident would otherwise be reused
+inside it without raising the RSS, and hide the block's own allocations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import resource
 import sys
@@ -51,6 +54,7 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            trim_heap()
             _reset_rss_peak()
         return self
 
@@ -61,6 +65,20 @@ class MemoryMeter:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return rss_peak_bytes()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    glibc serves blocks of a few MiB from its heap once a freed block of that size has raised its
+    mmap threshold, and a heap does not return freed blocks in its middle by itself: a process
+    that loads and drops models, or packs weights (diffmas.linear), keeps that memory resident."""
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
 
 
 def _reset_rss_peak() -> None:

@@ -21,27 +21,33 @@ made on a layer's first few-row call, and made again when the weight's storage o
 changes (`load_state_dict`, in-place updates under `no_grad`). Edits through `weight.data` bump no
 counter: after one (peft's merge does, on the merged copy `export_merged` saves), call
 `forget_packed()`.
-It is opt-in: `with linear_kernel("packed"):` (see KERNEL for why it is not the default yet).
+
+Memory. The packed copies double the linear weights' memory, so a model is packed only when the
+copies fit in a quarter of the memory available when it loads (a 135M fp32 model: 0.5 GiB of
+copies; an fp32 8B model on a laptop stays unpacked). When packed copies are dropped (their model
+is garbage-collected, or `forget_packed()`), the C heap is trimmed: the copies are a few MiB each,
+glibc serves such blocks from its heap once a freed block of that size has raised its mmap
+threshold, and a heap does not give freed blocks back to the system by itself, so without the
+trim a process that loads and drops models keeps their memory resident (and its RSS peaks stop
+meaning anything; tests/test_method_cost.py measures one).
+`linear_kernel("default")` turns packing off for a block.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from diffmas.accounting import trim_heap
 from diffmas.switch import Switch
 
 LinearKernel = Literal["packed", "default"]
 LINEAR_KERNELS = ("packed", "default")
-# Opt-in: with packing on, a process that builds and drops backbones kept the freed memory
-# resident (in one ad-hoc run, RSS 426 -> 1378 MiB over three embedded backbones, against 422
-# without), and a 400 MiB allocation made afterwards was not returned to the system when freed,
-# which defeats the RSS-peak accounting (tests/test_method_cost.py failed after the suite's
-# earlier tests).
-KERNEL: Switch[LinearKernel] = Switch("linear kernel", "default", LINEAR_KERNELS)
+KERNEL: Switch[LinearKernel] = Switch("linear kernel", "packed", LINEAR_KERNELS)
 
 # Products of 2 to 16 rows go packed. One row is a matrix-vector product, which PyTorch's kernel
 # runs at the bandwidth already; above 16 rows PyTorch's kernel was as fast or faster on the
@@ -51,6 +57,10 @@ MIN_PACKED_ROWS, MAX_PACKED_ROWS = 2, 16
 # calls, where re-packing costs little, and for the tiny test models' 64-wide layers MKL's packed
 # one-row product rounds differently from its many-row one (tests/test_linear.py shows both).
 MIN_PACKED_WEIGHT = 64 * 1024
+# A model's packed copies may take at most this share of the memory available when it loads.
+MAX_PACKED_SHARE_OF_AVAILABLE = 0.25
+# Trim the C heap once this many bytes of packed copies were dropped since the last trim.
+TRIM_AFTER_BYTES = 32 * 2**20
 
 
 def linear_kernel(kind: LinearKernel):
@@ -86,41 +96,89 @@ class PackedLinear(torch.nn.Linear):
         return torch.ops.mkl._mkl_linear(x, _packed(weight), weight, self.bias, rows)
 
 
-# id(weight) -> (weight's (storage pointer, version) when packed, packed copy). Kept outside the
-# modules, so state_dict, deepcopy and pickling never see the packed copies (a cache, not model
-# state); an entry goes when its weight is garbage-collected.
-_PACKS: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
+# id(weight) -> (weight's (storage pointer, version) when packed, packed copy, its bytes). Kept
+# outside the modules, so state_dict, deepcopy and pickling never see the packed copies (a cache,
+# not model state); an entry goes when its weight is garbage-collected.
+_PACKS: dict[int, tuple[tuple[int, int], torch.Tensor, int]] = {}
+_dropped_bytes = 0  # packed bytes freed since the heap was last trimmed
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version)
     cached = _PACKS.get(id(weight))
     if cached is None:
-        weakref.finalize(weight, _PACKS.pop, id(weight), None)
+        weakref.finalize(weight, _drop, id(weight))
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MAX_PACKED_ROWS))
-        _PACKS[id(weight)] = cached
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MAX_PACKED_ROWS)
+        _PACKS[id(weight)] = cached = (key, packed, weight.numel() * weight.element_size())
     return cached[1]
 
 
-def use_packed_linear(model: torch.nn.Module) -> int:
+def _drop(weight_id: int) -> None:
+    """A packed weight was garbage-collected: free its copy, and trim the heap now and then."""
+    global _dropped_bytes
+    entry = _PACKS.pop(weight_id, None)
+    if entry is not None:
+        _dropped_bytes += entry[2]
+        del entry
+        if _dropped_bytes >= TRIM_AFTER_BYTES:
+            _trim_heap()
+
+
+def _trim_heap() -> None:
+    global _dropped_bytes
+    _dropped_bytes = 0
+    trim_heap()
+
+
+def available_memory_bytes() -> int | None:
+    """The system's available memory (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def use_packed_linear(model: torch.nn.Module, available_bytes: int | None = None) -> int:
     """Swap every plain nn.Linear of a CPU fp32 model with at least MIN_PACKED_WEIGHT weights to
-    PackedLinear; returns how many.
+    PackedLinear; returns how many (0 when their packed copies would not fit in
+    MAX_PACKED_SHARE_OF_AVAILABLE of `available_bytes`, by default the memory available now).
 
     Plain nn.Linear only: quantised or otherwise specialised linear classes keep their own forward.
     """
     if not packing_available():
         return 0
-    swapped = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu":
-            if module.weight.dtype == torch.float32 and module.weight.numel() >= MIN_PACKED_WEIGHT:
-                module.__class__ = PackedLinear
-                swapped += 1
-    return swapped
+    layers = [
+        module
+        for module in model.modules()
+        if type(module) is torch.nn.Linear
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+        and module.weight.numel() >= MIN_PACKED_WEIGHT
+    ]
+    packed_bytes = sum(w.numel() * w.element_size() for w in _unique_weights(layers))
+    available = available_memory_bytes() if available_bytes is None else available_bytes
+    if available is not None and packed_bytes > MAX_PACKED_SHARE_OF_AVAILABLE * available:
+        return 0
+    for module in layers:
+        module.__class__ = PackedLinear
+    return len(layers)
+
+
+def _unique_weights(layers: list[torch.nn.Linear]) -> list[torch.Tensor]:
+    """Each weight once (a tied LM head shares the embedding's)."""
+    return list({id(m.weight): m.weight for m in layers}.values())
 
 
 def forget_packed() -> None:
     """Drop every packed copy; each layer packs its weight again on its next few-row call."""
     _PACKS.clear()
+    _trim_heap()

@@ -27,7 +27,7 @@ def env() -> None:
         + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in cpu_bf16_support().items())
         + f" (torch CPU kernels: {torch.backends.cpu.get_cpu_capability()})",
         "- CPU linear layers: "
-        + ("PyTorch's; MKL's packed GEMM opt-in" if packing_available() else "PyTorch's (no MKL in this torch)"),
+        + ("MKL's packed GEMM for 2 to 16 rows" if packing_available() else "PyTorch's (no MKL in this torch)"),
         f"- DIFFMAS_HOME: {diffmas_home()}",
         f"- code sandbox: {isolation().describe()}",
     ]
