@@ -93,6 +93,7 @@ class ModelSettings:
 
 
 SETTINGS = ModelSettings()
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any --threads
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +174,8 @@ def machine() -> dict:
     return {
         "device": device_description(),
         "torch_threads": torch.get_num_threads(),
+        "torch_default_threads": DEFAULT_THREADS,
+        "cpu_count": os.cpu_count(),
         "bench_model": asdict(SETTINGS),
         "python": platform.python_version(),
         "versions": package_versions(),

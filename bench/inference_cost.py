@@ -1,5 +1,8 @@
 """Inference cost: single vs text_mas vs latent_mas (4 agents, m=10) on the same GSM8K questions,
-greedy, on the embedded model. Targets: latent_mas <= 1.3x single; text_mas >= 4x latent_mas."""
+greedy, on the embedded model. Targets: latent_mas <= 1.3x single; text_mas >= 4x latent_mas.
+
+The decode budgets and the batch size default to the library's own defaults (`DecodeConfig`,
+`MethodConfig`, `EvalConfig`): the targets are stated for default settings."""
 
 from __future__ import annotations
 
@@ -89,12 +92,16 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
 
 
 def main() -> None:
+    from diffmas import DecodeConfig, MethodConfig
+    from diffmas.evaluate.runner import EvalConfig
+
+    method, run_defaults = MethodConfig(), EvalConfig(task="gsm8k")
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--upstream-max-new-tokens", type=int, default=128)
-    p.add_argument("--latent-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=run_defaults.batch_size)
+    p.add_argument("--max-new-tokens", type=int, default=DecodeConfig().max_new_tokens)
+    p.add_argument("--upstream-max-new-tokens", type=int, default=method.upstream_max_new_tokens)
+    p.add_argument("--latent-steps", type=int, default=method.latent_steps)
     p.add_argument("--stores", default="grow", help="trace stores, e.g. concat,grow (before,after) in one run")
     p.add_argument("--threads", type=int, default=None)
     c.add_model_args(p)

@@ -150,7 +150,7 @@ def main() -> None:
     p.add_argument("--kinds", default="decode,latent")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
     c.add_model_args(p)
     args = p.parse_args()
     c.setup(args.threads, args)

@@ -405,9 +405,8 @@ def section_summary(results: dict[str, dict | None]) -> str:
             '_before_: the concatenating store (`trace_store("concat")`, transformers\' `DynamicCache` '
             "behaviour) unless the row names another; _after_: the in-place growable store and, on CPUs, "
             "row-by-row prompts. Each row's pair comes from one run of one script; the sections below give the "
-            "full tables, the machine and its load (and the commit: the inference-cost and batching runs were "
-            "made with the packed linear layers on, the default at their commit, opt-in since). The packed "
-            "linear layers have their own before / after section (PyTorch's kernel vs MKL's packed GEMM).",
+            "full tables, the machine, its load and the commit. The packed linear layers (the CPU default) "
+            "have their own before / after section (PyTorch's kernel vs MKL's packed GEMM).",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
             "With autograd on both stores concatenate (in-place updates break gradients), so the training "
             "step's before / after is the attention kernel instead: transformers' SDPA, which copies grouped "
@@ -451,12 +450,23 @@ def section_trace_store(r: dict) -> str:
             "ratio of each store's fastest run, and _CPU time_ the ratio of this process's CPU time (median): "
             "both less exposed to other processes on a shared machine than the wall-time medians.",
             f"Load average (1, 5, 15 min) before the run: {load}; after: {load_after} (other engineers' tests "
-            f"shared the 2 cores). Torch threads: {r['machine']['torch_threads']} (with OMP_NUM_THREADS=1): on "
-            "cores busy with other jobs, two threads made every step many times slower (a spinning worker "
-            "waits for one that is descheduled), so this run's benchmarks all use one.",
+            "may share the cores). " + threads_line(r),
             machine_line(r),
         ]
     )
+
+
+def threads_line(r: dict) -> str:
+    """How many torch threads the run used, and why when it was not torch's default."""
+    threads, default = r["machine"]["torch_threads"], r["machine"].get("torch_default_threads")
+    if threads == default:
+        return f"Torch threads: {threads} (torch's default here)."
+    if threads == 1:
+        return (
+            "Torch threads: 1: on cores busy with other jobs, two threads made every step many times slower "
+            "(a spinning worker waits for one that is descheduled), so that run used one."
+        )
+    return f"Torch threads: {threads} (torch's default here: {default or 'not recorded'})."
 
 
 def section_cpu_bf16(r: dict) -> str:
@@ -710,8 +720,8 @@ def section_packed_linear(r: dict) -> str:
     return "\n\n".join(
         [
             "## Few-row linear products: PyTorch's kernel vs MKL's packed GEMM",
-            "Decode and latent steps multiply one row per question by every weight. `diffmas.linear` (opt-in: "
-            '`linear_kernel("packed")`) runs products of 2 to 16 rows, without autograd, on weights MKL packed once; '
+            "Decode and latent steps multiply one row per question by every weight. `diffmas.linear` (the CPU "
+            'default; `linear_kernel("default")` is PyTorch\'s kernel) runs products of 2 to 16 rows, without autograd, on weights MKL packed once; '
             "PyTorch's fp32 kernel re-packs the weight on every such call. Both kernels interleaved in "
             f"one run, median of {s['repeats']} runs each; {s['model']} in {s['dtype']}.",
             "Weight read bandwidth of one product, every layer of a shape in turn (GB/s of weights):",
