@@ -2,7 +2,10 @@
 greedy, on the embedded model. Targets: latent_mas <= 1.3x single; text_mas >= 4x latent_mas.
 
 The decode budgets and the batch size default to the library's own defaults (`DecodeConfig`,
-`MethodConfig`, `EvalConfig`): the targets are stated for default settings."""
+`MethodConfig`, `EvalConfig`): the targets are stated for default settings. Each method's final
+agent writes exactly `max_new_tokens` tokens (end-of-sequence suppressed before: `min_new_tokens`),
+so the methods are compared at equal generated length, as the target is; text_mas's upstream
+agents stop where they stop (`--natural-lengths`: the final agents too)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,18 @@ import argparse
 import _common as c
 
 
-def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: int, m: int, stores=("grow",)) -> dict:
+def run(
+    n: int,
+    batch_size: int,
+    max_new_tokens: int,
+    upstream_max_new_tokens: int,
+    m: int,
+    stores=("grow",),
+    equal_lengths: bool = True,
+) -> dict:
     """stores: trace stores to measure (`diffmas.trace.trace_store`), each method on each store in
-    turn, so before/after come from one run; the top-level figures are the last store's."""
+    turn, so before/after come from one run; the top-level figures are the last store's.
+    equal_lengths: every final agent writes exactly max_new_tokens tokens."""
     from diffmas import DecodeConfig, MethodConfig, default_topology, get_method
     from diffmas.evaluate.records import run_examples
     from diffmas.trace import trace_store
@@ -22,7 +34,11 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
     task, examples = c.gsm8k(n)
     config = MethodConfig(
         latent_steps=m,
-        decode=DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=c.ignore_eos()),
+        decode=DecodeConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if equal_lengths else 0,
+            ignore_eos=c.ignore_eos(),
+        ),
         upstream_max_new_tokens=upstream_max_new_tokens,
     )
     by_store = {store: {} for store in stores}
@@ -79,6 +95,7 @@ def run(n: int, batch_size: int, max_new_tokens: int, upstream_max_new_tokens: i
             "agents": 4,
             "decoding": "greedy",
             "fixed_lengths": c.ignore_eos(),
+            "equal_final_lengths": equal_lengths,
             "stores": list(stores),
             **c.model_settings(),
         },
@@ -102,6 +119,11 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=DecodeConfig().max_new_tokens)
     p.add_argument("--upstream-max-new-tokens", type=int, default=method.upstream_max_new_tokens)
     p.add_argument("--latent-steps", type=int, default=method.latent_steps)
+    p.add_argument(
+        "--natural-lengths",
+        action="store_true",
+        help="let the final agents stop at end-of-sequence (default: exactly --max-new-tokens each)",
+    )
     p.add_argument("--stores", default="grow", help="trace stores, e.g. concat,grow (before,after) in one run")
     p.add_argument("--threads", type=int, default=None)
     c.add_model_args(p)
@@ -114,6 +136,7 @@ def main() -> None:
         args.upstream_max_new_tokens,
         args.latent_steps,
         tuple(args.stores.split(",")),
+        equal_lengths=not args.natural_lengths,
     )
     c.write("inference_cost", result)
     rows = [

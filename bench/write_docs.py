@@ -87,7 +87,13 @@ def section_inference(r: dict) -> str:
             (
                 "Fixed-length decoding (random weights): every decoding agent writes exactly its token budget."
                 if s.get("fixed_lengths")
-                else ""
+                else (
+                    f"Every final agent writes exactly {s['max_new_tokens']} tokens (end-of-sequence suppressed "
+                    "before), so the methods are compared at equal generated length; text_mas's upstream agents "
+                    "stop where they stop."
+                    if s.get("equal_final_lengths")
+                    else ""
+                )
             ),
             md_table(
                 ["method"]
@@ -157,7 +163,9 @@ def _why_inference(r: dict) -> str:
         split = (
             f" Measured per question: the upstream agents (prompts + latent steps) take {upstream_s:.2f} s, "
             f"the final agent {final_s:.2f} s against the single agent's {single_s:.2f} s "
-            f"({final_s / single_s:.2f}x for the same prompt and answer length: every decode step reads the "
+            f"({final_s / single_s:.2f}x for the same prompt and "
+            + ("answer length" if _equal_answers(r) else "a different answer length")
+            + ": every decode step reads the "
             f"whole trace's keys and values, {latent['trace_bytes_mean'] / 2**20:.1f} MiB per question at the "
             f"end against {single['trace_bytes_mean'] / 2**20:.1f} MiB for the single agent)."
             if single_s
@@ -186,6 +194,12 @@ def _why_inference(r: dict) -> str:
             "upstream messages are short."
         )
     return "\n\n".join(notes)
+
+
+def _equal_answers(r: dict) -> bool:
+    """Did the single agent and latent_mas's final agent write the same number of tokens?"""
+    single, latent = (r["methods"][k]["tokens_per_question"]["generated"] for k in ("single", "latent_mas"))
+    return abs(single - latent) < 0.5
 
 
 def _why_inference_gpu(r: dict) -> str:
