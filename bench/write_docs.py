@@ -156,35 +156,7 @@ def _why_inference(r: dict) -> str:
     upstream_latent = latent["tokens_per_question"]["latent"]
     notes = []
     if r["ratios"]["latent_over_single"] > r["targets"]["latent_over_single_max"]:
-        roles = list(latent["tokens_per_agent"])
-        upstream_s = sum(latent["tokens_per_agent"][x].get("wall_s_per_question", 0) for x in roles[:-1])
-        final_s = latent["tokens_per_agent"][roles[-1]].get("wall_s_per_question", 0)
-        single_s = next(iter(single["tokens_per_agent"].values())).get("wall_s_per_question", 0)
-        split = (
-            f" Measured per question: the upstream agents (prompts + latent steps) take {upstream_s:.2f} s, "
-            f"the final agent {final_s:.2f} s against the single agent's {single_s:.2f} s "
-            f"({final_s / single_s:.2f}x for the same prompt and "
-            + ("answer length" if _equal_answers(r) else "a different answer length")
-            + ": every decode step reads the "
-            f"whole trace's keys and values, {latent['trace_bytes_mean'] / 2**20:.1f} MiB per question at the "
-            f"end against {single['trace_bytes_mean'] / 2**20:.1f} MiB for the single agent)."
-            if single_s
-            else ""
-        )
-        notes.append(
-            f"**Why latent_mas costs more than the target here.** Each upstream agent prefills its own prompt, "
-            f"so latent_mas reads {prompt_ratio:.1f}x the prompt tokens of the single agent, and its final agent "
-            f"decodes on a {trace_ratio:.1f}x longer trace.{split} With a 135M model on a CPU the prompt prefill "
-            "is compute-bound and costs about as much per token as the model's whole forward"
-            + (
-                f", so the upstream agents alone ({upstream_s / single_s:.2f}x the single agent's time) put the "
-                "ratio above the target at this answer length"
-                if single_s and 1 + upstream_s / single_s > r["targets"]["latent_over_single_max"]
-                else ""
-            )
-            + "; the in-place trace store removed the per-step copy of the whole cache (see Before / after), "
-            "not the extra prompt tokens. A longer answer budget dilutes the upstream cost."
-        )
+        notes.append(_why_latent_over_single(r, prompt_ratio, trace_ratio))
     if r["ratios"]["text_over_latent"] < r["targets"]["text_over_latent_min"]:
         notes.append(
             f"**Why text_mas is not ≥ 4x latent_mas here.** The upstream text agents wrote {upstream_gen:.0f} "
@@ -194,6 +166,49 @@ def _why_inference(r: dict) -> str:
             "upstream messages are short."
         )
     return "\n\n".join(notes)
+
+
+def _why_latent_over_single(r: dict, prompt_ratio: float, trace_ratio: float) -> str:
+    """The measured split of latent_mas's extra time: its upstream agents, and its final agent's
+    longer trace (from the per-agent wall times of the run)."""
+    single, latent = r["methods"]["single"], r["methods"]["latent_mas"]
+    roles = list(latent["tokens_per_agent"])
+    upstream_s = sum(latent["tokens_per_agent"][x].get("wall_s_per_question", 0) for x in roles[:-1])
+    final_s = latent["tokens_per_agent"][roles[-1]].get("wall_s_per_question", 0)
+    single_s = next(iter(single["tokens_per_agent"].values())).get("wall_s_per_question", 0)
+    target = r["targets"]["latent_over_single_max"]
+    head = "**Why latent_mas costs more than the target here.**"
+    if not single_s:
+        return (
+            f"{head} Each upstream agent prefills its own prompt, so latent_mas reads {prompt_ratio:.1f}x the "
+            f"prompt tokens of the single agent, and its final agent decodes on a {trace_ratio:.1f}x longer trace."
+        )
+    answers = "the same prompt and answer length" if _equal_answers(r) else "the same prompt, another answer length"
+    alone = [
+        name
+        for name, extra in (("the upstream agents", upstream_s), ("the longer trace", final_s - single_s))
+        if 1 + extra / single_s > target
+    ]
+    return (
+        f"{head} Measured per question: the upstream agents (their prompts and latent steps) take "
+        f"{upstream_s:.2f} s, and the final agent {final_s:.2f} s against the single agent's {single_s:.2f} s. "
+        f"So the upstream agents add {upstream_s / single_s:.2f}x the single agent's time, and the final agent's "
+        f"longer trace another {(final_s - single_s) / single_s:.2f}x: for {answers}, every one of its decode "
+        f"steps also reads the upstream agents' keys and values ({latent['trace_bytes_mean'] / 2**20:.1f} MiB per "
+        f"question at the end against {single['trace_bytes_mean'] / 2**20:.1f} MiB; the trace is "
+        f"{trace_ratio:.1f}x longer). "
+        + (
+            f"{alone[0].capitalize()} alone put the ratio above the target. "
+            if len(alone) == 1
+            else "Each alone puts the ratio above the target. "
+            if alone
+            else "Neither alone would put the ratio above the target; together they do. "
+        )
+        + f"Each upstream agent prefills its own prompt ({prompt_ratio:.1f}x the single agent's prompt tokens in all), "
+        "and with a 135M model on a CPU that prefill is compute-bound: a prompt token costs about a whole forward. "
+        "The in-place trace store removed the per-step copy of the whole cache (see Before / after), not these "
+        "extra tokens and reads. A longer answer dilutes the upstream agents' share, not the final agent's."
+    )
 
 
 def _equal_answers(r: dict) -> bool:
@@ -773,11 +788,12 @@ def section_elsewhere() -> str:
     if not out:
         return ""
     intro = (
-        "## Other machines\n\nRun with `bash bench/gpu.sh TAG` (results `bench/results/<name>_<TAG>.json`). "
+        "## Other machines and settings\n\nRun with `bash bench/gpu.sh TAG` (results `bench/results/<name>_<TAG>.json`). "
         "`random:<shape>` models have the published config.json shape and random weights: their costs "
         "(time, memory, trace bytes) are those of the real model, their outputs are meaningless, so they "
         "decode fixed lengths and their accuracy columns mean nothing. Tag `cpu_bf16`: this CPU, the "
-        "embedded model in bf16 (`--dtype bfloat16`), the grow store."
+        "embedded model in bf16 (`--dtype bfloat16`), the grow store. Tag `natural_lengths`: this CPU, the "
+        "final agents stopping at end-of-sequence (`--natural-lengths`), so the methods' answers differ in length."
     )
     return "\n\n".join([intro] + out)
 
