@@ -40,4 +40,4 @@ step tests_cuda 180 env DIFFMAS_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:c
     tests/test_trace.py tests/test_methods.py tests/test_realign.py tests/test_train.py tests/test_fast_path.py \
     -k "not two_process and not torchrun and not accelerate"
 step training_step 240 "$PY" bench/training_step.py "${common[@]}" --sizes 1 --repeats 2
-step batching 120 "$PY" bench/batching.py "${common[@]}"
+step batching 120 "$PY" bench/batching.py "${common[@]}" --max-new-tokens 64

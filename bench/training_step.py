@@ -3,7 +3,10 @@ backward of the final agent alone (sft_single) on the same examples and targets.
 Target: DiffMAS step <= 3.5x the final-agent step at 8 examples per step.
 
 Before / after, in the same run: `*_repeat_kv` variants run transformers' own SDPA (grouped KV
-heads copied per chunk by repeat_kv); the others the backbone's CPU kernel (diffmas.attention)."""
+heads copied per chunk by repeat_kv); the others the backbone's CPU kernel (diffmas.attention).
+
+`diffmas_no_latent` (at the target's batch size only): the same DiffMAS step with m=0, which
+splits the ratio into what the agents' prompt chunks cost and what the latent steps add."""
 
 from __future__ import annotations
 
@@ -101,8 +104,12 @@ def run(sizes: list[int], m: int, repeats: int) -> dict:
             ("diffmas", "diffmas", False, None),
             ("sft_single", "sft_single", False, None),
             ("diffmas_checkpointed", "diffmas", True, None),
+            ("diffmas_no_latent", "diffmas", False, None),
         ):
-            row[key] = isolated(step_time, c.SETTINGS, method, items[:n], m, repeats, checkpointing, attention)
+            if key == "diffmas_no_latent" and n != result["targets"]["at_examples_per_step"]:
+                continue
+            steps = 0 if key == "diffmas_no_latent" else m
+            row[key] = isolated(step_time, c.SETTINGS, method, items[:n], steps, repeats, checkpointing, attention)
             for suffix in ("", "_repeat_kv"):
                 if f"sft_single{suffix}" in row:
                     row[f"ratio_diffmas_over_single{suffix}"] = (

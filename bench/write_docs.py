@@ -230,6 +230,25 @@ def _why_inference_gpu(r: dict) -> str:
     )
 
 
+def _step_batching_bound() -> str:
+    """What one decode step gains from 16 rows on this CPU, from the trace_store run (grow store)."""
+    store = load("trace_store")
+    if not store:
+        return ""
+    ms = {(x["batch"], x["length"]): x["grow_ms"] for x in store["rows"] if x["kind"] == "decode"}
+    pairs = [(n, ms[(16, n)] / ms[(1, n)]) for (b, n) in sorted(ms) if b == 1 and (16, n) in ms]
+    if not pairs:
+        return ""
+    costs = ", ".join(f"{c:.1f}x at {n} positions" for n, c in pairs)
+    gains = ", ".join(f"{16 / c:.1f}x" for _, c in pairs)
+    return (
+        f" Nor do the steps gain 16x: one decode step for 16 rows costs {costs} one row's (Step time vs trace "
+        f"length, grow store), so decoding alone can gain at most {gains} there: the 16 rows' matrix products "
+        "read the weights more slowly than one row's matrix-vector product, and attention reads every row's "
+        "keys and values."
+    )
+
+
 def section_batching(r: dict) -> str:
     s = r["settings"]
     rows = [
@@ -258,8 +277,9 @@ def section_batching(r: dict) -> str:
                 if top >= r["targets"]["speedup_at_16_min"]
                 else " On a CPU the 4 agents' prompt prefill is compute-bound and gains nothing from batching (row "
                 "by row it spends nothing on padding, but a row's prompt costs what it costs alone); only the "
-                "sequential parts (latent steps, decoding) do, and a batch decodes until its slowest row stops. On "
-                "a GPU, where a batch-1 step leaves the device mostly idle, batching gains far more."
+                "sequential parts (latent steps, decoding) do, and a batch decodes until its slowest row stops."
+                + _step_batching_bound()
+                + " On a GPU, where a batch-1 step leaves the device mostly idle, batching gains far more."
             ),
             store_table(r, _batching_stores),
             "![batching](img/batching.png)",
@@ -291,6 +311,48 @@ def section_steps(r: dict) -> str:
     )
 
 
+def _why_training_missed(r: dict, at: int, target: float) -> str:
+    """The measured reason, split by the m=0 run where the result has one."""
+    s, b = r["settings"], r["by_batch"].get(str(at)) or next(iter(r["by_batch"].values()))
+    steps = s["latent_steps"] * (s["agents"] - 1)
+    longer = b["diffmas"]["trace_len"] / b["sft_single"]["trace_len"]
+    head = (
+        f"**Why the target is missed.** A DiffMAS step runs the upstream agents' prompts and {steps} latent "
+        f"steps with gradients: its trace is {longer:.1f}x the final agent's own context."
+    )
+    if "diffmas_no_latent" not in b:
+        return (
+            f"{head} The latent steps are sequential one-position forwards and backwards, which a CPU runs far "
+            "below its batched throughput; the extra positions are inherent to training through the trajectory."
+        )
+    single, full, bare = (b[k]["seconds_per_step"] for k in ("sft_single", "diffmas", "diffmas_no_latent"))
+    chunks, budget = bare / single, target * single - bare
+    split = (
+        f"{head} Split at {at} examples per step, measured in the same run: without latent steps "
+        f"(`diffmas_no_latent`, m=0) the step takes {bare:.2f} s, {chunks:.2f}x sft_single, because the "
+        "agents' prompts are processed with gradients like the final agent's, and a prompt token costs about "
+        f"a whole forward and backward (compute-bound on a CPU); the {steps} latent steps add "
+        f"{full - bare:.2f} s ({(full - bare) / single:.2f}x sft_single), sequential one-position forwards "
+        "and backwards that a CPU runs far below its batched throughput."
+    )
+    if budget <= 0:
+        return (
+            f"{split} The prompt chunks alone are above the target: no speed-up of the latent steps alone can meet it."
+        )
+    per_step = budget / steps * 1000
+    steps_result = load("step_cost")
+    compare = (
+        f", less than one latent step's forward alone without autograd at batch 1 on this CPU "
+        f"({steps_result['latent_step_ms']:.1f} ms, One latent step vs one decode step)"
+        if steps_result and steps_result["settings"].get("batch") == 1 and steps_result["latent_step_ms"] > per_step
+        else ""
+    )
+    return (
+        f"{split} To meet the target the {steps} latent steps, forward and backward, would have to take "
+        f"{budget:.2f} s in all, {per_step:.0f} ms each at {at} rows{compare}."
+    )
+
+
 def section_training(r: dict) -> str:
     s = r["settings"]
     target, at = r["targets"]["ratio_max"], r["targets"].get("at_examples_per_step", 8)
@@ -304,7 +366,14 @@ def section_training(r: dict) -> str:
             f"{b[k]['peak_memory_bytes'] / 2**20:.0f}",
         ]
         for n, b in r["by_batch"].items()
-        for k in ("diffmas", "diffmas_checkpointed", "sft_single", "diffmas_repeat_kv", "sft_single_repeat_kv")
+        for k in (
+            "diffmas",
+            "diffmas_checkpointed",
+            "diffmas_no_latent",
+            "sft_single",
+            "diffmas_repeat_kv",
+            "sft_single_repeat_kv",
+        )
         if k in b
     ]
     ratios = [
@@ -318,16 +387,10 @@ def section_training(r: dict) -> str:
         for n, b in r["by_batch"].items()
         if "ratio_diffmas_over_single" in b
     ]
-    first = next(iter(r["by_batch"].values()))
     why = (
         ""
         if all(b.get("ratio_diffmas_over_single", 0) <= target for n, b in r["by_batch"].items() if int(n) == at)
-        else f"**Why the target is missed.** A DiffMAS step runs the upstream agents' prompts and "
-        f"{s['latent_steps'] * (s['agents'] - 1)} latent steps with gradients: its trace is "
-        f"{first['diffmas']['trace_len'] / first['sft_single']['trace_len']:.1f}x the final agent's own "
-        "context, and the latent steps are sequential one-position forwards and backwards, which a CPU runs "
-        "(or a GPU, where each is bound by kernel launches) far below its batched throughput. Larger batches amortise them (the ratio falls with examples per "
-        "step), but the extra positions are inherent to training through the trajectory."
+        else _why_training_missed(r, at, target)
     )
     return "\n\n".join(
         [
@@ -439,9 +502,24 @@ def section_summary(results: dict[str, dict | None]) -> str:
             md_table(["measure", "before", "after", "target", "verdict"], rows),
             "With autograd on both stores concatenate (in-place updates break gradients), so the training "
             "step's before / after is the attention kernel instead: transformers' SDPA, which copies grouped "
-            "KV heads per chunk (repeat_kv), against the backbone's CPU kernel (`diffmas.attention`); see "
-            "Training step below for the measured reason the target is missed.",
+            "KV heads per chunk (repeat_kv), against the backbone's CPU kernel (`diffmas.attention`)"
+            + _kernel_times(train)
+            + "; see Training step below for the measured reason the target is missed.",
         ]
+    )
+
+
+def _kernel_times(train: dict | None) -> str:
+    """How each training step's time moved with the attention kernel (a ratio alone can mislead)."""
+    b8 = (train or {}).get("by_batch", {}).get("8", {})
+    keys = ("diffmas_repeat_kv", "diffmas", "sft_single_repeat_kv", "sft_single")
+    if not all(k in b8 for k in keys):
+        return ""
+    d0, d1, s0, s1 = (b8[k]["seconds_per_step"] for k in keys)
+    moved = "rose" if d1 / s1 > d0 / s0 else "fell"
+    return (
+        f". At batch 8 it took the DiffMAS step from {d0:.2f} to {d1:.2f} s ({d1 / d0:.2f}x) and the sft_single "
+        f"step from {s0:.2f} to {s1:.2f} s ({s1 / s0:.2f}x), so the ratio {moved}"
     )
 
 
