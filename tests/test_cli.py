@@ -111,6 +111,7 @@ def test_run_prints_answer_and_cost_table(tiny_model_dir):
             "error: a trace budget",
         ),
         (["run", "q", "--compile", "fast"], "error: compile='fast': choose one of off, auto"),
+        (["--cpu-linear", "fast", "env"], "error: linear kernel 'fast': choose one of packed, default"),
         (
             ["run", "q", "--compile", "auto", "--trace-policy", "window", "--trace-budget", "8"],
             "error: --compile auto does not combine with a trace budget",
@@ -195,3 +196,9 @@ def test_run_with_a_trained_adapter(tiny_model_dir, tmp_path):
     plain, tuned = json.loads(plain.stdout), json.loads(tuned.stdout)
     assert tuned["adapter"] == str(tmp_path / "ad") and plain["adapter"] is None
     assert tuned["text"] != plain["text"]
+
+
+def test_cpu_linear_option_reaches_the_kernel():
+    proc = cli("--cpu-linear", "default", "env")
+    assert proc.returncode == 0, proc.stderr
+    assert "- CPU linear layers: PyTorch's" in proc.stdout

@@ -179,6 +179,19 @@ def test_bad_kernel_name_is_one_clear_error():
             pass
 
 
+@torch.no_grad()
+def test_the_default_kernel_makes_no_packed_copies():
+    """`--cpu-linear default` promises no copies (the memory the packed kernel costs)."""
+    from diffmas.linear import _PACKS
+
+    layer, x = packed_layer(seed=3), torch.randn(4, 576)
+    with linear_kernel("default"):
+        layer(x)
+    assert id(layer.weight) not in _PACKS
+    layer(x)  # the fixture's packed kernel
+    assert id(layer.weight) in _PACKS
+
+
 def test_a_model_whose_copies_would_not_fit_stays_unpacked():
     from diffmas.linear import MAX_PACKED_SHARE_OF_AVAILABLE, use_packed_linear
 

@@ -22,13 +22,21 @@ class Switch(Generic[T]):
         self.what, self.choices = what, tuple(choices)
         self.value: T = default
 
+    def set(self, value: T) -> None:
+        """Set it for the rest of the process (a command-line option)."""
+        self._check(value)
+        self.value = value
+
     @contextlib.contextmanager
     def using(self, value: T) -> Iterator[None]:
-        if value not in self.choices:
-            names = ", ".join(str(c) for c in self.choices)
-            raise DiffmasError(f"{self.what} {value!r}: choose one of {names}")
+        self._check(value)
         before, self.value = self.value, value
         try:
             yield
         finally:
             self.value = before
+
+    def _check(self, value: T) -> None:
+        if value not in self.choices:
+            names = ", ".join(str(c) for c in self.choices)
+            raise DiffmasError(f"{self.what} {value!r}: choose one of {names}")

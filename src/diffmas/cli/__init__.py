@@ -14,6 +14,24 @@ app = typer.Typer(
     help="Multi-agent LLMs that communicate through a (learned) latent channel.",
 )
 
+
+@app.callback()
+def _process_options(
+    cpu_linear: str = typer.Option(
+        None,
+        "--cpu-linear",
+        help="CPU linear kernel of decode and latent steps: packed (MKL's packed GEMM, the default where "
+        "the copies fit in a quarter of the free memory; costs about the weights' size again) or default "
+        "(PyTorch's kernel, no copies).",
+    ),
+) -> None:
+    """Options for every command (before the command's name)."""
+    if cpu_linear is not None:
+        from diffmas.linear import KERNEL
+
+        KERNEL.set(cpu_linear)
+
+
 from diffmas.cli import compare, demo, env, eval, inspect, report, run, serve, sweep, train  # noqa: E402,F401  (registers the subcommands)
 
 

@@ -11,7 +11,7 @@ def env() -> None:
     import torch
 
     from diffmas.backbone import EMBEDDED_MODELS, cpu_bf16_support, diffmas_home, resolve_device, resolve_dtype
-    from diffmas.linear import packing_available
+    from diffmas.linear import KERNEL, packing_available
     from diffmas.provenance import device_description, git_commit, package_versions
     from diffmas.scoring.sandbox import isolation
 
@@ -26,8 +26,7 @@ def env() -> None:
         "- CPU bf16: "
         + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in cpu_bf16_support().items())
         + f" (torch CPU kernels: {torch.backends.cpu.get_cpu_capability()})",
-        "- CPU linear layers: "
-        + ("MKL's packed GEMM for 2 to 16 rows" if packing_available() else "PyTorch's (no MKL in this torch)"),
+        "- CPU linear layers: " + _linear_kernel(KERNEL.value, packing_available()),
         f"- DIFFMAS_HOME: {diffmas_home()}",
         f"- code sandbox: {isolation().describe()}",
     ]
@@ -35,3 +34,11 @@ def env() -> None:
         cached = (diffmas_home() / "models" / name / "config.json").is_file()
         lines.append(f"- embedded model {name}: {'cached' if cached else 'not yet converted'}")
     print("\n".join(lines))
+
+
+def _linear_kernel(kind: str, available: bool) -> str:
+    if not available:
+        return "PyTorch's (no MKL in this torch)"
+    if kind != "packed":
+        return "PyTorch's (--cpu-linear default)"
+    return "MKL's packed GEMM for 2 to 16 rows (where the copies fit in a quarter of the free memory)"
