@@ -239,11 +239,13 @@ def _step_batching_bound() -> str:
     pairs = [(n, ms[(16, n)] / ms[(1, n)]) for (b, n) in sorted(ms) if b == 1 and (16, n) in ms]
     if not pairs:
         return ""
-    costs = ", ".join(f"{c:.1f}x at {n} positions" for n, c in pairs)
-    gains = ", ".join(f"{16 / c:.1f}x" for _, c in pairs)
+    costs = " / ".join(f"{c:.1f}x" for _, c in pairs)
+    lengths = " / ".join(str(n) for n, _ in pairs)
+    gains = " / ".join(f"{16 / c:.1f}x" for _, c in pairs)
     return (
-        f" Nor do the steps gain 16x: one decode step for 16 rows costs {costs} one row's (Step time vs trace "
-        f"length, grow store), so decoding alone can gain at most {gains} there: the 16 rows' matrix products "
+        f" Nor do the steps gain 16x: one decode step for 16 rows costs {costs} one row's at {lengths} "
+        f"positions (Step time vs trace length, grow store), so decoding alone can gain at most {gains} there: "
+        "the 16 rows' matrix products "
         "read the weights more slowly than one row's matrix-vector product, and attention reads every row's "
         "keys and values."
     )
