@@ -322,9 +322,12 @@ def _why_training_missed(r: dict, at: int, target: float) -> str:
         f"**Why the target is missed.** A DiffMAS step runs the upstream agents' prompts and {steps} latent "
         f"steps with gradients: its trace is {longer:.1f}x the final agent's own context."
     )
+    device = r["machine"]["device"]
+    on_cpu = device.startswith("cpu")
+    slow = "a CPU runs" if on_cpu else "a GPU runs, each bound by kernel launches,"
     if "diffmas_no_latent" not in b:
         return (
-            f"{head} The latent steps are sequential one-position forwards and backwards, which a CPU runs far "
+            f"{head} The latent steps are sequential one-position forwards and backwards, which {slow} far "
             "below its batched throughput; the extra positions are inherent to training through the trajectory."
         )
     single, full, bare = (b[k]["seconds_per_step"] for k in ("sft_single", "diffmas", "diffmas_no_latent"))
@@ -332,10 +335,10 @@ def _why_training_missed(r: dict, at: int, target: float) -> str:
     split = (
         f"{head} Split at {at} examples per step, measured in the same run: without latent steps "
         f"(`diffmas_no_latent`, m=0) the step takes {bare:.2f} s, {chunks:.2f}x sft_single, because the "
-        "agents' prompts are processed with gradients like the final agent's, and a prompt token costs about "
-        f"a whole forward and backward (compute-bound on a CPU); the {steps} latent steps add "
-        f"{full - bare:.2f} s ({(full - bare) / single:.2f}x sft_single), sequential one-position forwards "
-        "and backwards that a CPU runs far below its batched throughput."
+        "agents' prompts are processed with gradients like the final agent's"
+        + (", and a prompt token costs about a whole forward and backward (compute-bound on a CPU)" if on_cpu else "")
+        + f"; the {steps} latent steps add {full - bare:.2f} s ({(full - bare) / single:.2f}x sft_single), "
+        f"sequential one-position forwards and backwards that {slow} far below its batched throughput."
     )
     if budget <= 0:
         return (
@@ -344,9 +347,12 @@ def _why_training_missed(r: dict, at: int, target: float) -> str:
     per_step = budget / steps * 1000
     steps_result = load("step_cost")
     compare = (
-        f", less than one latent step's forward alone without autograd at batch 1 on this CPU "
+        f", less than one latent step's forward alone without autograd at batch 1 on this machine "
         f"({steps_result['latent_step_ms']:.1f} ms, One latent step vs one decode step)"
-        if steps_result and steps_result["settings"].get("batch") == 1 and steps_result["latent_step_ms"] > per_step
+        if steps_result
+        and steps_result["machine"]["device"] == device  # the same kind of machine, not a CPU file for a GPU run
+        and steps_result["settings"].get("batch") == 1
+        and steps_result["latent_step_ms"] > per_step
         else ""
     )
     return (
