@@ -7,6 +7,8 @@ import sys
 
 import typer
 
+from diffmas.linear import KERNEL, MAX_PACKED_SHARE_OF_AVAILABLE
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -21,14 +23,12 @@ def _process_options(
         None,
         "--cpu-linear",
         help="CPU linear kernel of decode and latent steps: packed (MKL's packed GEMM, the default where "
-        "the copies fit in a quarter of the free memory; costs about the weights' size again) or default "
-        "(PyTorch's kernel, no copies).",
+        f"the copies fit in {MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory; costs about the weights' "
+        "size again) or default (PyTorch's kernel, no copies).",
     ),
 ) -> None:
     """Options for every command (before the command's name)."""
     if cpu_linear is not None:
-        from diffmas.linear import KERNEL
-
         KERNEL.set(cpu_linear)
 
 

@@ -41,4 +41,9 @@ def _linear_kernel(kind: str, available: bool) -> str:
         return "PyTorch's (no MKL in this torch)"
     if kind != "packed":
         return "PyTorch's (--cpu-linear default)"
-    return "MKL's packed GEMM for 2 to 16 rows (where the copies fit in a quarter of the free memory)"
+    from diffmas.linear import MAX_PACKED_ROWS, MAX_PACKED_SHARE_OF_AVAILABLE, MIN_PACKED_ROWS
+
+    return (
+        f"MKL's packed GEMM for {MIN_PACKED_ROWS} to {MAX_PACKED_ROWS} rows "
+        f"(where the copies fit in {MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory)"
+    )
