@@ -70,7 +70,7 @@ test: setup
 # inference_cost and batching measure the old (concat) and the new (grow) trace store in one run.
 bench: setup
 	cd bench && for s in trace_store step_cost training_step trace_growth cpu_bf16 packed_linear; do ../$(PY) $$s.py || exit 1; done
-	cd bench && ../$(PY) inference_cost.py --stores concat,grow && ../$(PY) batching.py --stores concat,padded,grow
+	cd bench && ../$(PY) inference_cost.py --stores concat,grow && ../$(PY) batching.py --stores concat,padded,keep,grow
 	cd bench && ../$(PY) write_docs.py
 
 # Serving: the load test (1, 4, 16, 64 clients) and HF vs vLLM, then docs/serving.md from their records

@@ -270,7 +270,8 @@ def section_batching(r: dict) -> str:
         [
             "## Batching: latent_mas throughput",
             f"{s['questions']} GSM8K questions, {s['agents']} agents, m={s['latent_steps']}, ≤ {s['max_new_tokens']} "
-            "new tokens, greedy. A batch decodes until its slowest row stops.",
+            "new tokens, greedy. A batch decodes until its slowest row stops; by default rows that have "
+            "finished leave the computation (`drop_finished`).",
             md_table(["batch", "wall s", "questions/s", "speedup"], rows),
             f"Target ≥ {r['targets']['speedup_at_16_min']}x at batch 16: {verdict(top >= r['targets']['speedup_at_16_min'])} "
             f"({top:.2f}x)."
@@ -279,7 +280,8 @@ def section_batching(r: dict) -> str:
                 if top >= r["targets"]["speedup_at_16_min"]
                 else " On a CPU the 4 agents' prompt prefill is compute-bound and gains nothing from batching (row "
                 "by row it spends nothing on padding, but a row's prompt costs what it costs alone); only the "
-                "sequential parts (latent steps, decoding) do, and a batch decodes until its slowest row stops."
+                "sequential parts (latent steps, decoding) do, and a batch decodes until its slowest row stops, "
+                "its last steps on few rows."
                 + _step_batching_bound()
                 + " On a GPU, where a batch-1 step leaves the device mostly idle, batching gains far more."
             ),
@@ -478,6 +480,7 @@ def section_summary(results: dict[str, dict | None]) -> str:
     for before_name, label in (
         ("concat", "batch-16 throughput / batch 1"),
         ("padded", "batch-16 throughput / batch 1 (before: padded prompts; after: row by row, both grow store)"),
+        ("keep", "batch-16 throughput / batch 1 (before: finished rows decoded on; after: dropped)"),
     ):
         if bat and {before_name, "grow"} <= set(bat.get("by_store", {})):
             before, after = (bat["by_store"][k]["speedup_over_batch1"]["16"] for k in (before_name, "grow"))
@@ -503,8 +506,8 @@ def section_summary(results: dict[str, dict | None]) -> str:
         [
             "## Before / after (issue 14)",
             '_before_: the concatenating store (`trace_store("concat")`, transformers\' `DynamicCache` '
-            "behaviour) unless the row names another; _after_: the in-place growable store and, on CPUs, "
-            "row-by-row prompts. Each row's pair comes from one run of one script; the sections below give the "
+            "behaviour) unless the row names another; _after_: the in-place growable store, finished rows "
+            "dropped from decoding and, on CPUs, row-by-row prompts. Each row's pair comes from one run of one script; the sections below give the "
             "full tables, the machine, its load and the commit. The packed linear layers (the CPU default) "
             "have their own before / after section (PyTorch's kernel vs MKL's packed GEMM).",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
@@ -678,8 +681,13 @@ def _inference_stores(by: dict) -> str:
 
 
 def _batching_stores(by: dict) -> str:
-    names = [k for k in ("concat", "padded", "grow") if k in by]
-    labels = {"concat": "concat store", "padded": "grow store, padded prompts", "grow": "grow store, row by row"}
+    names = [k for k in ("concat", "padded", "keep", "grow") if k in by]
+    labels = {
+        "concat": "concat store",
+        "padded": "grow store, padded prompts",
+        "keep": "grow store, row by row, finished rows kept",
+        "grow": "grow store, row by row, finished rows dropped",
+    }
     rows = [
         [k]
         + [f"{by[n]['batches'][k]['wall_s']:.1f}" for n in names]
@@ -689,8 +697,9 @@ def _batching_stores(by: dict) -> str:
     header = ["batch"] + [f"wall s, {labels[n]}" for n in names] + [f"speedup, {labels[n]}" for n in names]
     return (
         "Before / after, same run (_padded prompts_: `row_by_row(False)`, each agent's prompt one padded "
-        "batch; _row by row_: the default on CPUs, each row's prompt alone on its real tokens):\n\n"
-        + md_table(header, rows)
+        "batch; _row by row_: the default on CPUs, each row's prompt alone on its real tokens; _finished rows "
+        "kept_: `drop_finished(False)`, a batch computes every row until its slowest stops; _dropped_: the "
+        "default, decoding goes on over the unfinished rows alone):\n\n" + md_table(header, rows)
     )
 
 

@@ -5,6 +5,11 @@ batching, stopping, sampling and per-token statistics behave the same everywhere
 
 Sampling uses one torch.Generator per row, seeded by the caller: a question's sample depends on its
 own seed only, not on which other questions share its batch.
+
+Finished rows: a batch decodes until its slowest row stops, but once enough rows have finished the
+loop goes on over the unfinished ones alone (`LatentTrace.narrowed`: the trace's storage is shared,
+not copied), so a batch's last steps cost what their live rows cost. Tokens, statistics and the
+trace come out as if every row had been computed to the end (tests/test_drop_finished.py).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from diffmas.errors import DiffmasError
+from diffmas.switch import Switch
 from diffmas.trace import LatentTrace
 
 # Streaming: called after every decode step as listener(agent, ids), ids[b] the token row b just
@@ -35,6 +41,20 @@ def listening(listener: TokenListener) -> Iterator[None]:
         yield
     finally:
         _token_listener.reset(token)
+
+
+# Finished rows (inference): once DROP_MIN_SHARE of the rows being computed have finished and at
+# least DROP_MIN_STEPS_LEFT steps may remain, decoding goes on over the unfinished rows alone
+# (`LatentTrace.narrowed`); the trace ends up as if the finished rows had been padded.
+# `drop_finished(False)` keeps computing them (benchmarks' before/after, equivalence tests).
+DROP_MIN_SHARE = 0.25
+DROP_MIN_STEPS_LEFT = 8
+DROP_FINISHED: Switch[bool] = Switch("drop finished rows", True, (True, False))
+
+
+def drop_finished(enabled: bool):
+    """Within the block, decoding stops computing rows that have finished (or never does)."""
+    return DROP_FINISHED.using(bool(enabled))
 
 
 @dataclass
@@ -95,23 +115,31 @@ def decode(
     out_ids: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     entropies: list[list[float]] = [[] for _ in range(batch)]
+    rows = list(range(batch))  # the rows still computed, in the order `computed` holds them
     unfinished = torch.ones(batch, dtype=torch.bool, device=last_hidden.device)
-    logits = bb.logits(last_hidden)  # (B, V)
-    for step in range(config.max_new_tokens):
-        if config.ignore_eos or step < config.min_new_tokens:
-            logits = logits.index_fill(1, eos, float("-inf"))
-        next_ids = pick(logits)  # (B,)
-        _record(logits, next_ids, unfinished, out_ids, logprobs, entropies, config.entropy_top_k)
-        if listener is not None:
-            listener(agent, [int(t) if u else None for t, u in zip(next_ids.tolist(), unfinished.tolist())])
-        unfinished = unfinished & ~torch.isin(next_ids, eos)
-        if not unfinished.any() or step == config.max_new_tokens - 1:
-            break
-        if int(trace.next_position.max()) + 1 > bb.max_length:
-            break  # context full: stop here, rows are marked truncated below
-        next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
-        hidden = trace.append(bb.embed(next_ids[:, None]), unfinished[:, None].long(), agent, "generated")
-        logits = bb.logits(hidden[:, -1])
+    logits = bb.logits(last_hidden)  # (b, V), b = len(rows)
+    with contextlib.ExitStack() as narrowing:
+        computed = trace
+        for step in range(config.max_new_tokens):
+            if config.ignore_eos or step < config.min_new_tokens:
+                logits = logits.index_fill(1, eos, float("-inf"))
+            next_ids = pick(logits, rows)  # (b,)
+            _record(logits, next_ids, unfinished, rows, out_ids, logprobs, entropies, config.entropy_top_k)
+            if listener is not None:
+                listener(agent, _tokens_by_row(batch, rows, next_ids, unfinished))
+            unfinished = unfinished & ~torch.isin(next_ids, eos)
+            if not unfinished.any() or step == config.max_new_tokens - 1:
+                break
+            if int(computed.next_position[unfinished].max()) + 1 > bb.max_length:
+                break  # context full: stop here, rows are marked truncated below
+            if _worth_dropping(computed, unfinished, config.max_new_tokens - step - 1):
+                keep = unfinished.nonzero().flatten()
+                computed = narrowing.enter_context(computed.narrowed(keep.tolist(), config.max_new_tokens - step))
+                rows = [rows[i] for i in keep.tolist()]
+                next_ids, unfinished = next_ids[keep], unfinished[keep]
+            next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
+            hidden = computed.append(bb.embed(next_ids[:, None]), unfinished[:, None].long(), agent, "generated")
+            logits = bb.logits(hidden[:, -1])
 
     eos_set = set(bb.eos_token_ids)
     texts = bb.tokenizer.batch_decode(out_ids, skip_special_tokens=True)
@@ -121,35 +149,56 @@ def decode(
 
 def _sampler(config: DecodeConfig, seeds: Sequence[int], device: torch.device):
     if config.greedy:
-        return lambda logits: logits.argmax(dim=-1)
+        return lambda logits, rows: logits.argmax(dim=-1)
     warpers = [TemperatureLogitsWarper(config.temperature)]
     if config.top_p < 1:
         warpers.append(TopPLogitsWarper(config.top_p))
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
+    def pick(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """logits (b, V) of the given rows of the batch, each drawn with its own row's generator."""
         scores = logits
         for warp in warpers:
             scores = warp(None, scores)
         probs = scores.softmax(dim=-1)
-        rows = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]
-        return torch.cat(rows)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(rows)])
 
     return pick
 
 
 @torch.no_grad()
-def _record(logits, next_ids, active, out_ids, logprobs, entropies, top_k) -> None:
-    """Append each active row's token and its stability statistics."""
-    logp = logits.float().log_softmax(dim=-1)  # (B, V)
-    chosen = logp.gather(1, next_ids[:, None]).squeeze(1)  # (B,)
-    top = logp.topk(min(top_k, logp.shape[-1]), dim=-1).values  # (B, k)
+def _record(logits, next_ids, active, rows, out_ids, logprobs, entropies, top_k) -> None:
+    """Append each active row's token and its stability statistics (row i of the tensors is
+    batch row rows[i])."""
+    logp = logits.float().log_softmax(dim=-1)  # (b, V)
+    chosen = logp.gather(1, next_ids[:, None]).squeeze(1)  # (b,)
+    top = logp.topk(min(top_k, logp.shape[-1]), dim=-1).values  # (b, k)
     top_p = top.softmax(dim=-1)
-    entropy = -(top_p * top_p.clamp_min(1e-30).log()).sum(dim=-1)  # (B,)
-    for b in active.nonzero().flatten().tolist():
-        out_ids[b].append(int(next_ids[b]))
-        logprobs[b].append(float(chosen[b]))
-        entropies[b].append(float(entropy[b]))
+    entropy = -(top_p * top_p.clamp_min(1e-30).log()).sum(dim=-1)  # (b,)
+    for i in active.nonzero().flatten().tolist():
+        b = rows[i]
+        out_ids[b].append(int(next_ids[i]))
+        logprobs[b].append(float(chosen[i]))
+        entropies[b].append(float(entropy[i]))
+
+
+def _tokens_by_row(batch: int, rows: list[int], next_ids: torch.Tensor, active: torch.Tensor) -> list:
+    """The listener's view of a step: per batch row its token, or None where it has finished."""
+    ids: list = [None] * batch
+    for row, token, live in zip(rows, next_ids.tolist(), active.tolist()):
+        ids[row] = int(token) if live else None
+    return ids
+
+
+def _worth_dropping(trace: LatentTrace, unfinished: torch.Tensor, steps_left: int) -> bool:
+    """Stop computing the finished rows now? Dropping rows costs about two passes over the
+    trace's entries (`LatentTrace.narrowed`); a step reads them all once and spends a batch
+    row's compute on every finished row, so it pays once a share of the rows has finished and
+    enough steps may remain."""
+    if not DROP_FINISHED.value or steps_left < DROP_MIN_STEPS_LEFT:
+        return False
+    finished = int((~unfinished).sum())
+    return finished >= max(1, DROP_MIN_SHARE * len(unfinished)) and trace.can_narrow()
 
 
 def continuation_logprobs(

@@ -56,7 +56,21 @@ def device_description() -> str:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         return f"cuda ({torch.cuda.device_count()}x {name}, CUDA {torch.version.cuda})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = cpu_model()
+    return f"cpu ({model + ', ' if model else ''}{platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), or "" where it cannot be read. CPU timings
+    depend on it beyond the core count: MKL runs different code on Intel and AMD parts."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() if platform.processor() != platform.machine() else ""
 
 
 @dataclasses.dataclass(frozen=True)

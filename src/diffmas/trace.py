@@ -34,6 +34,11 @@ Row by row (inference on a CPU): a padded chunk whose rows are all long enough r
 on its real tokens (`_forward_rows`; see ROW_BY_ROW_MIN_TOKENS), so a compute-bound CPU prefill
 spends nothing on padding; padding columns then hold zeros, which no read sees.
 
+Narrowing (inference, grow store): `narrowed(rows)` hands out a trace of some rows whose layers are
+views of this trace's own buffers, the rows moved to the front; decoding uses it to stop computing
+rows that have finished (`diffmas.generate`). On exit the rows go back and the other rows get
+padding for the new columns, as if they had been decoded on as padding.
+
 Static store (the opt-in fast path, `MethodConfig.compile`, see `diffmas.fast_path`): a trace made
 with a `step` keeps each layer's entries in a zero-initialised buffer whose capacity is a bucket
 (`bucket_capacity`), and every append attends over the whole buffer with the unused columns masked.
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -577,25 +582,28 @@ class LatentTrace:
         updates concatenate into new tensors.
         """
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.attention_mask.device)
-        other = LatentTrace.__new__(LatentTrace)
-        other.backbone = self.backbone
-        other.batch_size = len(rows)
-        other.reads = self.reads
+        other = self._rows_without_kv(rows)
         other.released = self.released
         other.inputs = (
             None
             if self.inputs is None
             else [(e.index_select(0, rows), m.index_select(0, rows)) for e, m in self.inputs]
         )
-        other.store = self.store
-        other.step = self.step
-        other.cache = None
         if self.length == 0 or self.released:
             other.set_kv([])
         elif all(hasattr(layer, "select_rows") for layer in self.cache.layers):
             other.set_layers([layer.select_rows(rows) for layer in self.cache.layers])  # packed: no unpacking
         else:
             other.set_kv([(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in self.kv()])
+        return other
+
+    def _rows_without_kv(self, rows: torch.Tensor) -> "LatentTrace":
+        """A new trace with these rows' mask, positions and segments, the same settings, and no
+        keys or values yet (the caller gives it its storage)."""
+        other = LatentTrace.__new__(LatentTrace)
+        other.backbone, other.reads, other.store, other.step = self.backbone, self.reads, self.store, self.step
+        other.batch_size = len(rows)
+        other.cache = None
         other.attention_mask = self.attention_mask.index_select(0, rows)
         other.next_position = self.next_position.index_select(0, rows)
         other.positions = self.positions.index_select(0, rows)
@@ -604,6 +612,88 @@ class LatentTrace:
             Segment(s.agent, s.kind, s.start, s.end, [s.n_tokens[r] for r in picked]) for s in self.segments
         ]
         return other
+
+    def can_narrow(self) -> bool:
+        """Whether `narrowed` applies: inference on the in-place store, every layer a plain
+        `_TraceLayer` (not a budget's packed storage), no recorded inputs."""
+        return (
+            self.store == "grow"
+            and not torch.is_grad_enabled()
+            and not self.released
+            and self.inputs is None
+            and self.length > 0
+            and all(type(layer) is _TraceLayer and layer.replay_length is None for layer in self.cache.layers)
+        )
+
+    @contextlib.contextmanager
+    def narrowed(self, rows: list[int], room: int) -> Iterator["LatentTrace"]:
+        """Within the block, a trace of only `rows` (in that order) whose appends go into this
+        trace's own storage: decoding stops computing its finished rows (`diffmas.generate`)
+        without a second copy of the trace.
+
+        The rows are moved to the front of each layer's buffers (one pass over the entries) and
+        the narrow trace's layers are views of those first rows, with `room` free columns reserved
+        so no append inside the block reallocates. On exit the rows go back in place and this
+        trace holds every column the block appended: the rows' entries, and padding (masked, zero
+        keys and values, as in `_forward_rows`) in the other rows. Mask, positions and segments
+        are then what appending padding in the other rows would have given. Needs `can_narrow()`.
+        """
+        if not self.can_narrow():
+            raise DiffmasError("narrowed() needs an inference trace on the in-place store (see can_narrow)")
+        length, batch = self.length, self.batch_size
+        order = rows + [r for r in range(batch) if r not in set(rows)]
+        perm = torch.tensor(order, device=self.attention_mask.device)
+        moved = order != list(range(batch))  # rows already in front need no move
+        for layer in self.cache.layers:
+            if layer._buffers is None or layer.capacity() < length + room:
+                layer._reserve(length + room)
+            if moved:
+                for buf in layer._buffers:
+                    buf[:, :, :length] = buf[:, :, :length].index_select(0, perm)  # one layer's copy at a time
+        picked = perm[: len(rows)]
+        narrow = self._rows_without_kv(picked)
+        layers = []
+        for layer in self.cache.layers:
+            view = _TraceLayer(grow=True)
+            bk, bv = (buf[: len(rows)] for buf in layer._buffers)
+            view.set(bk[:, :, :length], bv[:, :, :length])
+            view._buffers = (bk, bv)
+            layers.append(view)
+        narrow.set_layers(layers)
+        try:
+            yield narrow
+        finally:
+            self._take_back(narrow, perm, moved)
+
+    def _take_back(self, narrow: "LatentTrace", perm: torch.Tensor, moved: bool) -> None:
+        """`narrowed`'s exit: the narrow trace's new columns into this trace, rows back in place."""
+        length, end, a = self.length, narrow.length, narrow.batch_size
+        picked, inverse = perm[:a], torch.argsort(perm)
+        for layer, view in zip(self.cache.layers, narrow.cache.layers):
+            if view._buffers is None or view._buffers[0].data_ptr() != layer._buffers[0].data_ptr():
+                raise DiffmasError("a narrowed trace outgrew the room it reserved")  # an internal bug
+            for buf in layer._buffers:
+                buf[a:, :, length:end] = 0
+                if moved:
+                    buf[:, :, :end] = buf[:, :, :end].index_select(0, inverse)
+            bk, bv = layer._buffers
+            layer.keys, layer.values = bk[:, :, :end], bv[:, :, :end]
+        width = end - length
+        mask = self.attention_mask.new_zeros(self.batch_size, width)
+        mask[picked] = narrow.attention_mask[:, length:]
+        positions = self.positions.new_full((self.batch_size, width), -1)
+        positions[picked] = narrow.positions[:, length:]
+        self.attention_mask = torch.cat([self.attention_mask, mask], dim=1)
+        self.positions = torch.cat([self.positions, positions], dim=1)
+        self.next_position = self.next_position.clone()
+        self.next_position[picked] = narrow.next_position
+        for seg in narrow.segments:
+            start = max(seg.start, length)
+            if seg.end > start:
+                counts = [0] * self.batch_size
+                for row, n in zip(picked.tolist(), narrow.attention_mask[:, start : seg.end].sum(dim=1).tolist()):
+                    counts[row] = n
+                self._record(seg.agent, seg.kind, start, seg.end, counts)
 
     # ------------------------------------------------------------------ storage seam
     # Everything that reads or rebuilds stored keys/values outside the decoder (row selection,
