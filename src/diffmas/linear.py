@@ -10,7 +10,8 @@ rows run faster.
 For the embedded model's weight shapes the packed product of 2 to 16 rows gives a row the same
 bits whatever the other rows, and the same bits as `F.linear` on 16 rows or more; `F.linear` on
 2 to 15 rows does not (it differs by about 1e-6 relative). That is a measured property of MKL on
-those shapes (tests/test_linear.py), not a guarantee, and one-row products (PyTorch's
+those shapes on Intel CPUs (tests/test_linear.py), not a guarantee: on an AMD EPYC it does not hold
+(rows differ by rounding with the batch), and one-row products (PyTorch's
 matrix-vector kernel, kept for speed) round differently from both.
 
 Scope: fp32 weights of at least 256 KiB on the CPU, with MKL, and only calls without autograd
