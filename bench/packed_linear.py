@@ -1,7 +1,8 @@
-"""PyTorch's CPU linear vs MKL's packed GEMM (`diffmas.linear`) in one run, interleaved.
+"""PyTorch's CPU linear vs MKL's and oneDNN's packed GEMMs (`diffmas.linear`) in one run, interleaved.
 
 1. Weight read bandwidth of one linear product of B rows, per weight shape of the model: what a
-   decode or latent step of batch B does per layer (memory-bound: each weight is read once).
+   decode or latent step of batch B does per layer (memory-bound: each weight is read once), and
+   a prompt prefill's row counts beyond it.
 2. A decode step and a latent step on a synthetic trace of L positions (as bench/trace_store.py),
    at batch 1, 4, 10 and 16.
 3. End to end: single and latent_mas on the same GSM8K questions, greedy, fixed lengths.
@@ -22,7 +23,12 @@ import torch
 import _common as c
 from trace_store import step_ms
 
-KERNELS = ("default", "packed")
+
+def kernels() -> tuple[str, ...]:
+    """PyTorch's kernel and each packed library this torch build has (`packed` is one of them)."""
+    from diffmas.linear import GEMMS
+
+    return ("default", *(name for name, gemm in GEMMS.items() if gemm.available()))
 
 
 def rss_bytes() -> int:
@@ -34,9 +40,10 @@ def interleaved(fn, repeats: int) -> dict[str, list[float]]:
     """fn(kernel) -> seconds, run `repeats` times per kernel, alternating which goes first."""
     from diffmas.linear import linear_kernel
 
-    times = {k: [] for k in KERNELS}
+    names = kernels()
+    times = {k: [] for k in names}
     for r in range(repeats):
-        for kernel in KERNELS if r % 2 == 0 else KERNELS[::-1]:
+        for kernel in names if r % 2 == 0 else names[::-1]:
             with linear_kernel(kernel):
                 times[kernel].append(fn(kernel))
     return times
@@ -45,9 +52,8 @@ def interleaved(fn, repeats: int) -> dict[str, list[float]]:
 def summary(times: dict[str, list[float]], scale: float = 1.0) -> dict:
     med = {k: statistics.median(v) * scale for k, v in times.items()}
     return {
-        "default": med["default"],
-        "packed": med["packed"],
-        "ratio_packed_over_default": med["packed"] / med["default"],
+        "median": med,
+        "ratio_over_default": {k: v / med["default"] for k, v in med.items() if k != "default"},
         "load_average": list(os.getloadavg()),
         "all": {k: [x * scale for x in v] for k, v in times.items()},
     }
@@ -70,6 +76,10 @@ def method_s(method, prompts: list[str], instruction: str, batch: int, texts: di
     out = [r.text for i in range(0, len(prompts), batch) for r in method.run_batch(prompts[i : i + batch], instruction)]
     texts[kernel] = out
     return c.time.perf_counter() - start
+
+
+def ratios(row: dict) -> str:
+    return ", ".join(f"{k}/default {v:.2f}x" for k, v in row["ratio_over_default"].items())
 
 
 def gemm_rows(bb, batches: list[int], repeats: int) -> list[dict]:
@@ -97,7 +107,7 @@ def gemm_rows(bb, batches: list[int], repeats: int) -> list[dict]:
                 gb_per_s={k: weight_bytes / statistics.median(v) / 1e9 for k, v in times.items()},
             )
             rows.append(row)
-            print(f"linear {shape} b={batch:<3} packed/default {row['ratio_packed_over_default']:.2f}x", flush=True)
+            print(f"linear {shape} b={batch:<3} {ratios(row)}", flush=True)
     return rows
 
 
@@ -110,7 +120,7 @@ def step_rows(bb, batches: list[int], length: int, steps: int, repeats: int) -> 
             row = summary(times, scale=1000)  # ms
             row.update(kind=kind, batch=batch, length=length)
             rows.append(row)
-            print(f"{kind} b={batch:<3} L={length} packed/default {row['ratio_packed_over_default']:.2f}x", flush=True)
+            print(f"{kind} b={batch:<3} L={length} {ratios(row)}", flush=True)
     return rows
 
 
@@ -130,19 +140,21 @@ def end_to_end_rows(bb, n: int, batches: list[int], max_new_tokens: int, m: int,
                 method.run_batch(prompts[:1], task.format_instruction)  # warm-up
                 times = interleaved(once, repeats)
             row = summary(times)
-            row.update(method=name, batch=batch, same_texts=texts["default"] == texts["packed"])
+            same = {k: texts[k] == texts["default"] for k in texts if k != "default"}
+            row.update(method=name, batch=batch, same_texts=same)
             rows.append(row)
-            print(f"{name} b={batch} packed/default {row['ratio_packed_over_default']:.2f}x", flush=True)
+            print(f"{name} b={batch} {ratios(row)}", flush=True)
     return rows
 
 
 def packed_memory(bb) -> dict:
-    """Resident bytes the packed copies add (every layer packed once), and the weights' bytes."""
-    from diffmas.linear import PackedLinear, forget_packed
+    """Resident bytes the default kernel's packed copies add (every layer packed once), and the
+    weights' bytes."""
+    from diffmas.linear import PackedLinear, forget_packed, linear_kernel
 
     forget_packed()
     layers = [m for m in bb.model.modules() if isinstance(m, PackedLinear)]
-    with torch.no_grad():
+    with torch.no_grad(), linear_kernel("packed"):
         for m in layers:
             m.weight.sum()  # weights loaded from a memory-mapped file become resident on first read
         before = rss_bytes()
@@ -157,7 +169,8 @@ def packed_memory(bb) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batches", default="1,4,10,16")
+    p.add_argument("--batches", default="1,4,10,16", help="Batch sizes of the steps and of the products.")
+    p.add_argument("--prefill-rows", default="32,125,512", help="Products' row counts beyond the batches.")
     p.add_argument("--length", type=int, default=300, help="Trace length of the step measurements.")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
@@ -168,11 +181,14 @@ def main() -> None:
     c.add_model_args(p)
     args = p.parse_args()
     c.setup(args.threads, args)
-    from diffmas.linear import packing_available
+    from diffmas.linear import packed_gemm
+    from diffmas.provenance import cpu_vendor
 
-    if not packing_available():
-        raise SystemExit("packed_linear: this torch build has no MKL packed GEMM; nothing to compare")
+    if len(kernels()) < 2:
+        raise SystemExit("packed_linear: this torch build has neither MKL's nor oneDNN's packed GEMM")
     batches = [int(x) for x in args.batches.split(",")]
+    prefill_rows = [int(x) for x in args.prefill_rows.split(",") if x]
+    packed = packed_gemm("packed")
     bb = c.backbone()
     result = {
         "settings": {
@@ -183,13 +199,18 @@ def main() -> None:
             "questions": args.questions,
             "max_new_tokens": args.max_new_tokens,
             "latent_steps": args.latent_steps,
+            "prefill_rows": prefill_rows,
             "synthetic_trace": True,
             **c.model_settings(),
         },
+        "kernels": list(kernels()),
+        "packed_is": packed.name if packed else "default",
+        "cpu_vendor": cpu_vendor(),
+        "row_ranges": {name: [gemm.min_rows, gemm.max_rows] for name in kernels()[1:] if (gemm := packed_gemm(name))},
         "load_average_before": list(os.getloadavg()),
         "memory": packed_memory(bb),
     }
-    result["linear"] = gemm_rows(bb, batches, args.repeats)
+    result["linear"] = gemm_rows(bb, batches + prefill_rows, args.repeats)
     c.write("packed_linear", result)
     result["steps"] = step_rows(bb, batches, args.length, args.steps, args.repeats)
     c.write("packed_linear", result)

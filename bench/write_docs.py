@@ -4,6 +4,7 @@ every figure in the document is read from a result file written by a benchmark s
 from __future__ import annotations
 
 import json
+import math
 
 from matplotlib.figure import Figure
 
@@ -509,7 +510,7 @@ def section_summary(results: dict[str, dict | None]) -> str:
             "behaviour) unless the row names another; _after_: the in-place growable store, finished rows "
             "dropped from decoding and, on CPUs, row-by-row prompts. Each row's pair comes from one run of one script; the sections below give the "
             "full tables, the machine, its load and the commit. The packed linear layers (the CPU default) "
-            "have their own before / after section (PyTorch's kernel vs MKL's packed GEMM).",
+            "have their own before / after section (PyTorch's kernel vs MKL's and oneDNN's packed GEMMs).",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
             "With autograd on both stores concatenate (in-place updates break gradients), so the training "
             "step's before / after is the attention kernel instead: transformers' SDPA, which copies grouped "
@@ -817,54 +818,87 @@ def section_fast_path(r: dict) -> str:
 
 
 def section_packed_linear(r: dict) -> str:
-    """PyTorch's CPU linear vs MKL's packed GEMM (diffmas.linear), interleaved in one run."""
-    s, mem = r["settings"], r["memory"]
+    """PyTorch's CPU linear vs MKL's and oneDNN's packed GEMMs (diffmas.linear), interleaved in one run."""
+    s, mem, libs = r["settings"], r["memory"], r["kernels"][1:]
+    names = [f"{k} (packed here)" if k == r["packed_is"] else k for k in libs]
+
+    def ratio_cells(x: dict) -> list[str]:
+        return [f"{x['ratio_over_default'][k]:.2f}x" for k in libs]
+
     gemm = [
-        [
-            "×".join(str(d) for d in x["shape"]),
-            x["batch"],
-            f"{x['gb_per_s']['default']:.1f}",
-            f"{x['gb_per_s']['packed']:.1f}",
-            f"{x['ratio_packed_over_default']:.2f}x",
-        ]
+        ["×".join(str(d) for d in x["shape"]), x["batch"]]
+        + [f"{x['gb_per_s'][k]:.1f}" for k in r["kernels"]]
+        + ratio_cells(x)
         for x in r["linear"]
     ]
     steps = [
-        [x["kind"], x["batch"], x["length"], f"{x['default']:.1f}", f"{x['packed']:.1f}"]
-        + [f"{x['ratio_packed_over_default']:.2f}x"]
+        [x["kind"], x["batch"], x["length"]] + [f"{x['median'][k]:.1f}" for k in r["kernels"]] + ratio_cells(x)
         for x in r.get("steps", [])
     ]
     e2e = [
-        [x["method"], x["batch"], f"{x['default']:.1f}", f"{x['packed']:.1f}", f"{x['ratio_packed_over_default']:.2f}x"]
-        + ["yes" if x["same_texts"] else "**no**"]
+        [x["method"], x["batch"]]
+        + [f"{x['median'][k]:.1f}" for k in r["kernels"]]
+        + ratio_cells(x)
+        + [", ".join(k for k in libs if not x["same_texts"][k]) or "all"]
         for x in r.get("end_to_end", [])
     ]
+    gbs = [f"{k} GB/s" for k in r["kernels"]]
+    ms = [f"{k} ms" for k in r["kernels"]]
+    secs = [f"{k} s" for k in r["kernels"]]
+    over = [f"{k} / default" for k in names]
+    ranges = "; ".join(f"{k} {lo} to {hi} rows" for k, (lo, hi) in r["row_ranges"].items())
+    best = _fastest_by_rows(r)
     load = ", ".join(f"{x:.2f}" for x in r["load_average_before"])
     load_after = ", ".join(f"{x:.2f}" for x in r.get("load_average_after", []))
     return "\n\n".join(
         [
-            "## Few-row linear products: PyTorch's kernel vs MKL's packed GEMM",
+            "## Few-row linear products: PyTorch's kernel vs MKL's and oneDNN's packed GEMMs",
             "Decode and latent steps multiply one row per question by every weight. `diffmas.linear` (the CPU "
-            'default; `linear_kernel("default")` is PyTorch\'s kernel) runs products of 2 to 16 rows, without autograd, on weights MKL packed once; '
-            "PyTorch's fp32 kernel re-packs the weight on every such call. Both kernels interleaved in "
-            f"one run, median of {s['repeats']} runs each; {s['model']} in {s['dtype']}.",
-            "Weight read bandwidth of one product, every layer of a shape in turn (GB/s of weights):",
-            md_table(["weight (out×in)", "rows", "default GB/s", "packed GB/s", "packed / default"], gemm),
+            'default, `--cpu-linear packed`; `linear_kernel("default")` is PyTorch\'s kernel) runs products '
+            "without autograd on weights packed once, by MKL on Intel CPUs and by oneDNN on other x86 ones; "
+            f"PyTorch's fp32 kernel re-packs the weight on every such call. Row ranges: {ranges}. This "
+            f"machine's CPU vendor: {r['cpu_vendor'] or 'unknown'}, so `packed` is {r['packed_is']} here. "
+            f"All kernels interleaved in one run, median of {s['repeats']} runs each; {s['model']} in {s['dtype']}.",
+            "Weight read bandwidth of one product, every layer of a shape in turn (GB/s of weights; rows "
+            "outside a library's range are PyTorch's call under every setting, so they measure the noise):",
+            md_table(["weight (out×in)", "rows", *gbs, *over], gemm),
+            f"Fastest kernel per row count, over the weight shapes (geometric mean of the ratios): {best}.",
             f"Steps on a synthetic trace of {s['length']} positions (ms per step, mean of {s['steps']}):",
-            md_table(["step", "batch", "trace length", "default ms", "packed ms", "packed / default"], steps),
+            md_table(["step", "batch", "trace length", *ms, *over], steps),
             f"End to end: {s['questions']} GSM8K questions, greedy, {s['max_new_tokens']} new tokens (EOS "
-            f"suppressed), m={s['latent_steps']}; seconds for all questions; _same texts_: every answer "
-            "identical under both kernels:",
-            md_table(["method", "batch", "default s", "packed s", "packed / default", "same texts"], e2e),
-            f"Memory: the packed copies of {mem['layers']} layers added "
+            f"suppressed), m={s['latent_steps']}; seconds for all questions; _same texts_: the libraries "
+            "whose every answer is identical to PyTorch's kernel's:",
+            md_table(["method", "batch", *secs, *over, "same texts"], e2e),
+            f"Memory: the default kernel's packed copies of {mem['layers']} layers added "
             f"{mem['resident_added_bytes'] / 2**20:.0f} MiB resident, for "
-            f"{mem['weight_bytes'] / 2**20:.0f} MiB of weights. One row is PyTorch's matrix-vector kernel "
-            "under both settings (its rows measure the noise), and more than 16 rows keep PyTorch's kernel "
-            "(as fast or faster there, and the same bits as the packed one). Load average before: "
-            f"{load}; after: {load_after}.",
+            f"{mem['weight_bytes'] / 2**20:.0f} MiB of weights. Load average before: {load}; after: {load_after}.",
             machine_line(r),
         ]
     )
+
+
+def _fastest_by_rows(r: dict) -> str:
+    """For each row count: the kernel with the lowest geometric-mean time ratio over the shapes,
+    among PyTorch's and the libraries whose range holds that many rows (outside it a library's
+    setting runs PyTorch's call, and its ratio is noise)."""
+    by_rows: dict[int, dict[str, list[float]]] = {}
+    for x in r["linear"]:
+        rows = x["batch"]
+        in_range = [k for k, (lo, hi) in r["row_ranges"].items() if lo <= rows <= hi]
+        ratios = by_rows.setdefault(rows, {"default": [], **{k: [] for k in in_range}})
+        for k in ratios:
+            ratios[k].append(1.0 if k == "default" else x["ratio_over_default"][k])
+    out = []
+    for rows, ratios in sorted(by_rows.items()):
+        geo = {k: math.exp(sum(math.log(v) for v in vs) / len(vs)) for k, vs in ratios.items()}
+        fastest = min(geo, key=geo.get)
+        label = f"{rows} row{'s' if rows != 1 else ''}"
+        out.append(
+            f"{label} PyTorch's (no library's range)"
+            if len(geo) == 1
+            else f"{label} {fastest} ({geo[fastest]:.2f}x default)"
+        )
+    return ", ".join(out)
 
 
 def section_elsewhere() -> str:

@@ -111,7 +111,7 @@ def test_run_prints_answer_and_cost_table(tiny_model_dir):
             "error: a trace budget",
         ),
         (["run", "q", "--compile", "fast"], "error: compile='fast': choose one of off, auto"),
-        (["--cpu-linear", "fast", "env"], "error: linear kernel 'fast': choose one of packed, default"),
+        (["--cpu-linear", "fast", "env"], "error: linear kernel 'fast': choose one of packed, mkl, onednn, default"),
         (
             ["run", "q", "--compile", "auto", "--trace-policy", "window", "--trace-budget", "8"],
             "error: --compile auto does not combine with a trace budget",
@@ -202,3 +202,12 @@ def test_cpu_linear_option_reaches_the_kernel():
     proc = cli("--cpu-linear", "default", "env")
     assert proc.returncode == 0, proc.stderr
     assert "- CPU linear layers: PyTorch's" in proc.stdout
+
+
+def test_cpu_linear_option_names_a_library():
+    from diffmas.linear import ONEDNN
+
+    proc = cli("--cpu-linear", "onednn", "env")
+    assert proc.returncode == 0, proc.stderr
+    expected = "oneDNN's prepacked GEMM for 2 to 512 rows" if ONEDNN.available() else "PyTorch's (no onednn GEMM"
+    assert f"- CPU linear layers: {expected}" in proc.stdout

@@ -1,9 +1,12 @@
-"""The backbone's CPU linear layers (diffmas.linear): MKL's packed GEMM for few-row steps.
+"""The backbone's CPU linear layers (diffmas.linear): MKL's or oneDNN's packed GEMM for few-row steps.
 
-What must hold: the packed product is bitwise batch-invariant and bitwise equal to F.linear from
-16 rows on; whole decode and latent steps match PyTorch's own kernel; autograd, compiled graphs,
-other dtypes and in-place weight edits take or refresh the right path; a model whose copies would
-not fit stays unpacked, and dropped copies give their memory back to the system.
+What must hold: each library's product matches F.linear within rounding, for 2-D, 3-D and strided
+inputs, and outside its row range is F.linear itself; on Intel CPUs MKL's is bitwise
+batch-invariant and bitwise equal to F.linear from 16 rows on; oneDNN's is bitwise batch-invariant
+over its row range; `packed` picks the library by CPU vendor; whole decode and latent steps match
+PyTorch's own kernel; autograd, compiled graphs, other dtypes and in-place weight edits take or
+refresh the right path; a model whose copies would not fit stays unpacked, and dropped copies give
+their memory back to the system.
 """
 
 from __future__ import annotations
@@ -20,28 +23,40 @@ import torch.nn.functional as F
 from diffmas.channel import latent_steps, prefill
 from diffmas.generate import DecodeConfig, decode
 from diffmas.linear import (
-    MAX_PACKED_ROWS,
-    MIN_PACKED_ROWS,
+    GEMMS,
+    MKL,
+    ONEDNN,
     PackedLinear,
     forget_packed,
     linear_kernel,
-    packing_available,
+    packed_gemm,
 )
+from diffmas.provenance import cpu_vendor
 from diffmas.trace import LatentTrace
 
 from conftest import TEST_DEVICE, make_backbone
 
+LIBRARIES = [name for name, gemm in GEMMS.items() if gemm.available()]
+
 pytestmark = pytest.mark.skipif(
-    TEST_DEVICE != "cpu" or not packing_available(),
-    reason="NOT TESTED: the packed CPU linear needs a CPU torch build with MKL",
+    TEST_DEVICE != "cpu" or not LIBRARIES,
+    reason="NOT TESTED: the packed CPU linear needs a CPU torch build with MKL or oneDNN",
 )
+# The library `packed` takes here; on CPUs where it takes none (not x86), the tests of the default
+# run MKL's or oneDNN's, whichever this build has.
+DEFAULT = packed_gemm("packed").name if packed_gemm("packed") else (LIBRARIES or ["default"])[0]
 
 
 @pytest.fixture(autouse=True)
 def packed():
     """The packed kernel is the CPU default; the tests here say so, whatever the default becomes."""
-    with linear_kernel("packed"):
+    with linear_kernel("packed" if packed_gemm("packed") else DEFAULT):
         yield
+
+
+def each_library(test):
+    """Run a test once per packed library this torch build has."""
+    return pytest.mark.parametrize("library", LIBRARIES)(test)
 
 
 def wide_backbone(tied: bool):
@@ -51,11 +66,7 @@ def wide_backbone(tied: bool):
 
 
 def _intel_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "GenuineIntel" in f.read(4096)
-    except OSError:
-        return False
+    return cpu_vendor() == "GenuineIntel"
 
 
 # The bit-for-bit claims below were measured on Intel CPUs. On an AMD EPYC (2026-12-02) MKL's packed
@@ -82,9 +93,25 @@ def test_rows_get_the_same_bits_alone_and_in_any_batch(shape):
     x = torch.randn(32, layer.in_features)
     # 32 rows: PyTorch's many-row kernel, the reference the packed rows must equal
     reference = F.linear(x, layer.weight, layer.bias)
-    for rows in range(MIN_PACKED_ROWS, MAX_PACKED_ROWS + 1):
-        assert torch.equal(layer(x[:rows]), reference[:rows]), rows
-    assert torch.equal(layer(x[:3].view(1, 3, -1)), reference[:3].view(1, 3, -1))  # (B, T, d) inputs
+    with linear_kernel("mkl"):
+        for rows in range(MKL.min_rows, MKL.max_rows + 1):
+            assert torch.equal(layer(x[:rows]), reference[:rows]), rows
+        assert torch.equal(layer(x[:3].view(1, 3, -1)), reference[:3].view(1, 3, -1))  # (B, T, d) inputs
+
+
+@pytest.mark.skipif(not ONEDNN.available(), reason="NOT TESTED: this torch build has no oneDNN")
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (576, 576), (576, 192), (576, 49152)])
+def test_onednn_rows_get_the_same_bits_in_any_call_of_its_range(shape):
+    """Measured on an Intel Xeon and an AMD EPYC (see linear.py): a row's result does not depend on
+    how many rows share its call, from 2 to 512, so a prompt's prefill and a batch's steps agree."""
+    layer = packed_layer(*shape)
+    x = torch.randn(ONEDNN.max_rows, layer.in_features)
+    with linear_kernel("onednn"):
+        reference = layer(x)
+        for rows in (2, 3, 5, 8, 15, 16, 17, 33, 125, 300):
+            assert torch.equal(layer(x[:rows]), reference[:rows]), rows
+        assert torch.equal(layer(x[:6].view(2, 3, -1)), reference[:6].view(2, 3, -1))  # (B, T, d) inputs
 
 
 @intel_bits
@@ -98,13 +125,71 @@ def test_pytorch_kernel_is_not_batch_invariant_below_sixteen_rows():
     with linear_kernel("default"):
         alone = layer(x[:4])
     assert not torch.equal(alone, F.linear(x, layer.weight, layer.bias)[:4])
-    assert torch.equal(layer(x[:4]), F.linear(x, layer.weight, layer.bias)[:4])
+    with linear_kernel("mkl"):
+        assert torch.equal(layer(x[:4]), F.linear(x, layer.weight, layer.bias)[:4])
 
 
-def test_autograd_keeps_pytorch_path_and_gradients():
+@each_library
+@torch.no_grad()
+def test_packed_products_match_pytorch_within_rounding(library):
+    """2-D, 3-D and strided inputs, across the library's row range; one row and rows above the
+    range are F.linear's own call, bit for bit."""
+    gemm, layer = GEMMS[library], packed_layer()
+    x = torch.randn(gemm.max_rows + 1, layer.in_features)
+    with linear_kernel(library):
+        for rows in sorted({gemm.min_rows, 7, gemm.max_rows}):
+            torch.testing.assert_close(layer(x[:rows]), F.linear(x[:rows], layer.weight, layer.bias))
+        batch_major = x[:6].view(2, 3, -1)
+        torch.testing.assert_close(layer(batch_major), F.linear(batch_major, layer.weight, layer.bias))
+        strided = x[:8].view(2, 4, -1).transpose(0, 1)  # not contiguous
+        torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight, layer.bias))
+        for outside in (x[:1], x):
+            assert torch.equal(layer(outside), F.linear(outside, layer.weight, layer.bias))
+
+
+def test_packed_takes_the_library_by_cpu_vendor(monkeypatch):
+    import diffmas.linear as linear
+
+    def choice(machine: str, vendor: str):
+        monkeypatch.setattr(linear.platform, "machine", lambda: machine)
+        monkeypatch.setattr(linear, "cpu_vendor", lambda: vendor)
+        packed_gemm.cache_clear()
+        return packed_gemm("packed"), packed_gemm("mkl"), packed_gemm("default")
+
+    try:
+        if MKL.available():
+            assert choice("x86_64", "GenuineIntel") == (MKL, MKL, None)
+        if ONEDNN.available():
+            assert choice("x86_64", "AuthenticAMD")[0] is ONEDNN
+            assert choice("AMD64", "")[0] is ONEDNN  # vendor unreadable: not Intel
+        assert choice("aarch64", "")[0] is None  # measured on neither: PyTorch's kernel
+    finally:
+        monkeypatch.undo()
+        packed_gemm.cache_clear()
+
+
+@pytest.mark.skipif(len(LIBRARIES) < 2, reason="NOT TESTED: needs both MKL and oneDNN in this torch build")
+@torch.no_grad()
+def test_each_library_keeps_its_own_copy():
+    """Switching kernels (bench/packed_linear.py interleaves them) does not re-pack each time."""
+    from diffmas.linear import _PACKS
+
+    layer, x = packed_layer(seed=4), torch.randn(4, 576)
+    copies = []
+    for library in ("mkl", "onednn", "mkl", "onednn"):
+        with linear_kernel(library):
+            layer(x)
+        copies.append(_PACKS[id(layer.weight)][library][1])
+    assert set(_PACKS[id(layer.weight)]) == {"mkl", "onednn"}
+    assert copies[0] is copies[2] and copies[1] is copies[3]
+
+
+@each_library
+def test_autograd_keeps_pytorch_path_and_gradients(library):
     layer = packed_layer()
     x = torch.randn(4, layer.in_features, requires_grad=True)
-    layer(x).square().sum().backward()  # MKL's packed op has no backward: this must not reach it
+    with linear_kernel(library):
+        layer(x).square().sum().backward()  # the packed ops have no backward: this must not reach them
     with linear_kernel("default"):
         x2 = x.detach().clone().requires_grad_(True)
         layer(x2).square().sum().backward()
@@ -117,24 +202,26 @@ def many_rows_reference(layer, x: torch.Tensor) -> torch.Tensor:
     return F.linear(padded, layer.weight, layer.bias)[: len(x)]
 
 
+@each_library
 @torch.no_grad()
-def test_weight_edits_are_seen():
+def test_weight_edits_are_seen(library):
     layer = packed_layer()
     x = torch.randn(2, layer.in_features)
 
-    def same(a, b):  # rounding apart at most (bit-equal on Intel CPUs, not on AMD's)
+    def same(a, b):  # rounding apart at most
         return torch.allclose(a, b, rtol=1e-4, atol=1e-3)
 
-    before = layer(x)
-    assert same(before, many_rows_reference(layer, x))
-    layer.weight.mul_(2.0)  # in place under no_grad: the version counter moves
-    assert same(layer(x), many_rows_reference(layer, x))
-    layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # a new storage
-    assert same(layer(x), many_rows_reference(layer, x))
-    layer.weight.data.mul_(0.5)  # through .data no counter moves: the stale copy is still used
-    assert not same(layer(x), many_rows_reference(layer, x))
-    forget_packed()  # ... until it is dropped
-    assert same(layer(x), many_rows_reference(layer, x))
+    with linear_kernel(library):
+        before = layer(x)
+        assert same(before, many_rows_reference(layer, x))
+        layer.weight.mul_(2.0)  # in place under no_grad: the version counter moves
+        assert same(layer(x), many_rows_reference(layer, x))
+        layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # a new storage
+        assert same(layer(x), many_rows_reference(layer, x))
+        layer.weight.data.mul_(0.5)  # through .data no counter moves: the stale copy is still used
+        assert not same(layer(x), many_rows_reference(layer, x))
+        forget_packed()  # ... until it is dropped
+        assert same(layer(x), many_rows_reference(layer, x))
 
 
 @torch.no_grad()
@@ -167,8 +254,9 @@ def test_backbone_layers_are_swapped_from_the_size_on():
     assert any(m not in swapped for m in linears)  # the 128-wide k/v projections stay plain
 
 
+@each_library
 @pytest.mark.parametrize("tied", [True, False])
-def test_steps_match_pytorch_kernel(tied):
+def test_steps_match_pytorch_kernel(tied, library):
     """Prompt, latent steps and greedy decoding of a batch: the same tokens, and hidden states
     and trace keys within fp32 rounding of PyTorch's own kernel (1e-4 after latent steps,
     which feed each step's rounding back in, as the fast path's tests allow)."""
@@ -183,11 +271,13 @@ def test_steps_match_pytorch_kernel(tied):
             out = decode(trace, "b", prefill(trace, "b", ["go"] * 3), DecodeConfig(max_new_tokens=6), [0] * 3)
         return hidden, out, trace.kv()
 
-    hidden, out, kv = run()
+    with linear_kernel(library):
+        hidden, out, kv = run()
     with linear_kernel("default"):
         hidden_ref, out_ref, kv_ref = run()
     assert out.token_ids == out_ref.token_ids
-    tol = 1e-4 if _intel_cpu() else 3e-4  # an AMD EPYC's MKL rounded one entry of 768 1.1e-4 apart
+    # an AMD EPYC's MKL rounded one entry of 768 1.1e-4 apart
+    tol = 1e-4 if _intel_cpu() and library == "mkl" else 3e-4
     torch.testing.assert_close(hidden, hidden_ref, rtol=tol, atol=tol)
     for (k, v), (k_ref, v_ref) in zip(kv, kv_ref):
         torch.testing.assert_close(k, k_ref, rtol=tol, atol=tol)

@@ -1,25 +1,37 @@
-"""The backbone's linear layers on CPUs: MKL's packed GEMM for the few-row products of a step.
+"""The backbone's linear layers on CPUs: a packed GEMM (MKL's or oneDNN's) for few-row products.
 
 A decode or latent step multiplies one row per question (B rows, B the batch) by every weight
 matrix of the model. For a few rows PyTorch's fp32 CPU linear re-packs the weight on every call
 and reads it well below the machine's memory bandwidth (`bench/packed_linear.py` measures it).
-MKL's packed GEMM (`cblas_sgemm_pack`, what inductor's CPU weight prepacking calls) packs each
-weight once and reads it close to the bandwidth, so the memory-bound steps of batches of 2 to 16
-rows run faster.
+A packed GEMM packs each weight once into the kernel's own layout and reads it close to the
+bandwidth, so the memory-bound steps of batches of 2 to 16 rows run faster. Two libraries in
+PyTorch's x86 builds do it, and each is fastest on a different vendor's CPUs:
 
-For the embedded model's weight shapes the packed product of 2 to 16 rows gives a row the same
-bits whatever the other rows, and the same bits as `F.linear` on 16 rows or more; `F.linear` on
-2 to 15 rows does not (it differs by about 1e-6 relative). That is a measured property of MKL on
-those shapes on Intel CPUs (tests/test_linear.py), not a guarantee: on an AMD EPYC it does not hold
-(rows differ by rounding with the batch), and one-row products (PyTorch's
-matrix-vector kernel, kept for speed) round differently from both.
+- MKL (`cblas_sgemm_pack`, what inductor's CPU weight prepacking calls), for 2 to 16 rows: on an
+  Intel Xeon (AVX-512) it beat oneDNN's prepacked product from 4 to 16 rows.
+- oneDNN (`mkldnn._linear_pointwise` on a weight reordered once, inductor's other prepacking), for
+  2 to 512 rows: on an AMD EPYC (AVX2) MKL's few-row GEMM runs far below the bandwidth and oneDNN's
+  was faster at every row count up to a few hundred, prompt prefill of about 125 rows included.
 
-Scope: fp32 weights of at least 256 KiB on the CPU, with MKL, and only calls without autograd
-(inference, and the frozen upstream of `upstream_grad="none"`): MKL's packed op has no backward,
-and training keeps PyTorch's own path. One-row calls and calls of more than 16 rows (prompt
-prefill) keep `F.linear`. The packed copy costs memory about the size of the weight; it is
-made on a layer's first few-row call, and made again when the weight's storage or version counter
-changes (`load_state_dict`, in-place updates under `no_grad`). Edits through `weight.data` bump no
+`--cpu-linear packed` (the default) takes MKL on Intel CPUs and oneDNN on other x86 CPUs;
+`mkl` and `onednn` choose one, and `bench/packed_linear.py` measures all three kernels on the
+machine it runs on, so the choice can be checked there. Non-x86 CPUs keep PyTorch's kernel unless
+a library is named (no measurement there).
+
+Bits. On an Intel Xeon, MKL's packed product of 2 to 16 rows gives a row the same bits whatever
+the other rows, and the same bits as `F.linear` on 16 rows or more; `F.linear` on 2 to 15 rows
+does not (it differs by about 1e-6 relative). That is a measured property of MKL on the embedded
+model's shapes (tests/test_linear.py), not a guarantee: on an AMD EPYC it does not hold. oneDNN's
+prepacked product gave a row the same bits in any call of 2 to 600 rows, on an Intel Xeon and on
+an AMD EPYC alike (tests/test_linear.py checks its range wherever oneDNN is in the build).
+One-row products (PyTorch's matrix-vector kernel, kept for speed) round differently from all of them.
+
+Scope: fp32 weights of at least 256 KiB on the CPU, and only calls without autograd (inference,
+and the frozen upstream of `upstream_grad="none"`): the packed ops have no backward, and
+training keeps PyTorch's own path. One-row calls and calls above the library's row range keep
+`F.linear`. The packed copy costs memory about the size of the weight; it is made on a layer's
+first call in range, and made again when the weight's storage or version counter changes
+(`load_state_dict`, in-place updates under `no_grad`). Edits through `weight.data` bump no
 counter: after one (peft's merge does, on the merged copy `export_merged` saves), call
 `forget_packed()`.
 
@@ -36,24 +48,24 @@ meaning anything; tests/test_method_cost.py measures one).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import platform
 import weakref
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
 from diffmas.accounting import trim_heap
+from diffmas.provenance import cpu_vendor
 from diffmas.switch import Switch
 
-LinearKernel = Literal["packed", "default"]
-LINEAR_KERNELS = ("packed", "default")
+LinearKernel = Literal["packed", "mkl", "onednn", "default"]
+LINEAR_KERNELS = ("packed", "mkl", "onednn", "default")
 KERNEL: Switch[LinearKernel] = Switch("linear kernel", "packed", LINEAR_KERNELS)
 
-# Products of 2 to 16 rows go packed. One row is a matrix-vector product, which PyTorch's kernel
-# runs at the bandwidth already; above 16 rows PyTorch's kernel was as fast or faster on the
-# embedded model's shapes (bench/packed_linear.py), and from 16 rows on both give the same bits.
-MIN_PACKED_ROWS, MAX_PACKED_ROWS = 2, 16
 # Weights below this many elements (256 KiB in fp32) stay plain: they sit in the caches between
 # calls, where re-packing costs little, and for the tiny test models' 64-wide layers MKL's packed
 # one-row product rounds differently from its many-row one (tests/test_linear.py shows both).
@@ -64,65 +76,123 @@ MAX_PACKED_SHARE_OF_AVAILABLE = 0.25
 TRIM_AFTER_BYTES = 32 * 2**20
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedGemm:
+    """One library's packed fp32 GEMM: `pack(weight)` once, then `run(x2d, packed, weight, bias)`
+    for calls of `min_rows` to `max_rows` rows."""
+
+    name: str
+    description: str
+    min_rows: int
+    max_rows: int
+    available: Callable[[], bool]
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+# One row is a matrix-vector product, which PyTorch's kernel runs at the bandwidth already. MKL:
+# above 16 rows PyTorch's kernel was as fast or faster on the embedded model's shapes, and from 16
+# rows on both give the same bits. The pack's row hint is the most rows it is tuned for.
+MKL = PackedGemm(
+    name="mkl",
+    description="MKL's packed GEMM",
+    min_rows=2,
+    max_rows=16,
+    available=lambda: torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"),
+    pack=lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, 16),
+    run=lambda x, packed, w, bias: torch.ops.mkl._mkl_linear(x, packed, w, bias, x.shape[0]),
+)
+# oneDNN: on an AMD EPYC faster than PyTorch's kernel up to a few hundred rows (a row's prompt
+# prefill, about 125, included), equal from about 400; the row hint is the one measured.
+ONEDNN = PackedGemm(
+    name="onednn",
+    description="oneDNN's prepacked GEMM",
+    min_rows=2,
+    max_rows=512,
+    available=lambda: torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"),
+    pack=lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 8),
+    run=lambda x, packed, w, bias: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""),
+)
+GEMMS = {g.name: g for g in (MKL, ONEDNN)}
+
+
 def linear_kernel(kind: LinearKernel):
     """Run the backbone's CPU linear layers with the given kernel inside this block."""
     return KERNEL.using(kind)
 
 
+@functools.cache
+def packed_gemm(kind: LinearKernel) -> PackedGemm | None:
+    """The packed GEMM a kernel setting runs, or None for PyTorch's own kernel. `packed`: MKL on
+    Intel CPUs, oneDNN on other x86 ones (see the module's docstring), none elsewhere; a named
+    library that this torch build lacks: none."""
+    if kind == "packed":
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return None
+        kind = "mkl" if cpu_vendor() == "GenuineIntel" else "onednn"
+    gemm = GEMMS.get(kind)
+    return gemm if gemm is not None and gemm.available() else None
+
+
 def packing_available() -> bool:
-    """MKL's packed GEMM is in this torch build (x86 builds with MKL; not on ARM or macOS)."""
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    """The default kernel (`packed`) runs a packed GEMM on this machine and torch build."""
+    return packed_gemm("packed") is not None
 
 
 class PackedLinear(torch.nn.Linear):
-    """nn.Linear whose few-row, autograd-free fp32 CPU calls run MKL's packed GEMM.
+    """nn.Linear whose few-row, autograd-free fp32 CPU calls run a packed GEMM (`packed_gemm`).
 
     Installed by class swap (`use_packed_linear`), so the module keeps its parameters, its
     state_dict and its place in the model, and peft still sees an nn.Linear to wrap.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        if torch.compiler.is_compiling():  # the fast path's graphs keep PyTorch's op
+            return F.linear(x, self.weight, self.bias)
+        weight, gemm = self.weight, packed_gemm(KERNEL.value)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (
-            KERNEL.value != "packed"
-            or torch.compiler.is_compiling()  # the fast path's graphs keep PyTorch's op
-            or not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS
+            gemm is None
+            or not gemm.min_rows <= rows <= gemm.max_rows
             or weight.device.type != "cpu"
             or weight.dtype != torch.float32
             or x.dtype != torch.float32
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             return F.linear(x, weight, self.bias)
-        return torch.ops.mkl._mkl_linear(x, _packed(weight), weight, self.bias, rows)
+        out = gemm.run(x.reshape(rows, x.shape[-1]), _packed(weight, gemm), weight, self.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
-# id(weight) -> (weight's (storage pointer, version) when packed, packed copy, its bytes). Kept
-# outside the modules, so state_dict, deepcopy and pickling never see the packed copies (a cache,
-# not model state); an entry goes when its weight is garbage-collected.
-_PACKS: dict[int, tuple[tuple[int, int], torch.Tensor, int]] = {}
+# id(weight) -> {library: (weight's (storage pointer, version) when packed, packed copy, bytes)}.
+# Kept outside the modules, so state_dict, deepcopy and pickling never see the packed copies (a
+# cache, not model state); an entry goes when its weight is garbage-collected. A weight can hold
+# one copy per library, so a benchmark switching kernels does not re-pack on every switch.
+_PACKS: dict[int, dict[str, tuple[tuple[int, int], torch.Tensor, int]]] = {}
 _dropped_bytes = 0  # packed bytes freed since the heap was last trimmed
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
+def _packed(weight: torch.Tensor, gemm: PackedGemm) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version)
-    cached = _PACKS.get(id(weight))
-    if cached is None:
+    copies = _PACKS.get(id(weight))
+    if copies is None:
         weakref.finalize(weight, _drop, id(weight))
+        copies = _PACKS[id(weight)] = {}
+    cached = copies.get(gemm.name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MAX_PACKED_ROWS)
-        _PACKS[id(weight)] = cached = (key, packed, weight.numel() * weight.element_size())
+            packed = gemm.pack(weight.detach())
+        copies[gemm.name] = cached = (key, packed, weight.numel() * weight.element_size())
     return cached[1]
 
 
 def _drop(weight_id: int) -> None:
-    """A packed weight was garbage-collected: free its copy, and trim the heap now and then."""
+    """A packed weight was garbage-collected: free its copies, and trim the heap now and then."""
     global _dropped_bytes
-    entry = _PACKS.pop(weight_id, None)
-    if entry is not None:
-        _dropped_bytes += entry[2]
-        del entry
+    copies = _PACKS.pop(weight_id, None)
+    if copies is not None:
+        _dropped_bytes += sum(entry[2] for entry in copies.values())
+        del copies
         if _dropped_bytes >= TRIM_AFTER_BYTES:
             _trim_heap()
 
@@ -155,7 +225,7 @@ def use_packed_linear(model: torch.nn.Module, available_bytes: int | None = None
 
     Plain nn.Linear only: quantised or otherwise specialised linear classes keep their own forward.
     """
-    if not packing_available():
+    if not any(gemm.available() for gemm in GEMMS.values()):
         return 0
     layers = [
         module
@@ -180,6 +250,6 @@ def _unique_weights(layers: list[torch.nn.Linear]) -> list[torch.Tensor]:
 
 
 def forget_packed() -> None:
-    """Drop every packed copy; each layer packs its weight again on its next few-row call."""
+    """Drop every packed copy; each layer packs its weight again on its next call in range."""
     _PACKS.clear()
     _trim_heap()

@@ -60,16 +60,30 @@ def device_description() -> str:
     return f"cpu ({model + ', ' if model else ''}{platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), or "" where it cannot be read. CPU timings
-    depend on it beyond the core count: MKL runs different code on Intel and AMD parts."""
+def cpu_vendor() -> str:
+    """The CPU's vendor as the kernel reports it ("GenuineIntel", "AuthenticAMD", ...; Linux's
+    /proc/cpuinfo), or "" where it cannot be read. MKL and oneDNN are fastest on different ones
+    (diffmas.linear)."""
+    return _cpuinfo_field("vendor_id")
+
+
+def _cpuinfo_field(name: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), or "" where it cannot be read. CPU timings
+    depend on it beyond the core count: MKL runs different code on Intel and AMD parts."""
+    model = _cpuinfo_field("model name")
+    if model:
+        return model
     return platform.processor() if platform.processor() != platform.machine() else ""
 
 

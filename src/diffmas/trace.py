@@ -641,7 +641,8 @@ class LatentTrace:
         if not self.can_narrow():
             raise DiffmasError("narrowed() needs an inference trace on the in-place store (see can_narrow)")
         length, batch = self.length, self.batch_size
-        order = rows + [r for r in range(batch) if r not in set(rows)]
+        kept = set(rows)
+        order = rows + [r for r in range(batch) if r not in kept]
         perm = torch.tensor(order, device=self.attention_mask.device)
         moved = order != list(range(batch))  # rows already in front need no move
         for layer in self.cache.layers:

@@ -22,9 +22,10 @@ def _process_options(
     cpu_linear: str = typer.Option(
         None,
         "--cpu-linear",
-        help="CPU linear kernel of decode and latent steps: packed (MKL's packed GEMM, the default where "
-        f"the copies fit in {MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory; costs about the weights' "
-        "size again) or default (PyTorch's kernel, no copies).",
+        help="CPU linear kernel of decode and latent steps: packed (the default: a packed GEMM, MKL's on "
+        "Intel CPUs and oneDNN's on other x86 ones, where the copies fit in "
+        f"{MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory; costs about the weights' size again), "
+        "mkl or onednn (that library's), or default (PyTorch's kernel, no copies).",
     ),
 ) -> None:
     """Options for every command (before the command's name)."""

@@ -11,7 +11,7 @@ def env() -> None:
     import torch
 
     from diffmas.backbone import EMBEDDED_MODELS, cpu_bf16_support, diffmas_home, resolve_device, resolve_dtype
-    from diffmas.linear import KERNEL, packing_available
+    from diffmas.linear import KERNEL
     from diffmas.provenance import device_description, git_commit, package_versions
     from diffmas.scoring.sandbox import isolation
 
@@ -26,7 +26,7 @@ def env() -> None:
         "- CPU bf16: "
         + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in cpu_bf16_support().items())
         + f" (torch CPU kernels: {torch.backends.cpu.get_cpu_capability()})",
-        "- CPU linear layers: " + _linear_kernel(KERNEL.value, packing_available()),
+        "- CPU linear layers: " + _linear_kernel(KERNEL.value),
         f"- DIFFMAS_HOME: {diffmas_home()}",
         f"- code sandbox: {isolation().describe()}",
     ]
@@ -36,14 +36,16 @@ def env() -> None:
     print("\n".join(lines))
 
 
-def _linear_kernel(kind: str, available: bool) -> str:
-    if not available:
-        return "PyTorch's (no MKL in this torch)"
-    if kind != "packed":
-        return "PyTorch's (--cpu-linear default)"
-    from diffmas.linear import MAX_PACKED_ROWS, MAX_PACKED_SHARE_OF_AVAILABLE, MIN_PACKED_ROWS
+def _linear_kernel(kind: str) -> str:
+    from diffmas.linear import MAX_PACKED_SHARE_OF_AVAILABLE, packed_gemm
+    from diffmas.provenance import cpu_vendor
 
+    gemm = packed_gemm(kind)
+    if gemm is None:
+        why = "--cpu-linear default" if kind == "default" else f"no {kind} GEMM for this CPU and torch build"
+        return f"PyTorch's ({why})"
     return (
-        f"MKL's packed GEMM for {MIN_PACKED_ROWS} to {MAX_PACKED_ROWS} rows "
-        f"(where the copies fit in {MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory)"
+        f"{gemm.description} for {gemm.min_rows} to {gemm.max_rows} rows (--cpu-linear {kind}, "
+        f"CPU vendor {cpu_vendor() or 'unknown'}; where the copies fit in "
+        f"{MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory)"
     )
