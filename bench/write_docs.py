@@ -487,6 +487,10 @@ def section_summary(results: dict[str, dict | None]) -> str:
             before, after = (bat["by_store"][k]["speedup_over_batch1"]["16"] for k in (before_name, "grow"))
             target = bat["targets"]["speedup_at_16_min"]
             rows.append([label, f"{before:.2f}x", f"{after:.2f}x", f"≥ {target}x", verdict(after >= target)])
+    if bat and set(bat.get("by_store", {"grow": None})) == {"grow"}:  # a run of the default alone
+        after, target = bat["speedup_over_batch1"]["16"], bat["targets"]["speedup_at_16_min"]
+        label = "batch-16 throughput / batch 1 (default settings alone, no before in this run)"
+        rows.append([label, "", f"{after:.2f}x", f"≥ {target}x", verdict(after >= target)])
     train = results.get("training_step")
     if train and "8" in train["by_batch"] and "ratio_diffmas_over_single" in train["by_batch"]["8"]:
         b8 = train["by_batch"]["8"]
