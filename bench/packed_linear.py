@@ -170,7 +170,7 @@ def packed_memory(bb) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batches", default="1,4,10,16", help="Batch sizes of the steps and of the products.")
-    p.add_argument("--prefill-rows", default="32,125,512", help="Products' row counts beyond the batches.")
+    p.add_argument("--prefill-rows", default="32,125,512,1040,2080", help="Products' row counts beyond the batches.")
     p.add_argument("--length", type=int, default=300, help="Trace length of the step measurements.")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)

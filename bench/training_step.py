@@ -2,8 +2,11 @@
 backward of the final agent alone (sft_single) on the same examples and targets.
 Target: DiffMAS step <= 3.5x the final-agent step at 8 examples per step.
 
-Before / after, in the same run: `*_repeat_kv` variants run transformers' own SDPA (grouped KV
-heads copied per chunk by repeat_kv); the others the backbone's CPU kernel (diffmas.attention).
+Before / after, in the same run: `*_pytorch_linear` variants run PyTorch's CPU linear kernel
+(`--cpu-linear default`: every product of a training step before packed products could train);
+the others the default (`packed`): on CPUs where it is oneDNN's, the frozen weights' products
+forward and backward by packed weights (diffmas.linear). An earlier run's before / after, the
+attention kernel (transformers' SDPA with repeat_kv vs diffmas.attention), is in git history.
 
 `diffmas_no_latent` (at the target's batch size only): the same DiffMAS step with m=0, which
 splits the ratio into what the agents' prompt chunks cost and what the latent steps add."""
@@ -17,6 +20,17 @@ import torch
 
 import _common as c
 
+# The before variants' key suffix, and what they run (write_docs names it from here).
+BEFORE = {
+    "suffix": "_pytorch_linear",
+    "kernel": "default",
+    "label": "PyTorch's linear kernel",
+    "what": "PyTorch's CPU linear kernel for every product (`--cpu-linear default`; before packed products "
+    "could train)",
+    "after": "the default packed products, which run the frozen weights' products forward and backward by "
+    "packed weights where the default is oneDNN's (diffmas.linear)",
+}
+
 
 def step_time(
     settings: c.ModelSettings,
@@ -25,10 +39,11 @@ def step_time(
     m: int,
     repeats: int,
     checkpointing: bool = False,
-    attention: str | None = None,
+    kernel: str = "packed",
 ) -> dict:
     from diffmas import MethodConfig, default_topology, get_method
     from diffmas.accounting import MemoryMeter
+    from diffmas.linear import linear_kernel
     from diffmas.train import TrainConfig
     from diffmas.train.adapters import add_trainable_adapters
     from diffmas.train.trajectory import TrajectoryModel
@@ -36,8 +51,6 @@ def step_time(
     c.setup(settings=settings)  # a fresh (spawned) process: the parent's settings come as an argument
     torch.manual_seed(0)
     bb = c.backbone()
-    if attention:
-        bb.model.set_attn_implementation(attention)
     bb.gradient_checkpointing = checkpointing
     topo = default_topology("sequential")
     cfg = TrainConfig(task="-", method=train_method, latent_steps=m)
@@ -49,7 +62,8 @@ def step_time(
 
     def step():
         bb.model.zero_grad(set_to_none=True)
-        model(batch["question"], batch["target"], batch["format"])["loss"].backward()
+        with linear_kernel(kernel):
+            model(batch["question"], batch["target"], batch["format"])["loss"].backward()
 
     step()  # warm-up
     with MemoryMeter(bb.device) as memory:
@@ -93,24 +107,26 @@ def run(sizes: list[int], m: int, repeats: int) -> dict:
             **c.model_settings(),
         },
         "by_batch": {},
+        "before": BEFORE,
         "targets": {"ratio_max": 3.5, "at_examples_per_step": 8},
         "load_average_before": list(os.getloadavg()),  # what else ran on the machine
     }
     for n in sizes:
         row = result["by_batch"][str(n)] = {}
-        for key, method, checkpointing, attention in (
-            ("diffmas_repeat_kv", "diffmas", False, "sdpa"),
-            ("sft_single_repeat_kv", "sft_single", False, "sdpa"),
-            ("diffmas", "diffmas", False, None),
-            ("sft_single", "sft_single", False, None),
-            ("diffmas_checkpointed", "diffmas", True, None),
-            ("diffmas_no_latent", "diffmas", False, None),
+        before = BEFORE["suffix"]
+        for key, method, checkpointing, kernel in (
+            ("diffmas" + before, "diffmas", False, BEFORE["kernel"]),
+            ("sft_single" + before, "sft_single", False, BEFORE["kernel"]),
+            ("diffmas", "diffmas", False, "packed"),
+            ("sft_single", "sft_single", False, "packed"),
+            ("diffmas_checkpointed", "diffmas", True, "packed"),
+            ("diffmas_no_latent", "diffmas", False, "packed"),
         ):
             if key == "diffmas_no_latent" and n != result["targets"]["at_examples_per_step"]:
                 continue
             steps = 0 if key == "diffmas_no_latent" else m
-            row[key] = isolated(step_time, c.SETTINGS, method, items[:n], steps, repeats, checkpointing, attention)
-            for suffix in ("", "_repeat_kv"):
+            row[key] = isolated(step_time, c.SETTINGS, method, items[:n], steps, repeats, checkpointing, kernel)
+            for suffix in ("", before):
                 if f"sft_single{suffix}" in row:
                     row[f"ratio_diffmas_over_single{suffix}"] = (
                         row[f"diffmas{suffix}"]["seconds_per_step"] / row[f"sft_single{suffix}"]["seconds_per_step"]

@@ -364,8 +364,22 @@ def _why_training_missed(r: dict, at: int, target: float) -> str:
     )
 
 
+# The training bench's before variants of runs before it named them (the attention kernel).
+_TRAINING_BEFORE_OF_OLD_RUNS = {
+    "suffix": "_repeat_kv",
+    "label": "repeat_kv attention",
+    "what": "transformers' SDPA, which copies grouped KV heads for every chunk of more than one position",
+    "after": "the backbone's CPU kernel, which reads them in place",
+}
+
+
+def _training_before(r: dict) -> dict:
+    return r.get("before", _TRAINING_BEFORE_OF_OLD_RUNS)
+
+
 def section_training(r: dict) -> str:
-    s = r["settings"]
+    s, before = r["settings"], _training_before(r)
+    suffix = before["suffix"]
     target, at = r["targets"]["ratio_max"], r["targets"].get("at_examples_per_step", 8)
     rows = [
         [
@@ -382,15 +396,15 @@ def section_training(r: dict) -> str:
             "diffmas_checkpointed",
             "diffmas_no_latent",
             "sft_single",
-            "diffmas_repeat_kv",
-            "sft_single_repeat_kv",
+            "diffmas" + suffix,
+            "sft_single" + suffix,
         )
         if k in b
     ]
     ratios = [
         [
             n,
-            f"{b['ratio_diffmas_over_single_repeat_kv']:.2f}x" if "ratio_diffmas_over_single_repeat_kv" in b else "",
+            f"{b['ratio_diffmas_over_single' + suffix]:.2f}x" if "ratio_diffmas_over_single" + suffix in b else "",
             f"{b['ratio_diffmas_over_single']:.2f}x",
             f"≤ {target}x" if int(n) == at else "—",
             verdict(b["ratio_diffmas_over_single"] <= target) if int(n) == at else "—",
@@ -410,11 +424,16 @@ def section_training(r: dict) -> str:
             f"LoRA {s['lora']}, median of {s['repeats']} forward+backward passes.",
             md_table(["examples/step", "method", "s/step", "trace length/example", "target tokens", "peak MiB"], rows),
             md_table(
-                ["examples/step", "DiffMAS / sft_single, repeat_kv", "DiffMAS / sft_single", "target", "verdict"],
+                [
+                    "examples/step",
+                    f"DiffMAS / sft_single, {before['label']}",
+                    "DiffMAS / sft_single",
+                    "target",
+                    "verdict",
+                ],
                 ratios,
             ),
-            "`*_repeat_kv`: transformers' SDPA, which copies grouped KV heads for every chunk of more than one "
-            "position (before); the other rows run the backbone's CPU kernel, which reads them in place (after).",
+            f"`*{suffix}`: {before['what']} (before); the other rows run {before['after']} (after).",
             "`diffmas_checkpointed` recomputes each trace chunk during backward (`--gradient-checkpointing`). "
             "Without it, memory grows with m × trace length: every latent step's attention keeps its own copy "
             "of the keys and values for backward.",
@@ -494,11 +513,15 @@ def section_summary(results: dict[str, dict | None]) -> str:
     train = results.get("training_step")
     if train and "8" in train["by_batch"] and "ratio_diffmas_over_single" in train["by_batch"]["8"]:
         b8 = train["by_batch"]["8"]
-        ratio, before = b8["ratio_diffmas_over_single"], b8.get("ratio_diffmas_over_single_repeat_kv")
+        label = _training_before(train)["label"]
+        ratio, before = (
+            b8["ratio_diffmas_over_single"],
+            b8.get("ratio_diffmas_over_single" + _training_before(train)["suffix"]),
+        )
         target = train["targets"]["ratio_max"]
         rows.append(
             [
-                "DiffMAS training step / sft_single, batch 8 (before: repeat_kv attention)",
+                f"DiffMAS training step / sft_single, batch 8 (before: {label})",
                 f"{before:.2f}x" if before else "",
                 f"{ratio:.2f}x",
                 f"≤ {target}x",
@@ -517,8 +540,12 @@ def section_summary(results: dict[str, dict | None]) -> str:
             "have their own before / after section (PyTorch's kernel vs MKL's and oneDNN's packed GEMMs).",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
             "With autograd on both stores concatenate (in-place updates break gradients), so the training "
-            "step's before / after is the attention kernel instead: transformers' SDPA, which copies grouped "
-            "KV heads per chunk (repeat_kv), against the backbone's CPU kernel (`diffmas.attention`)"
+            "step's before / after is a kernel instead: "
+            + (
+                f"{_training_before(train)['what']} (before) against {_training_before(train)['after']} (after)"
+                if train
+                else ""
+            )
             + _kernel_times(train)
             + "; see Training step below for the measured reason the target is missed.",
         ]
@@ -526,9 +553,10 @@ def section_summary(results: dict[str, dict | None]) -> str:
 
 
 def _kernel_times(train: dict | None) -> str:
-    """How each training step's time moved with the attention kernel (a ratio alone can mislead)."""
+    """How each training step's time moved with the kernel (a ratio alone can mislead)."""
     b8 = (train or {}).get("by_batch", {}).get("8", {})
-    keys = ("diffmas_repeat_kv", "diffmas", "sft_single_repeat_kv", "sft_single")
+    suffix = _training_before(train or {})["suffix"]
+    keys = ("diffmas" + suffix, "diffmas", "sft_single" + suffix, "sft_single")
     if not all(k in b8 for k in keys):
         return ""
     d0, d1, s0, s1 = (b8[k]["seconds_per_step"] for k in keys)
@@ -850,7 +878,9 @@ def section_packed_linear(r: dict) -> str:
     ms = [f"{k} ms" for k in r["kernels"]]
     secs = [f"{k} s" for k in r["kernels"]]
     over = [f"{k} / default" for k in names]
-    ranges = "; ".join(f"{k} {lo} to {hi} rows" for k, (lo, hi) in r["row_ranges"].items())
+    ranges = "; ".join(
+        f"{k} {lo} to {hi} rows" if hi else f"{k} {lo} rows or more" for k, (lo, hi) in r["row_ranges"].items()
+    )
     best = _fastest_by_rows(r)
     load = ", ".join(f"{x:.2f}" for x in r["load_average_before"])
     load_after = ", ".join(f"{x:.2f}" for x in r.get("load_average_after", []))
@@ -888,7 +918,7 @@ def _fastest_by_rows(r: dict) -> str:
     by_rows: dict[int, dict[str, list[float]]] = {}
     for x in r["linear"]:
         rows = x["batch"]
-        in_range = [k for k, (lo, hi) in r["row_ranges"].items() if lo <= rows <= hi]
+        in_range = [k for k, (lo, hi) in r["row_ranges"].items() if lo <= rows <= (hi or rows)]
         ratios = by_rows.setdefault(rows, {"default": [], **{k: [] for k in in_range}})
         for k in ratios:
             ratios[k].append(1.0 if k == "default" else x["ratio_over_default"][k])

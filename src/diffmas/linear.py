@@ -9,9 +9,11 @@ PyTorch's x86 builds do it, and each is fastest on a different vendor's CPUs:
 
 - MKL (`cblas_sgemm_pack`, what inductor's CPU weight prepacking calls), for 2 to 16 rows: on an
   Intel Xeon (AVX-512) it beat oneDNN's prepacked product from 4 to 16 rows.
-- oneDNN (`mkldnn._linear_pointwise` on a weight reordered once, inductor's other prepacking), for
-  2 to 512 rows: on an AMD EPYC (AVX2) MKL's few-row GEMM runs far below the bandwidth and oneDNN's
-  was faster at every row count up to a few hundred, prompt prefill of about 125 rows included.
+- oneDNN (`mkldnn._linear_pointwise` on a weight reordered once, inductor's other prepacking), from
+  2 rows up: on an AMD EPYC MKL's few-row GEMM runs far below the bandwidth, and oneDNN's was
+  faster than PyTorch's kernel at every row count measured, a batch's prompt prefill included
+  (0.4x to 0.55x from 4 to 2080 rows on an AVX-512 EPYC; an earlier AVX-512 EPYC measured 0.73x
+  to 1.0x at 512 rows).
 
 `--cpu-linear packed` (the default) takes MKL on Intel CPUs and oneDNN on other x86 CPUs;
 `mkl` and `onednn` choose one, and `bench/packed_linear.py` measures all three kernels on the
@@ -22,24 +24,29 @@ Bits. On an Intel Xeon, MKL's packed product of 2 to 16 rows gives a row the sam
 the other rows, and the same bits as `F.linear` on 16 rows or more; `F.linear` on 2 to 15 rows
 does not (it differs by about 1e-6 relative). That is a measured property of MKL on the embedded
 model's shapes (tests/test_linear.py), not a guarantee: on an AMD EPYC it does not hold. oneDNN's
-prepacked product gave a row the same bits in any call of 2 to 600 rows, on an Intel Xeon and on
-an AMD EPYC alike (tests/test_linear.py checks its range wherever oneDNN is in the build).
+prepacked product gave a row the same bits in any call of 2 to 600 rows on an Intel Xeon, and of
+2 to 4200 rows on an AMD EPYC (tests/test_linear.py checks 2 to 1100 wherever oneDNN is in the
+build), so with it a question's prompt gets the same bits alone and in a batch.
 One-row products (PyTorch's matrix-vector kernel, kept for speed) round differently from all of them.
 
-Scope: fp32 weights of at least 256 KiB on the CPU, and only calls without autograd (inference,
-and the frozen upstream of `upstream_grad="none"`): the packed ops have no backward, and
-training keeps PyTorch's own path. One-row calls and calls above the library's row range keep
-`F.linear`. The packed copy costs memory about the size of the weight; it is made on a layer's
-first call in range, and made again when the weight's storage or version counter changes
-(`load_state_dict`, in-place updates under `no_grad`). Edits through `weight.data` bump no
-counter: after one (peft's merge does, on the merged copy `export_merged` saves), call
-`forget_packed()`.
+Scope: fp32 weights of at least 256 KiB on the CPU. Without autograd (inference, and the frozen
+upstream of `upstream_grad="none"`) every library's product runs. Under autograd a weight that
+takes gradients keeps PyTorch's path; a frozen one (a LoRA's base layer, the tied head: all of
+DiffMAS training's products) runs oneDNN's product forward, and the input's gradient (dy W) by a
+second copy, of the transposed weight, packed on the first backward; MKL's op needs the original
+weight beside its packed copy, so its products train on PyTorch's path. One-row calls and calls
+outside the library's row range keep `F.linear`. A packed copy costs memory about the size of
+the weight; it is made on a layer's first call in range, and made again when the weight's storage
+or version counter changes (`load_state_dict`, in-place updates under `no_grad`). Edits through
+`weight.data` bump no counter: after one (peft's merge does, on the merged copy `export_merged`
+saves), call `forget_packed()`.
 
-Memory. The packed copies double the linear weights' memory, so a model is packed only when the
-copies fit in a quarter of the memory available when it loads (a 135M fp32 model: 0.5 GiB of
-copies; an fp32 8B model on a laptop stays unpacked). When packed copies are dropped (their model
-is garbage-collected, or `forget_packed()`), the C heap is trimmed: the copies are a few MiB each,
-glibc serves such blocks from its heap once a freed block of that size has raised its mmap
+Memory. The packed copies double the linear weights' memory (training's transposed copies
+triple it), so a model is packed only when the copies fit in a quarter of the memory available
+when it loads (a 135M fp32 model: 0.5 GiB of copies; an fp32 8B model on a laptop stays unpacked),
+and trains on packed products only when both sets fit there. When packed copies are dropped (their
+model is garbage-collected, or `forget_packed()`), the C heap is trimmed: the copies are a few MiB
+each, glibc serves such blocks from its heap once a freed block of that size has raised its mmap
 threshold, and a heap does not give freed blocks back to the system by itself, so without the
 trim a process that loads and drops models keeps their memory resident (and its RSS peaks stop
 meaning anything; tests/test_method_cost.py measures one).
@@ -79,15 +86,24 @@ TRIM_AFTER_BYTES = 32 * 2**20
 @dataclasses.dataclass(frozen=True)
 class PackedGemm:
     """One library's packed fp32 GEMM: `pack(weight)` once, then `run(x2d, packed, weight, bias)`
-    for calls of `min_rows` to `max_rows` rows."""
+    for calls of `min_rows` to `max_rows` rows (None: no upper bound). `trains`: its product may
+    also run under autograd, for a frozen weight, the input's gradient by a packed copy of the
+    transposed weight (its `run` does not read the original weight, so that copy stands alone)."""
 
     name: str
     description: str
     min_rows: int
-    max_rows: int
+    max_rows: int | None
     available: Callable[[], bool]
     pack: Callable[[torch.Tensor], torch.Tensor]
-    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+    trains: bool = False
+
+    def takes(self, rows: int) -> bool:
+        return self.min_rows <= rows and (self.max_rows is None or rows <= self.max_rows)
+
+    def rows_text(self) -> str:
+        return f"{self.min_rows} to {self.max_rows} rows" if self.max_rows else f"{self.min_rows} rows or more"
 
 
 # One row is a matrix-vector product, which PyTorch's kernel runs at the bandwidth already. MKL:
@@ -102,16 +118,18 @@ MKL = PackedGemm(
     pack=lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, 16),
     run=lambda x, packed, w, bias: torch.ops.mkl._mkl_linear(x, packed, w, bias, x.shape[0]),
 )
-# oneDNN: on an AMD EPYC faster than PyTorch's kernel up to a few hundred rows (a row's prompt
-# prefill, about 125, included), equal from about 400; the row hint is the one measured.
+# oneDNN: on an AMD EPYC (AVX-512, 2026-12-04) 0.4x to 0.55x PyTorch's kernel from 4 to 2080 rows
+# on every weight shape of the embedded model, so a batch's prompt prefill (hundreds or thousands
+# of rows) takes it too, and its rows keep their bits in any call (tests/test_linear.py).
 ONEDNN = PackedGemm(
     name="onednn",
     description="oneDNN's prepacked GEMM",
     min_rows=2,
-    max_rows=512,
+    max_rows=None,
     available=lambda: torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"),
     pack=lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 8),
     run=lambda x, packed, w, bias: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""),
+    trains=True,
 )
 GEMMS = {g.name: g for g in (MKL, ONEDNN)}
 
@@ -140,28 +158,59 @@ def packing_available() -> bool:
 
 
 class PackedLinear(torch.nn.Linear):
-    """nn.Linear whose few-row, autograd-free fp32 CPU calls run a packed GEMM (`packed_gemm`).
+    """nn.Linear whose fp32 CPU calls in a library's row range run a packed GEMM (`packed_gemm`).
 
     Installed by class swap (`use_packed_linear`), so the module keeps its parameters, its
     state_dict and its place in the model, and peft still sees an nn.Linear to wrap.
     """
 
+    # Set False by `use_packed_linear` when a second, transposed copy per weight would not fit.
+    packs_gradient: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the fast path's graphs keep PyTorch's op
             return F.linear(x, self.weight, self.bias)
-        weight, gemm = self.weight, packed_gemm(KERNEL.value)
+        weight, bias, gemm = self.weight, self.bias, packed_gemm(KERNEL.value)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (
             gemm is None
-            or not gemm.min_rows <= rows <= gemm.max_rows
+            or not gemm.takes(rows)
             or weight.device.type != "cpu"
             or weight.dtype != torch.float32
             or x.dtype != torch.float32
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
-            return F.linear(x, weight, self.bias)
-        out = gemm.run(x.reshape(rows, x.shape[-1]), _packed(weight, gemm), weight, self.bias)
+            return F.linear(x, weight, bias)
+        x2d = x.reshape(rows, x.shape[-1])
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or _requires_grad(bias)):
+            # A trained weight (or bias) keeps PyTorch's path; a frozen one (a LoRA's base layer,
+            # the tied head) runs packed both ways where the library and the memory allow.
+            if weight.requires_grad or _requires_grad(bias) or not (gemm.trains and self.packs_gradient):
+                return F.linear(x, weight, bias)
+            out = _FrozenWeightProduct.apply(x2d, weight, bias, gemm)
+        else:
+            out = gemm.run(x2d, _packed(weight, gemm), weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _requires_grad(t: torch.Tensor | None) -> bool:
+    return t is not None and t.requires_grad
+
+
+class _FrozenWeightProduct(torch.autograd.Function):
+    """x Wᵀ + b for a weight and bias that take no gradient: the forward product by the packed
+    weight, the input's gradient (dy W) by a packed copy of Wᵀ, made on the first backward."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemm: PackedGemm):
+        ctx.save_for_backward(weight)
+        ctx.gemm = gemm
+        return gemm.run(x2d, _packed(weight, gemm), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = ctx.gemm.run(grad_out.contiguous(), _packed(weight, ctx.gemm, transposed=True), None, None)
+        return grad_x, None, None, None
 
 
 # id(weight) -> {library: (weight's (storage pointer, version) when packed, packed copy, bytes)}.
@@ -172,17 +221,19 @@ _PACKS: dict[int, dict[str, tuple[tuple[int, int], torch.Tensor, int]]] = {}
 _dropped_bytes = 0  # packed bytes freed since the heap was last trimmed
 
 
-def _packed(weight: torch.Tensor, gemm: PackedGemm) -> torch.Tensor:
+def _packed(weight: torch.Tensor, gemm: PackedGemm, transposed: bool = False) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version)
     copies = _PACKS.get(id(weight))
     if copies is None:
         weakref.finalize(weight, _drop, id(weight))
         copies = _PACKS[id(weight)] = {}
-    cached = copies.get(gemm.name)
+    name = gemm.name + (".T" if transposed else "")
+    cached = copies.get(name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            packed = gemm.pack(weight.detach())
-        copies[gemm.name] = cached = (key, packed, weight.numel() * weight.element_size())
+            source = weight.detach()
+            packed = gemm.pack(source.t().contiguous() if transposed else source)
+        copies[name] = cached = (key, packed, weight.numel() * weight.element_size())
     return cached[1]
 
 
@@ -222,6 +273,7 @@ def use_packed_linear(model: torch.nn.Module, available_bytes: int | None = None
     """Swap every plain nn.Linear of a CPU fp32 model with at least MIN_PACKED_WEIGHT weights to
     PackedLinear; returns how many (0 when their packed copies would not fit in
     MAX_PACKED_SHARE_OF_AVAILABLE of `available_bytes`, by default the memory available now).
+    The layers pack their gradient's products too only when twice the copies fit there.
 
     Plain nn.Linear only: quantised or otherwise specialised linear classes keep their own forward.
     """
@@ -237,10 +289,13 @@ def use_packed_linear(model: torch.nn.Module, available_bytes: int | None = None
     ]
     packed_bytes = sum(w.numel() * w.element_size() for w in _unique_weights(layers))
     available = available_memory_bytes() if available_bytes is None else available_bytes
-    if available is not None and packed_bytes > MAX_PACKED_SHARE_OF_AVAILABLE * available:
+    budget = None if available is None else MAX_PACKED_SHARE_OF_AVAILABLE * available
+    if budget is not None and packed_bytes > budget:
         return 0
     for module in layers:
         module.__class__ = PackedLinear
+        if budget is not None and 2 * packed_bytes > budget:
+            module.packs_gradient = False
     return len(layers)
 
 

@@ -45,7 +45,7 @@ def _linear_kernel(kind: str) -> str:
         why = "--cpu-linear default" if kind == "default" else f"no {kind} GEMM for this CPU and torch build"
         return f"PyTorch's ({why})"
     return (
-        f"{gemm.description} for {gemm.min_rows} to {gemm.max_rows} rows (--cpu-linear {kind}, "
+        f"{gemm.description} for {gemm.rows_text()} (--cpu-linear {kind}, "
         f"CPU vendor {cpu_vendor() or 'unknown'}; where the copies fit in "
         f"{MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory)"
     )
