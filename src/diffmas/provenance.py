@@ -56,8 +56,9 @@ def device_description() -> str:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         return f"cuda ({torch.cuda.device_count()}x {name}, CUDA {torch.version.cuda})"
-    model = cpu_model()
-    return f"cpu ({model + ', ' if model else ''}{platform.machine()}, {torch.get_num_threads()} threads)"
+    # The vector ISA torch's kernels run (AVX512, AVX2, ...): two machines of one model name can differ.
+    parts = [cpu_model(), platform.machine(), torch.backends.cpu.get_cpu_capability()]
+    return f"cpu ({', '.join(p for p in parts if p)}, {torch.get_num_threads()} threads)"
 
 
 def cpu_vendor() -> str:
