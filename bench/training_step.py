@@ -25,8 +25,8 @@ BEFORE = {
     "suffix": "_pytorch_linear",
     "kernel": "default",
     "label": "PyTorch's linear kernel",
-    "what": "PyTorch's CPU linear kernel for every product (`--cpu-linear default`; before packed products "
-    "could train)",
+    "what": "PyTorch's CPU linear kernel for every product (`--cpu-linear default`, what a training step ran "
+    "before packed products could train)",
     "after": "the default packed products, which run the frozen weights' products forward and backward by "
     "packed weights where the default is oneDNN's (diffmas.linear)",
 }
