@@ -897,7 +897,7 @@ def section_packed_linear(r: dict) -> str:
         [
             "## Linear products: PyTorch's kernel vs MKL's and oneDNN's packed GEMMs",
             "Decode and latent steps multiply one row per question by every weight, a prompt's prefill one row "
-            "per token. `diffmas.linear` (the CPU default, `--cpu-linear packed`; `linear_kernel(\"default\")` "
+            'per token. `diffmas.linear` (the CPU default, `--cpu-linear packed`; `linear_kernel("default")` '
             "is PyTorch's kernel) runs the products in a library's row range on weights packed once, by MKL on "
             "Intel CPUs and by oneDNN on other x86 ones (oneDNN's also under autograd, for frozen weights: "
             "training, see Training step); PyTorch's fp32 kernel re-packs the weight on every call. Row ranges: "
