@@ -513,11 +513,9 @@ def section_summary(results: dict[str, dict | None]) -> str:
     train = results.get("training_step")
     if train and "8" in train["by_batch"] and "ratio_diffmas_over_single" in train["by_batch"]["8"]:
         b8 = train["by_batch"]["8"]
-        label = _training_before(train)["label"]
-        ratio, before = (
-            b8["ratio_diffmas_over_single"],
-            b8.get("ratio_diffmas_over_single" + _training_before(train)["suffix"]),
-        )
+        kind = _training_before(train)
+        label = kind["label"]
+        ratio, before = b8["ratio_diffmas_over_single"], b8.get("ratio_diffmas_over_single" + kind["suffix"])
         target = train["targets"]["ratio_max"]
         rows.append(
             [

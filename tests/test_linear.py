@@ -231,6 +231,7 @@ def test_a_frozen_weight_trains_through_packed_products(library, rows):
         assert f"{library}.T" not in copies
 
 
+@pytest.mark.skipif(not ONEDNN.available(), reason="NOT TESTED: this torch build has no oneDNN")
 def test_frozen_weights_train_on_pytorch_path_when_two_copies_would_not_fit():
     from diffmas.linear import _PACKS, MAX_PACKED_SHARE_OF_AVAILABLE, use_packed_linear
 

@@ -180,12 +180,14 @@ class PackedLinear(torch.nn.Linear):
             or x.dtype != torch.float32
         ):
             return F.linear(x, weight, bias)
+        trained = weight.requires_grad or _requires_grad(bias)
+        tracked = torch.is_grad_enabled() and (x.requires_grad or trained)
+        # Under autograd a trained weight (or bias) keeps PyTorch's path; a frozen one (a LoRA's
+        # base layer, the tied head) runs packed both ways where the library and the memory allow.
+        if tracked and (trained or not (gemm.trains and self.packs_gradient)):
+            return F.linear(x, weight, bias)
         x2d = x.reshape(rows, x.shape[-1])
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or _requires_grad(bias)):
-            # A trained weight (or bias) keeps PyTorch's path; a frozen one (a LoRA's base layer,
-            # the tied head) runs packed both ways where the library and the memory allow.
-            if weight.requires_grad or _requires_grad(bias) or not (gemm.trains and self.packs_gradient):
-                return F.linear(x, weight, bias)
+        if tracked:
             out = _FrozenWeightProduct.apply(x2d, weight, bias, gemm)
         else:
             out = gemm.run(x2d, _packed(weight, gemm), weight, bias)
