@@ -526,6 +526,7 @@ def section_summary(results: dict[str, dict | None]) -> str:
                 verdict(ratio <= target),
             ]
         )
+    rows += _other_cpu_rows(results)
     if not rows:
         return ""
     return "\n\n".join(
@@ -548,6 +549,55 @@ def section_summary(results: dict[str, dict | None]) -> str:
             + _training_verdict_clause(train),
         ]
     )
+
+
+def _other_cpus(name: str, here: dict | None) -> list[tuple[str, dict]]:
+    """Tagged runs of `name` at the targets' settings (the embedded model in fp32) on another CPU
+    than the untagged run's: the same targets, measured on another machine."""
+    device = here["machine"]["device"] if here else None
+    return [
+        (tag, r)
+        for tag, r in tagged(name)
+        if r["machine"]["device"].startswith("cpu")
+        and r["machine"]["device"] != device
+        and (r["settings"]["model"], r["settings"]["dtype"]) == (c.ModelSettings().model, "float32")
+    ]
+
+
+def _other_cpu_rows(results: dict[str, dict | None]) -> list[list[str]]:
+    """Summary rows for the targets measured on other CPUs (see `_other_cpus`)."""
+    rows = []
+    for tag, r in _other_cpus("inference_cost", results.get("inference_cost")):
+        if not r["settings"].get("equal_final_lengths"):
+            continue
+        t, ratio = r["targets"], r["ratios"]
+        where = f"{r['machine']['device']}, tag `{tag}`, grow store alone"
+        rows.append(
+            [
+                f"latent_mas / single ({where})",
+                "",
+                f"{ratio['latent_over_single']:.2f}x",
+                f"≤ {t['latent_over_single_max']}x",
+                verdict(ratio["latent_over_single"] <= t["latent_over_single_max"]),
+            ]
+        )
+    for tag, r in _other_cpus("training_step", results.get("training_step")):
+        b8 = r["by_batch"].get("8", {})
+        if "ratio_diffmas_over_single" not in b8:
+            continue
+        kind, ratio, target = _training_before(r), b8["ratio_diffmas_over_single"], r["targets"]["ratio_max"]
+        before = b8.get("ratio_diffmas_over_single" + kind["suffix"])
+        rows.append(
+            [
+                f"DiffMAS training step / sft_single, batch 8 ({r['machine']['device']}, tag `{tag}`; "
+                f"before: {kind['label']})",
+                f"{before:.2f}x" if before else "",
+                f"{ratio:.2f}x",
+                f"≤ {target}x",
+                verdict(ratio <= target),
+            ]
+        )
+    return rows
 
 
 def _training_verdict_clause(train: dict | None) -> str:
@@ -953,6 +1003,7 @@ def section_elsewhere() -> str:
         ("training_step", section_training),
         ("batching", section_batching),
         ("fast_path", section_fast_path),
+        ("packed_linear", section_packed_linear),
     ):
         for tag, result in tagged(name):
             body = render(result).split("\n", 1)[1]  # drop the CPU section's heading
@@ -965,7 +1016,9 @@ def section_elsewhere() -> str:
         "(time, memory, trace bytes) are those of the real model, their outputs are meaningless, so they "
         "decode fixed lengths and their accuracy columns mean nothing. Tag `cpu_bf16`: this CPU, the "
         "embedded model in bf16 (`--dtype bfloat16`), the grow store. Tag `natural_lengths`: this CPU, the "
-        "final agents stopping at end-of-sequence (`--natural-lengths`), so the methods' answers differ in length."
+        "final agents stopping at end-of-sequence (`--natural-lengths`), so the methods' answers differ in length. "
+        "A tag whose device line names another CPU is that machine at the default settings (the Before / after "
+        "table above lists its targets)."
     )
     return "\n\n".join([intro] + out)
 

@@ -213,9 +213,13 @@ def test_row_by_row_prefill_equals_the_padded_batch(backbone, hidden, monkeypatc
     from diffmas.trace import row_by_row
 
     calls = count_decoder_calls(backbone, monkeypatch)
+    in_place = []
+    real_in_place = LatentTrace._forward_rows_in_place
+    monkeypatch.setattr(LatentTrace, "_forward_rows_in_place", lambda *a: in_place.append(1) or real_in_place(*a))
     h, ids, trace = build_long(backbone, LONG_ROWS, hidden)
     rows = [shape[1] for shape in calls if shape[0] == 1 and shape[1] > 1]
     assert len(rows) == 2 * len(LONG_ROWS)  # both prompts ran row by row, on real tokens only
+    assert len(in_place) == 1  # the second prompt's rows wrote into the grow store's buffers
     assert sorted(rows[:3]) == sorted(trace.segments[0].n_tokens)
     with row_by_row(False):
         h_ref, ids_ref, ref = build_long(backbone, LONG_ROWS, hidden)

@@ -55,7 +55,9 @@ def test_every_method_gives_the_same_results_on_both_stores(backbone, name):
         for a, b in zip(old, new):
             assert a.text == b.text
             assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-5)
-            assert b.option_logprobs == pytest.approx(a.option_logprobs, abs=1e-5)
+            # sums over an option's tokens (about -20): the grow store's row-by-row prompts attend
+            # over their padding columns too (masked), so its fp32 sums round differently (1e-6 relative)
+            assert b.option_logprobs == pytest.approx(a.option_logprobs, rel=1e-5, abs=1e-5)
             assert (a.trace_len, a.trace_bytes) == (b.trace_len, b.trace_bytes)
             assert [x.n_generated_tokens for x in a.agents] == [x.n_generated_tokens for x in b.agents]
 

@@ -32,7 +32,9 @@ gradients. `trace_store("concat")` gives the old store everywhere (benchmarks, e
 
 Row by row (inference on a CPU): a padded chunk whose rows are all long enough runs each row alone
 on its real tokens (`_forward_rows`; see ROW_BY_ROW_MIN_TOKENS), so a compute-bound CPU prefill
-spends nothing on padding; padding columns then hold zeros, which no read sees.
+spends nothing on padding; padding columns then hold zeros, which no read sees. On the grow store
+each left-padded row attends over its own row of the buffers and writes its entries there
+(`_RowLayer`), so no row's past is copied for its forward.
 
 Narrowing (inference, grow store): `narrowed(rows)` hands out a trace of some rows whose layers are
 views of this trace's own buffers, the rows moved to the front; decoding uses it to stop computing
@@ -160,6 +162,21 @@ class _TraceLayer(DynamicLayer):
             buffers.append(buf)
         self._buffers = (buffers[0], buffers[1])
 
+    def open_columns(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """In place: buffers with `width` free columns after the entries, zeroed (what padding
+        holds), for a chunk whose rows write their own columns (`_RowLayer`); `extend(width)` then
+        takes them in."""
+        n = self.keys.shape[-2]
+        if self._buffers is None or self._buffers[0].shape[-2] < n + width:
+            self._reserve(n + width)
+        for buf in self._buffers:
+            buf[..., n : n + width, :].zero_()
+        return self._buffers
+
+    def extend(self, width: int) -> None:
+        n = self.keys.shape[-2]
+        self.keys, self.values = (buf[..., : n + width, :] for buf in self._buffers)
+
     def capacity(self) -> int:
         """Columns the layer can hold before it reallocates (L in copy-on-write mode)."""
         if self._buffers is not None:
@@ -171,6 +188,31 @@ class _TraceLayer(DynamicLayer):
 
 
 _CAPACITY_STEP = 64  # buffer capacities are multiples of this many columns
+
+
+class _RowLayer(DynamicLayer):
+    """One row of a grow layer's buffers while a chunk runs row by row (`_forward_rows`): `update`
+    writes the row's new entries into the last columns of the chunk (a left-padded row's real
+    columns) and returns the row's keys and values up to the chunk's end, its padding columns
+    (zeros, masked) included, so no row's past is copied. It reports the length before the row's
+    own entries, so transformers' mask puts the row's queries at those columns."""
+
+    def __init__(self, buffers: tuple[torch.Tensor, torch.Tensor], row: int, end: int, n_new: int):
+        super().__init__()
+        self.buffers, self.row, self.end, self.n_new = buffers, row, end, n_new
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        row = slice(self.row, self.row + 1)
+        out = []
+        for buf, new in zip(self.buffers, (key_states, value_states)):
+            buf[row, :, self.end - self.n_new : self.end].copy_(new)
+            out.append(buf[row, :, : self.end])
+        return out[0], out[1]
+
+    def get_seq_length(self) -> int:
+        return self.end - self.n_new
+
 
 # Row by row (inference on a CPU): a CPU's prompt prefill is compute-bound, so a padding column
 # costs as much as a real token. A chunk whose rows all have at least ROW_BY_ROW_MIN_TOKENS real
@@ -461,6 +503,8 @@ class LatentTrace:
         keys and values are laid into the chunk's columns (zeros in padding, which the mask hides)
         and appended through the cache as one batched forward would append them. Hidden states of
         padding columns are zeros."""
+        if self._rows_write_in_place(chunk_mask):
+            return self._forward_rows_in_place(embeds, chunk_mask, full_mask, position_ids)
         length, config = self.length, self.backbone.base_model().config
         past = self.kv()
         hidden = torch.zeros_like(embeds)
@@ -488,6 +532,41 @@ class LatentTrace:
                 new[i][1][b, :, cols] = v
         for i, (keys, values) in enumerate(new):
             self.cache.update(keys, values, i)
+        return hidden
+
+    def _rows_write_in_place(self, chunk_mask: torch.Tensor) -> bool:
+        """Can each row write straight into the grow store's buffers (`_RowLayer`)? Every layer an
+        in-place one holding entries, and every row left-padded (its real columns last)."""
+        layers = self.cache.layers
+        if self.length == 0 or not all(type(layer) is _TraceLayer and layer.grow for layer in layers):
+            return False
+        width = chunk_mask.shape[1]
+        tail = torch.arange(width, device=chunk_mask.device)[None, :] >= width - chunk_mask.sum(dim=1, keepdim=True)
+        return bool(torch.equal(chunk_mask.bool(), tail))
+
+    def _forward_rows_in_place(
+        self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """`_forward_rows` without copies: each row attends over its own row of the buffers (the
+        chunk's padding columns zeroed and masked) and writes its entries there."""
+        width, config = embeds.shape[1], self.backbone.base_model().config
+        layers = self.cache.layers
+        buffers = [layer.open_columns(width) for layer in layers]
+        end = self.length + width
+        hidden = torch.zeros_like(embeds)
+        for b, n in enumerate(chunk_mask.sum(dim=1).tolist()):
+            scratch = DynamicCache(config=config)
+            scratch.layers = [_RowLayer(bufs, b, end, n) for bufs in buffers]
+            cols = slice(width - n, width)
+            hidden[b, cols] = self.backbone.decoder()(
+                inputs_embeds=embeds[b : b + 1, cols],
+                attention_mask=full_mask[b : b + 1],  # the chunk's padding columns stay hidden
+                position_ids=position_ids[b : b + 1, cols],
+                past_key_values=scratch,
+                use_cache=True,
+            ).last_hidden_state[0]
+        for layer in layers:
+            layer.extend(width)
         return hidden
 
     def _static_forward(self, embeds: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor):
