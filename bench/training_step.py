@@ -9,7 +9,10 @@ forward and backward by packed weights (diffmas.linear). An earlier run's before
 attention kernel (transformers' SDPA with repeat_kv vs diffmas.attention), is in git history.
 
 `diffmas_no_latent` (at the target's batch size only): the same DiffMAS step with m=0, which
-splits the ratio into what the agents' prompt chunks cost and what the latent steps add."""
+splits the ratio into what the agents' prompt chunks cost and what the latent steps add.
+`diffmas_concat_store` (there too): the DiffMAS step on the concatenating trace store, which
+copies the whole trace on every append and keeps each copy for backward, against the default
+grow store's in-place appends under autograd (diffmas.trace)."""
 
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ BEFORE = {
 }
 
 
+# Variants measured at the target's batch size only.
+TARGET_BATCH_ONLY = ("diffmas_no_latent", "diffmas_concat_store")
+
+
 def step_time(
     settings: c.ModelSettings,
     train_method: str,
@@ -40,10 +47,12 @@ def step_time(
     repeats: int,
     checkpointing: bool = False,
     kernel: str = "packed",
+    store: str = "grow",
 ) -> dict:
     from diffmas import MethodConfig, default_topology, get_method
     from diffmas.accounting import MemoryMeter
     from diffmas.linear import linear_kernel
+    from diffmas.trace import trace_store
     from diffmas.train import TrainConfig
     from diffmas.train.adapters import add_trainable_adapters
     from diffmas.train.trajectory import TrajectoryModel
@@ -62,7 +71,7 @@ def step_time(
 
     def step():
         bb.model.zero_grad(set_to_none=True)
-        with linear_kernel(kernel):
+        with linear_kernel(kernel), trace_store(store):
             model(batch["question"], batch["target"], batch["format"])["loss"].backward()
 
     step()  # warm-up
@@ -74,6 +83,14 @@ def step_time(
         "target_tokens": model.last_stats["n_target_tokens"],
         "peak_memory_bytes": memory.peak_bytes,
     }
+
+
+def _packed_here() -> dict:
+    """Which library the default kernel packs with here, and whether its products train."""
+    from diffmas.linear import packed_gemm
+
+    gemm = packed_gemm("packed")
+    return {"library": gemm.name if gemm else None, "trains": bool(gemm and gemm.trains)}
 
 
 def isolated(fn, *args):
@@ -108,24 +125,26 @@ def run(sizes: list[int], m: int, repeats: int) -> dict:
         },
         "by_batch": {},
         "before": BEFORE,
+        "packed": _packed_here(),
         "targets": {"ratio_max": 3.5, "at_examples_per_step": 8},
         "load_average_before": list(os.getloadavg()),  # what else ran on the machine
     }
     for n in sizes:
         row = result["by_batch"][str(n)] = {}
         before = BEFORE["suffix"]
-        for key, method, checkpointing, kernel in (
-            ("diffmas" + before, "diffmas", False, BEFORE["kernel"]),
-            ("sft_single" + before, "sft_single", False, BEFORE["kernel"]),
-            ("diffmas", "diffmas", False, "packed"),
-            ("sft_single", "sft_single", False, "packed"),
-            ("diffmas_checkpointed", "diffmas", True, "packed"),
-            ("diffmas_no_latent", "diffmas", False, "packed"),
+        for key, method, checkpointing, kernel, store in (
+            ("diffmas" + before, "diffmas", False, BEFORE["kernel"], "grow"),
+            ("sft_single" + before, "sft_single", False, BEFORE["kernel"], "grow"),
+            ("diffmas", "diffmas", False, "packed", "grow"),
+            ("sft_single", "sft_single", False, "packed", "grow"),
+            ("diffmas_checkpointed", "diffmas", True, "packed", "grow"),
+            ("diffmas_no_latent", "diffmas", False, "packed", "grow"),
+            ("diffmas_concat_store", "diffmas", False, "packed", "concat"),
         ):
-            if key == "diffmas_no_latent" and n != result["targets"]["at_examples_per_step"]:
+            if key in TARGET_BATCH_ONLY and n != result["targets"]["at_examples_per_step"]:
                 continue
             steps = 0 if key == "diffmas_no_latent" else m
-            row[key] = isolated(step_time, c.SETTINGS, method, items[:n], steps, repeats, checkpointing, kernel)
+            row[key] = isolated(step_time, c.SETTINGS, method, items[:n], steps, repeats, checkpointing, kernel, store)
             for suffix in ("", before):
                 if f"sft_single{suffix}" in row:
                     row[f"ratio_diffmas_over_single{suffix}"] = (

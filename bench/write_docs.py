@@ -377,6 +377,36 @@ def _training_before(r: dict) -> dict:
     return r.get("before", _TRAINING_BEFORE_OF_OLD_RUNS)
 
 
+def _untrained_packing(r: dict) -> str:
+    """Where the default packs with a library whose products do not train, say so: then before and
+    after run the same products under autograd."""
+    packed = r.get("packed")
+    if not packed or packed["trains"]:
+        return ""
+    library = packed["library"] or "no library"
+    return (
+        f" Here the default packs with {library}, whose products do not train: under autograd both run "
+        "PyTorch's kernel, so before and after differ by noise only."
+    )
+
+
+def _training_store_line(r: dict, at: int) -> str:
+    """The trace store under autograd, when the run measured the concatenating one beside the default."""
+    b = r["by_batch"].get(str(at), {})
+    if "diffmas_concat_store" not in b:
+        return ""
+    grow, concat = b["diffmas"], b["diffmas_concat_store"]
+    mib = 2**20
+    return (
+        "`diffmas_concat_store`: the same DiffMAS step on the concatenating trace store, which copies the whole "
+        "trace on every append and keeps every copy for backward, where the default grow store appends in place "
+        f"under autograd too: {concat['seconds_per_step']:.2f} s and {concat['peak_memory_bytes'] / mib:.0f} MiB "
+        f"peak against {grow['seconds_per_step']:.2f} s and {grow['peak_memory_bytes'] / mib:.0f} MiB "
+        f"({grow['peak_memory_bytes'] / concat['peak_memory_bytes']:.2f}x the memory, "
+        f"{grow['seconds_per_step'] / concat['seconds_per_step']:.2f}x the time, one run each)."
+    )
+
+
 def section_training(r: dict) -> str:
     s, before = r["settings"], _training_before(r)
     suffix = before["suffix"]
@@ -395,6 +425,7 @@ def section_training(r: dict) -> str:
             "diffmas",
             "diffmas_checkpointed",
             "diffmas_no_latent",
+            "diffmas_concat_store",
             "sft_single",
             "diffmas" + suffix,
             "sft_single" + suffix,
@@ -417,30 +448,30 @@ def section_training(r: dict) -> str:
         if all(b.get("ratio_diffmas_over_single", 0) <= target for n, b in r["by_batch"].items() if int(n) == at)
         else _why_training_missed(r, at, target)
     )
-    return "\n\n".join(
-        [
-            "## Training step: DiffMAS vs the final agent alone",
-            f"Examples per step {s['examples_per_step']} from {s['task']}, {s['agents']} agents, m={s['latent_steps']}, "
-            f"LoRA {s['lora']}, median of {s['repeats']} forward+backward passes.",
-            md_table(["examples/step", "method", "s/step", "trace length/example", "target tokens", "peak MiB"], rows),
-            md_table(
-                [
-                    "examples/step",
-                    f"DiffMAS / sft_single, {before['label']}",
-                    "DiffMAS / sft_single",
-                    "target",
-                    "verdict",
-                ],
-                ratios,
-            ),
-            f"`*{suffix}`: {before['what']} (before); the other rows run {before['after']} (after).",
-            "`diffmas_checkpointed` recomputes each trace chunk during backward (`--gradient-checkpointing`). "
-            "Without it, memory grows with m × trace length: every latent step's attention keeps its own copy "
-            "of the keys and values for backward.",
-            why,
-            machine_line(r),
-        ]
-    )
+    parts = [
+        "## Training step: DiffMAS vs the final agent alone",
+        f"Examples per step {s['examples_per_step']} from {s['task']}, {s['agents']} agents, m={s['latent_steps']}, "
+        f"LoRA {s['lora']}, median of {s['repeats']} forward+backward passes.",
+        md_table(["examples/step", "method", "s/step", "trace length/example", "target tokens", "peak MiB"], rows),
+        md_table(
+            [
+                "examples/step",
+                f"DiffMAS / sft_single, {before['label']}",
+                "DiffMAS / sft_single",
+                "target",
+                "verdict",
+            ],
+            ratios,
+        ),
+        f"`*{suffix}`: {before['what']} (before); the other rows run {before['after']} (after)."
+        + _untrained_packing(r),
+        "`diffmas_checkpointed` recomputes each trace chunk during backward (`--gradient-checkpointing`). "
+        "Without it, every chunk's activations stay in memory until backward.",
+        _training_store_line(r, at),
+        why,
+        machine_line(r),
+    ]
+    return "\n\n".join(part for part in parts if part)
 
 
 def section_summary(results: dict[str, dict | None]) -> str:
@@ -538,8 +569,10 @@ def section_summary(results: dict[str, dict | None]) -> str:
             "full tables, the machine, its load and the commit. The packed linear layers (the CPU default) "
             "have their own before / after section (PyTorch's kernel vs MKL's and oneDNN's packed GEMMs).",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
-            "With autograd on both stores concatenate (in-place updates break gradients), so the training "
-            "step's before / after is a kernel instead: "
+            "Rows without a tag were measured on "
+            + " and ".join(sorted({r["machine"]["device"] for r in results.values() if r}))
+            + "; a tagged row names its machine (section Other machines and settings).",
+            "The training step's before / after is a kernel: "
             + (
                 f"{_training_before(train)['what']} (before) against {_training_before(train)['after']} (after)"
                 if train

@@ -156,3 +156,28 @@ def test_training_gradients_equal_on_both_stores(upstream_no_grad, checkpointing
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
     reached = any("planner" in n and float(g.abs().sum()) > 0 for n, g in b.items())
     assert reached != upstream_no_grad  # gradients flow back through the latent steps unless cut
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_training_appends_go_in_place_on_the_grow_store(store):
+    """With autograd on, the grow store writes appends into its buffers too (a handful of storages
+    over 40 latent steps) where the concat store makes a tensor per append; backward through all of
+    them still runs (nothing attention saved was written over) and reaches the first chunk."""
+    bb = make_backbone(tied=False)
+    adapters = with_adapters(bb)
+    for n, p in bb.model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    with trace_store(store):
+        trace = LatentTrace(bb, 2)
+    storages = set()
+    with bb.use_adapter(adapters["planner"]):
+        h = prefill(trace, "planner", ["two plus two", "the capital of France"])
+        for _ in range(40):
+            h = latent_steps(trace, "planner", h, 1)
+            storages.add(trace.kv()[0][0].untyped_storage().data_ptr())
+    assert (len(storages) <= 3) == (store == "grow")
+    h.square().sum().backward()
+    grads = [p.grad for n, p in bb.model.named_parameters() if "lora_" in n and "planner" in n]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(
+        float(g.abs().sum()) > 0 for g in grads
+    )

@@ -11,8 +11,8 @@ compiles at most `n_buckets(max_length)` times per batch size and adapter (and, 
 records a graph per trace and bucket, since each trace has its own buffers).
 
 Off by default (`MethodConfig.compile = "off"`, `--compile`). Prompts (chunks longer than one
-position) run eagerly on the same store. Training never uses it: in-place cache writes break
-autograd (transformers issue 43010), so traces built with autograd on keep the eager stores.
+position) run eagerly on the same store. Training never uses it: the static store's in-place cache
+writes break autograd (transformers issue 43010), so traces built with autograd on keep the eager stores.
 Failures are errors, never a silent fallback to eager execution.
 """
 

@@ -17,17 +17,21 @@ needed to extend it correctly for a *batch* of independent questions:
 Only this module touches cache internals. The trace is never overwritten, only appended to.
 
 Gradient checkpointing (training long traces): with `backbone.gradient_checkpointing` on and
-autograd enabled, each appended chunk is one checkpointed region — its activations, including the
-full K/V copy every latent step's attention would keep, are recomputed during backward. transformers'
+autograd enabled, each appended chunk is one checkpointed region — its activations (on the concat
+store, the full K/V copy every latent step's attention keeps among them) are recomputed during backward. transformers'
 own checkpointing drops the cache, so the trace does it itself: while a chunk is recomputed its
 cache layers *replay* (report the length they had then and return the same keys/values, without
 appending). Append-only storage makes that exact: the first L entries never change.
 
-Storage: at inference (autograd off) each layer writes new entries in place into a buffer that
-grows geometrically (1.5x) and hands attention views of its first L columns, so a decode or latent step
-costs O(new entries) instead of `DynamicCache`'s O(L) concatenation of the whole cache. With
-autograd on, appends concatenate into new tensors (copy on write), because in-place updates break
-gradients. `trace_store("concat")` gives the old store everywhere (benchmarks, equivalence tests).
+Storage: each layer writes new entries in place into a buffer that grows geometrically (1.5x)
+and hands attention views of its first L columns, so a decode or latent step costs O(new entries)
+instead of `DynamicCache`'s O(L) concatenation of the whole cache. With autograd on the appends
+go in place too, through `_AppendInPlace`: a plain in-place write would bump the version counter
+of the keys attention saved for backward and fail it (transformers issue 43010), so the writes go
+through aliases with counters of their own, which is safe because no column is written twice, and
+backward splits the gradient as concatenation's would. A training trajectory then holds one
+buffer per layer instead of a copy of the trace per append. `trace_store("concat")` gives the old
+store everywhere (benchmarks, equivalence tests).
 `n_bytes` counts the live entries; `capacity_bytes` what the buffers hold, free columns included.
 
 Row by row (inference on a CPU): a padded chunk whose rows are all long enough runs each row alone
@@ -94,15 +98,13 @@ class _TraceLayer(DynamicLayer):
     `keys` / `values` (B, kv_heads, L, head_dim) always hold exactly the L live entries; how they
     are stored depends on the mode:
 
-    - in place (`grow`, inference): they are views of the first L columns of a buffer of capacity
-      >= L, and an append writes into the free columns; the buffer is reallocated (1.5x) only
-      when it is full, so a step costs O(new entries), amortised, instead of O(L). Views taken
-      earlier stay valid: their columns are never written again (append-only).
-    - copy on write (autograd on, or the `concat` store): every append concatenates into a fresh
-      tensor, as `DynamicLayer` does. Autograd needs it: attention saves the keys it read for
-      backward, and any later in-place write into the same storage bumps its version counter and
-      makes backward fail (transformers issue 43010). The buffer is dropped on such an append, so
-      an in-place write never reaches storage an autograd graph holds.
+    - in place (`grow`): they are views of the first L columns of a buffer of capacity >= L, and
+      an append writes into the free columns; the buffer is reallocated (1.5x) only when it is
+      full, so a step costs O(new entries), amortised, instead of O(L). Views taken earlier stay
+      valid: their columns are never written again (append-only). With autograd on the append is
+      `_AppendInPlace`, which gives the gradients concatenation would.
+    - copy on write (the `concat` store): every append concatenates into a fresh tensor, as
+      `DynamicLayer` does.
 
     `replay_length` (gradient checkpointing, see the module docstring): while set, the layer
     pretends to hold only its first `replay_length` entries and returns them with the new ones
@@ -127,6 +129,8 @@ class _TraceLayer(DynamicLayer):
             self.set(key_states, value_states)  # the first chunk: nothing to copy yet
         elif self.grow and not torch.is_grad_enabled():
             self._write(key_states, value_states)
+        elif self.grow:
+            self.keys, self.values = _AppendInPlace.apply(self.keys, self.values, key_states, value_states, self)
         else:
             self._buffers = None
             self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -144,7 +148,10 @@ class _TraceLayer(DynamicLayer):
         n, t = self.keys.shape[-2], key_states.shape[-2]
         if self._buffers is None or self._buffers[0].shape[-2] < n + t:
             self._reserve(n + t)
-        bk, bv = self._buffers
+        # `.data`: aliases with version counters of their own, so the views handed out before
+        # (autograd may hold them for backward) see no in-place change: they never cover the
+        # columns written here (append-only).
+        bk, bv = (buf.data for buf in self._buffers)
         bk[..., n : n + t, :].copy_(key_states)
         bv[..., n : n + t, :].copy_(value_states)
         self.keys, self.values = bk[..., : n + t, :], bv[..., : n + t, :]
@@ -188,6 +195,29 @@ class _TraceLayer(DynamicLayer):
 
 
 _CAPACITY_STEP = 64  # buffer capacities are multiples of this many columns
+
+
+class _AppendInPlace(torch.autograd.Function):
+    """The grow store's append under autograd: the new entries are written in place (`_write`)
+    and the layer's keys and values become views of its buffer, as at inference, where
+    concatenating would copy the whole trace, and keep that copy for backward, on every append
+    (a training trajectory's latent steps: m x L entries per layer). For autograd it is the
+    concatenation: backward hands the past entries' gradient to the views they came from and the
+    new entries' gradient to the chunk that wrote them. What attention saved stays valid because
+    no column is written twice."""
+
+    @staticmethod
+    def forward(ctx, keys, values, new_keys, new_values, layer):
+        ctx.n = keys.shape[-2]
+        layer._write(new_keys, new_values)
+        return layer.keys, layer.values
+
+    @staticmethod
+    def backward(ctx, grad_keys, grad_values):
+        n = ctx.n
+        past = (grad_keys[..., :n, :], grad_values[..., :n, :])
+        new = (grad_keys[..., n:, :], grad_values[..., n:, :])
+        return (*past, *new, None)
 
 
 class _RowLayer(DynamicLayer):
