@@ -517,16 +517,7 @@ def section_summary(results: dict[str, dict | None]) -> str:
         )
     bf16 = load("inference_cost_cpu_bf16")
     if bf16:
-        t, ratio = bf16["targets"], bf16["ratios"]["latent_over_single"]
-        rows.append(
-            [
-                "latent_mas / single, bf16 (`--dtype bfloat16`, opt-in; grow store)",
-                "",
-                f"{ratio:.2f}x",
-                f"≤ {t['latent_over_single_max']}x",
-                verdict(ratio <= t["latent_over_single_max"]),
-            ]
-        )
+        rows.append(_latent_over_single_row("latent_mas / single, bf16 (`--dtype bfloat16`, opt-in; grow store)", bf16))
     bat = results.get("batching")
     for before_name, label in (
         ("concat", "batch-16 throughput / batch 1"),
@@ -542,21 +533,8 @@ def section_summary(results: dict[str, dict | None]) -> str:
         label = "batch-16 throughput / batch 1 (default settings alone, no before in this run)"
         rows.append([label, "", f"{after:.2f}x", f"≥ {target}x", verdict(after >= target)])
     train = results.get("training_step")
-    if train and "8" in train["by_batch"] and "ratio_diffmas_over_single" in train["by_batch"]["8"]:
-        b8 = train["by_batch"]["8"]
-        kind = _training_before(train)
-        label = kind["label"]
-        ratio, before = b8["ratio_diffmas_over_single"], b8.get("ratio_diffmas_over_single" + kind["suffix"])
-        target = train["targets"]["ratio_max"]
-        rows.append(
-            [
-                f"DiffMAS training step / sft_single, batch 8 (before: {label})",
-                f"{before:.2f}x" if before else "",
-                f"{ratio:.2f}x",
-                f"≤ {target}x",
-                verdict(ratio <= target),
-            ]
-        )
+    if train and "ratio_diffmas_over_single" in train["by_batch"].get("8", {}):
+        rows.append(_training_row(train))
     rows += _other_cpu_rows(results)
     if not rows:
         return ""
@@ -599,38 +577,36 @@ def _other_cpus(name: str, here: dict | None) -> list[tuple[str, dict]]:
 
 def _other_cpu_rows(results: dict[str, dict | None]) -> list[list[str]]:
     """Summary rows for the targets measured on other CPUs (see `_other_cpus`)."""
-    rows = []
-    for tag, r in _other_cpus("inference_cost", results.get("inference_cost")):
-        if not r["settings"].get("equal_final_lengths"):
-            continue
-        t, ratio = r["targets"], r["ratios"]
-        where = f"{r['machine']['device']}, tag `{tag}`, grow store alone"
-        rows.append(
-            [
-                f"latent_mas / single ({where})",
-                "",
-                f"{ratio['latent_over_single']:.2f}x",
-                f"≤ {t['latent_over_single_max']}x",
-                verdict(ratio["latent_over_single"] <= t["latent_over_single_max"]),
-            ]
-        )
-    for tag, r in _other_cpus("training_step", results.get("training_step")):
-        b8 = r["by_batch"].get("8", {})
-        if "ratio_diffmas_over_single" not in b8:
-            continue
-        kind, ratio, target = _training_before(r), b8["ratio_diffmas_over_single"], r["targets"]["ratio_max"]
-        before = b8.get("ratio_diffmas_over_single" + kind["suffix"])
-        rows.append(
-            [
-                f"DiffMAS training step / sft_single, batch 8 ({r['machine']['device']}, tag `{tag}`; "
-                f"before: {kind['label']})",
-                f"{before:.2f}x" if before else "",
-                f"{ratio:.2f}x",
-                f"≤ {target}x",
-                verdict(ratio <= target),
-            ]
-        )
+    rows = [
+        _latent_over_single_row(f"latent_mas / single ({r['machine']['device']}, tag `{tag}`, grow store alone)", r)
+        for tag, r in _other_cpus("inference_cost", results.get("inference_cost"))
+        if r["settings"].get("equal_final_lengths")
+    ]
+    rows += [
+        _training_row(r, f"{r['machine']['device']}, tag `{tag}`; ")
+        for tag, r in _other_cpus("training_step", results.get("training_step"))
+        if "ratio_diffmas_over_single" in r["by_batch"].get("8", {})
+    ]
     return rows
+
+
+def _latent_over_single_row(label: str, r: dict) -> list[str]:
+    """A summary row for an inference_cost result's latent_mas / single (after only)."""
+    ratio, target = r["ratios"]["latent_over_single"], r["targets"]["latent_over_single_max"]
+    return [label, "", f"{ratio:.2f}x", f"≤ {target}x", verdict(ratio <= target)]
+
+
+def _training_row(r: dict, where: str = "") -> list[str]:
+    """A summary row for a training_step result's ratio at batch 8, before and after."""
+    b8, kind, target = r["by_batch"]["8"], _training_before(r), r["targets"]["ratio_max"]
+    ratio, before = b8["ratio_diffmas_over_single"], b8.get("ratio_diffmas_over_single" + kind["suffix"])
+    return [
+        f"DiffMAS training step / sft_single, batch 8 ({where}before: {kind['label']})",
+        f"{before:.2f}x" if before else "",
+        f"{ratio:.2f}x",
+        f"≤ {target}x",
+        verdict(ratio <= target),
+    ]
 
 
 def _training_verdict_clause(train: dict | None) -> str:

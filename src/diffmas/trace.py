@@ -146,15 +146,20 @@ class _TraceLayer(DynamicLayer):
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         n, t = self.keys.shape[-2], key_states.shape[-2]
-        if self._buffers is None or self._buffers[0].shape[-2] < n + t:
-            self._reserve(n + t)
-        # `.data`: aliases with version counters of their own, so the views handed out before
-        # (autograd may hold them for backward) see no in-place change: they never cover the
-        # columns written here (append-only).
-        bk, bv = (buf.data for buf in self._buffers)
+        bk, bv = self._room(t)
         bk[..., n : n + t, :].copy_(key_states)
         bv[..., n : n + t, :].copy_(value_states)
-        self.keys, self.values = bk[..., : n + t, :], bv[..., : n + t, :]
+        self.extend(t)
+
+    def _room(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers, reallocated if they have fewer than `width` free columns after the entries,
+        as `.data` aliases: those have version counters of their own, so the views handed out before
+        (autograd may hold them for backward) see no in-place change from writes through them; such
+        writes never cover their columns (append-only)."""
+        needed = self.keys.shape[-2] + width
+        if self._buffers is None or self._buffers[0].shape[-2] < needed:
+            self._reserve(needed)
+        return self._buffers[0].data, self._buffers[1].data
 
     def _reserve(self, needed: int) -> None:
         """Move the entries into new buffers of capacity >= needed, 1.5x the entries at least:
@@ -173,16 +178,15 @@ class _TraceLayer(DynamicLayer):
         """In place: buffers with `width` free columns after the entries, zeroed (what padding
         holds), for a chunk whose rows write their own columns (`_RowLayer`); `extend(width)` then
         takes them in."""
-        n = self.keys.shape[-2]
-        if self._buffers is None or self._buffers[0].shape[-2] < n + width:
-            self._reserve(n + width)
-        for buf in self._buffers:
+        n, buffers = self.keys.shape[-2], self._room(width)
+        for buf in buffers:
             buf[..., n : n + width, :].zero_()
-        return self._buffers
+        return buffers
 
     def extend(self, width: int) -> None:
+        """Take the `width` columns after the entries (already written) into the live entries."""
         n = self.keys.shape[-2]
-        self.keys, self.values = (buf[..., : n + width, :] for buf in self._buffers)
+        self.keys, self.values = (buf[..., : n + width, :] for buf in self._room(width))
 
     def capacity(self) -> int:
         """Columns the layer can hold before it reallocates (L in copy-on-write mode)."""
