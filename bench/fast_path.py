@@ -24,6 +24,7 @@ import statistics
 import torch
 
 import _common as c
+from roofline import weight_bytes
 from trace_store import synthetic_trace
 
 KINDS = ("decode", "latent")
@@ -56,18 +57,6 @@ def step_ms(bb, step, kind: str, batch: int, length: int, steps: int, warmup: in
     clock.start()
     take_steps(trace, kind, hidden, steps)
     return clock.elapsed() / steps * 1000, first
-
-
-def weight_bytes(bb, kind: str) -> int:
-    """Bytes of weights one step reads: the decoder's layers and final norm (not the input
-    embedding, of which it reads B rows), plus the LM head (decode) or the realignment matrix (latent)."""
-    embed = bb.input_embeddings().weight
-    decoder = sum(p.numel() * p.element_size() for p in bb.decoder().parameters() if p is not embed)
-    if kind == "decode":
-        head = bb.output_embeddings().weight
-        return decoder + head.numel() * head.element_size()
-    matrix = bb.realigner.matrix
-    return decoder + (0 if matrix is None else matrix.numel() * matrix.element_size())
 
 
 def bandwidth(bb, given: float | None) -> dict | None:

@@ -5,13 +5,17 @@ The decode budgets and the batch size default to the library's own defaults (`De
 `MethodConfig`, `EvalConfig`): the targets are stated for default settings. Each method's final
 agent writes exactly `max_new_tokens` tokens (end-of-sequence suppressed before: `min_new_tokens`),
 so the methods are compared at equal generated length, as the target is; text_mas's upstream
-agents stop where they stop (`--natural-lengths`: the final agents too)."""
+agents stop where they stop (`--natural-lengths`: the final agents too). The run also measures the
+machine's peaks before and after the methods, from which the docs compute each method's floor
+(`roofline.py`)."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 import _common as c
+import roofline
 
 
 def run(
@@ -31,6 +35,8 @@ def run(
     from diffmas.trace import trace_store
 
     bb = c.backbone()
+    # the machine's peaks for the floors (bench/roofline.py), before and after the methods
+    peaks_before = roofline.measure_peaks(bb)
     task, examples = c.gsm8k(n)
     config = MethodConfig(
         latent_steps=m,
@@ -88,6 +94,11 @@ def run(
         }
 
     methods, ratios = by_store[stores[-1]], ratios_of(by_store[stores[-1]])
+    floor = {
+        "shape": asdict(roofline.Shape.of(bb)),
+        "peaks_before": peaks_before,
+        "peaks_after": roofline.measure_peaks(bb),
+    }
     return {
         "settings": {
             "questions": n,
@@ -106,6 +117,7 @@ def run(
         "methods": methods,
         "ratios": ratios,
         "by_store": {store: {"methods": ms, "ratios": ratios_of(ms)} for store, ms in by_store.items()},
+        "floor": floor,
         "load_average": list(c.os.getloadavg()),
         "targets": {"latent_over_single_max": 1.3, "text_over_latent_min": 4.0},
     }
