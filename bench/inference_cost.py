@@ -7,7 +7,8 @@ agent writes exactly `max_new_tokens` tokens (end-of-sequence suppressed before:
 so the methods are compared at equal generated length, as the target is; text_mas's upstream
 agents stop where they stop (`--natural-lengths`: the final agents too). The run also measures the
 machine's peaks before and after the methods, from which the docs compute each method's floor
-(`roofline.py`)."""
+(`roofline.py`). Methods and stores take turns batch by batch, so a machine whose speed drifts
+during the run slows them alike."""
 
 from __future__ import annotations
 
@@ -16,6 +17,49 @@ from dataclasses import asdict
 
 import _common as c
 import roofline
+
+METHODS = ("single", "text_mas", "latent_mas")
+
+
+def summarize(records: list[dict], wall: float, batch_size: int) -> dict:
+    """One method's figures over its records (in batch order): time, tokens and time per agent,
+    trace, memory, correct answers."""
+    roles = [a["role"] for a in records[0]["agents"]]
+    per_agent = {
+        role: {
+            k: sum(r["agents"][i][k] for r in records) / len(records)
+            for k in ("n_prompt_tokens", "n_latent_steps", "n_generated_tokens")
+        }
+        for i, role in enumerate(roles)
+    }
+    # a record's wall_s is its whole batch's generation time: count each batch once
+    firsts = records[::batch_size]
+    for i, role in enumerate(roles):
+        per_agent[role]["wall_s_per_question"] = sum(r["agents"][i]["wall_s"] for r in firsts) / len(records)
+    return {
+        "wall_s": wall,  # end to end, answer scoring included
+        "generation_s": sum(r["wall_s"] for r in firsts),  # the method alone: what the ratios compare
+        "generation_s_per_batch": [r["wall_s"] for r in firsts],
+        "seconds_per_question": wall / len(records),
+        "correct": sum(r["correct"] for r in records),
+        "tokens_per_question": {
+            k: sum(r["n_tokens"][k] for r in records) / len(records) for k in ("prompt", "latent", "generated")
+        },
+        "tokens_per_agent": per_agent,
+        "trace_bytes_mean": sum(r["trace_bytes"] for r in records) / len(records),
+        "trace_len_mean": sum(r["trace_len"] for r in records) / len(records),
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
+    }
+
+
+def ratios_of(methods: dict) -> dict:
+    """The target ratios, over the whole run and batch by batch (how much they move with the machine)."""
+    per_batch = zip(*(methods[k]["generation_s_per_batch"] for k in METHODS))
+    return {
+        "latent_over_single": methods["latent_mas"]["generation_s"] / methods["single"]["generation_s"],
+        "text_over_latent": methods["text_mas"]["generation_s"] / methods["latent_mas"]["generation_s"],
+        "latent_over_single_per_batch": [latent / single for single, _, latent in per_batch],
+    }
 
 
 def run(
@@ -27,8 +71,8 @@ def run(
     stores=("grow",),
     equal_lengths: bool = True,
 ) -> dict:
-    """stores: trace stores to measure (`diffmas.trace.trace_store`), each method on each store in
-    turn, so before/after come from one run; the top-level figures are the last store's.
+    """stores: trace stores to measure (`diffmas.trace.trace_store`), every method on every store,
+    batch by batch, so before/after come from one run; the top-level figures are the last store's.
     equal_lengths: every final agent writes exactly max_new_tokens tokens."""
     from diffmas import DecodeConfig, MethodConfig, default_topology, get_method
     from diffmas.evaluate.records import run_examples
@@ -47,51 +91,29 @@ def run(
         ),
         upstream_max_new_tokens=upstream_max_new_tokens,
     )
-    by_store = {store: {} for store in stores}
-    for name, store in ((name, store) for name in ("single", "text_mas", "latent_mas") for store in stores):
-        methods = by_store[store]
-        method = get_method(name, bb, default_topology("sequential"), config)
+    runs = [(name, store) for name in METHODS for store in stores]
+    method_of = {name: get_method(name, bb, default_topology("sequential"), config) for name in METHODS}
+    for name, store in runs:
         with trace_store(store):
             # warm-up: kernels, allocator, caches, and at batch 2 the packed linear copies, which
             # would otherwise be made (and charged) inside the first method's batched run
             warm = min(2, batch_size)
-            list(run_examples(method, task, examples[:warm], batch_size=warm))
-            start = c.time.perf_counter()
-            records = list(run_examples(method, task, examples, batch_size=batch_size))
-        wall = c.time.perf_counter() - start
-        print(f"{name} ({store} store): {wall:.1f} s", file=c.sys.stderr, flush=True)
-        roles = [a["role"] for a in records[0]["agents"]]
-        per_agent = {
-            role: {
-                k: sum(r["agents"][i][k] for r in records) / len(records)
-                for k in ("n_prompt_tokens", "n_latent_steps", "n_generated_tokens")
-            }
-            for i, role in enumerate(roles)
-        }
-        # a record's wall_s is its whole batch's generation time: count each batch once
-        firsts = records[::batch_size]
-        for i, role in enumerate(roles):
-            per_agent[role]["wall_s_per_question"] = sum(r["agents"][i]["wall_s"] for r in firsts) / len(records)
-        generation = sum(r["wall_s"] for r in firsts)
-        methods[name] = {
-            "wall_s": wall,  # end to end, answer scoring included
-            "generation_s": generation,  # the method alone: what the ratios compare
-            "seconds_per_question": wall / len(records),
-            "correct": sum(r["correct"] for r in records),
-            "tokens_per_question": {
-                k: sum(r["n_tokens"][k] for r in records) / len(records) for k in ("prompt", "latent", "generated")
-            },
-            "tokens_per_agent": per_agent,
-            "trace_bytes_mean": sum(r["trace_bytes"] for r in records) / len(records),
-            "trace_len_mean": sum(r["trace_len"] for r in records) / len(records),
-            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
-        }
-
-    def ratios_of(methods: dict) -> dict:
-        return {
-            "latent_over_single": methods["latent_mas"]["generation_s"] / methods["single"]["generation_s"],
-            "text_over_latent": methods["text_mas"]["generation_s"] / methods["latent_mas"]["generation_s"],
-        }
+            list(run_examples(method_of[name], task, examples[:warm], batch_size=warm))
+    # Batch by batch, every method and store in turn: a machine whose speed drifts during the run
+    # (a shared VM's neighbours) slows every method alike instead of whichever ran then.
+    records = {key: [] for key in runs}
+    walls = dict.fromkeys(runs, 0.0)
+    for first in range(0, n, batch_size):
+        batch = examples[first : first + batch_size]
+        for name, store in runs:
+            with trace_store(store):
+                start = c.time.perf_counter()
+                records[name, store] += run_examples(method_of[name], task, batch, batch_size=batch_size)
+                walls[name, store] += c.time.perf_counter() - start
+    by_store = {store: {} for store in stores}
+    for (name, store), recs in records.items():
+        by_store[store][name] = summarize(recs, walls[name, store], batch_size)
+        print(f"{name} ({store} store): {walls[name, store]:.1f} s", file=c.sys.stderr, flush=True)
 
     methods, ratios = by_store[stores[-1]], ratios_of(by_store[stores[-1]])
     floor = {
@@ -111,6 +133,7 @@ def run(
             "fixed_lengths": c.ignore_eos(),
             "equal_final_lengths": equal_lengths,
             "stores": list(stores),
+            "interleaved": True,  # every method and store in turn on each batch
             **c.model_settings(),
         },
         "store": stores[-1],
@@ -174,7 +197,7 @@ def main() -> None:
             ["method", "generation s", "wall s", "prompt/q", "latent/q", "gen/q", "trace MiB", "peak MiB", "correct"],
         )
     )
-    print({k: round(v, 2) for k, v in result["ratios"].items()})
+    print({k: round(v, 2) for k, v in result["ratios"].items() if not isinstance(v, list)})
 
 
 if __name__ == "__main__":

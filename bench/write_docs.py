@@ -9,6 +9,7 @@ import math
 from matplotlib.figure import Figure
 
 import _common as c
+import roofline
 
 DOCS = c.REPO / "docs"
 IMG = DOCS / "img"
@@ -135,8 +136,16 @@ def section_inference(r: dict) -> str:
                     ],
                 ],
             ),
-            store_table(r, _inference_stores),
+            (
+                "latent_mas / single batch by batch (in question order): "
+                + ", ".join(f"{x:.2f}x" for x in r["ratios"]["latent_over_single_per_batch"])
+                + "."
+                if "latent_over_single_per_batch" in r["ratios"]
+                else ""
+            ),
+            store_table(r, lambda by: _inference_stores(by, s.get("interleaved", False))),
             _why_inference(r) if not s.get("random_weights") else _why_inference_gpu(r),
+            _why_floor(r),
             "Tokens per agent (mean per question):",
             md_table(["method", "agent", "prompt", "latent steps", "generated"], agents),
             machine_line(r),
@@ -209,6 +218,90 @@ def _why_latent_over_single(r: dict, prompt_ratio: float, trace_ratio: float) ->
         "and with a 135M model on a CPU that prefill is compute-bound: a prompt token costs about a whole forward. "
         "The in-place trace store removed the per-step copy of the whole cache (see Before / after), not these "
         "extra tokens and reads. A longer answer dilutes the upstream agents' share, not the final agent's."
+    )
+
+
+def _floors(r: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Per method, per agent, the floor of its work per question (bench/roofline.py), at the best
+    peaks measured in the run."""
+    f = r["floor"]
+    shape, peaks = roofline.Shape(**f["shape"]), roofline.Peaks.best(f["peaks_before"], f["peaks_after"])
+    rows = roofline.rows_per_batch(r["settings"]["questions"], r["settings"]["batch_size"])
+    return {
+        name: roofline.agent_floors(shape, m["tokens_per_agent"], rows, peaks, shared_trace=name != "text_mas")
+        for name, m in r["methods"].items()
+    }
+
+
+def _floor_ratio(r: dict) -> float:
+    """latent_mas / single with both methods at their floors."""
+    floors = _floors(r)
+    return sum(a["total_s"] for a in floors["latent_mas"].values()) / sum(
+        a["total_s"] for a in floors["single"].values()
+    )
+
+
+def _parts(m: dict, floors: dict) -> list[tuple[str, float, float]]:
+    """(part, measured s, floor s) per question: the upstream agents together, then the final agent."""
+    roles = list(m["tokens_per_agent"])
+    measured = {role: m["tokens_per_agent"][role]["wall_s_per_question"] for role in roles}
+    parts = [(f"upstream agents ({len(roles) - 1})", roles[:-1])] if len(roles) > 1 else []
+    parts.append((f"final agent ({roles[-1]})", roles[-1:]))
+    return [
+        (label, sum(measured[x] for x in members), sum(floors[x]["total_s"] for x in members))
+        for label, members in parts
+    ]
+
+
+def _why_floor(r: dict) -> str:
+    """Each method's measured time against the floor of its work on this machine, and what the
+    latent_mas / single target asks of latent_mas's extra work."""
+    methods = r["methods"]
+    if "floor" not in r or not all("wall_s_per_question" in a for a in methods["single"]["tokens_per_agent"].values()):
+        return ""
+    floors, peaks = _floors(r), roofline.Peaks.best(r["floor"]["peaks_before"], r["floor"]["peaks_after"])
+    rows = [
+        [name, label, f"{s:.2f}", f"{fl:.2f}", f"{s / fl:.1f}x"]
+        for name in methods
+        for label, s, fl in _parts(methods[name], floors[name])
+    ]
+    single = _parts(methods["single"], floors["single"])[-1]
+    up, final = _parts(methods["latent_mas"], floors["latent_mas"])
+    extra, extra_floor = up[1] + final[1] - single[1], up[2] + final[2] - single[2]
+    target = r["targets"]["latent_over_single_max"]
+    allowed = (target - 1) * single[1]
+    need = (
+        "below its floor, so no implementation on this machine meets the target without the single agent slowing down"
+        if allowed < extra_floor
+        else f"{allowed / extra_floor:.2f}x its floor"
+    )
+    return "\n\n".join(
+        [
+            "**How far each method is from its floor.** The floor is the least time a method's work could take on "
+            "this machine (bench/roofline.py): every product at the fastest rate the backbone's own linear layers "
+            f"reached here ({peaks.product_flops_per_s / 1e9:.0f} GFLOP/s) and every weight and trace entry read once "
+            f"at the streaming read bandwidth measured here ({peaks.read_bytes_per_s / 1e9:.1f} GB/s), both measured in "
+            "this run, before and after the methods; padding, Python and small operations are not in it. Seconds "
+            "per question (floors from the run's mean tokens per agent):",
+            md_table(["method", "part", "measured s", "floor s", "measured / floor"], rows),
+            f"At their floors latent_mas would cost {_floor_ratio(r):.2f}x the single "
+            f"agent, against {r['ratios']['latent_over_single']:.2f}x measured: the single agent runs at "
+            f"{single[1] / single[2]:.1f}x its floor and latent_mas's extra work at {extra / extra_floor:.1f}x its "
+            + (
+                "floor, so the overhead on the work both share dilutes the extra. "
+                if single[1] / single[2] > extra / extra_floor
+                else "floor, so the extra work is further from its floor than the work both share. "
+            )
+            + f"With the single agent as measured, ≤ {target}x allows latent_mas {allowed:.2f} s of "
+            f"extra time per question, {need}; the extra takes {extra:.2f} s (its floor is {extra_floor:.2f} s): "
+            f"the upstream agents run at {up[1] / up[2]:.2f}x their floor"
+            + (
+                f", and the final agent's extra time ({final[1] - single[1]:.2f} s, its longer trace) at "
+                f"{(final[1] - single[1]) / (final[2] - single[2]):.1f}x the floor of its extra reads."
+                if final[1] > single[1] and final[2] > single[2]
+                else "."
+            ),
+        ]
     )
 
 
@@ -497,13 +590,14 @@ def section_summary(results: dict[str, dict | None]) -> str:
     if inf and {"concat", "grow"} <= set(inf.get("by_store", {})):
         before, after = inf["by_store"]["concat"]["ratios"], inf["by_store"]["grow"]["ratios"]
         t = inf["targets"]
+        at_floor = f" ({_floor_ratio(inf):.2f}x at this machine's floor, see Inference cost)" if "floor" in inf else ""
         rows.append(
             [
                 "latent_mas / single",
                 f"{before['latent_over_single']:.2f}x",
                 f"{after['latent_over_single']:.2f}x",
                 f"≤ {t['latent_over_single_max']}x",
-                verdict(after["latent_over_single"] <= t["latent_over_single_max"]),
+                verdict(after["latent_over_single"] <= t["latent_over_single_max"]) + at_floor,
             ]
         )
         rows.append(
@@ -758,7 +852,7 @@ def store_table(r: dict, render) -> str:
     return render(by)
 
 
-def _inference_stores(by: dict) -> str:
+def _inference_stores(by: dict, interleaved: bool) -> str:
     rows = [
         [
             name,
@@ -770,12 +864,17 @@ def _inference_stores(by: dict) -> str:
     ]
     rows += [
         [k.replace("_over_", " / "), f"{by['concat']['ratios'][k]:.2f}x", f"{by['grow']['ratios'][k]:.2f}x", ""]
-        for k in by["grow"]["ratios"]
+        for k in ("latent_over_single", "text_over_latent")
     ]
+    order = (
+        "every method and store in turn on each batch of questions"
+        if interleaved
+        else "one run per method and store, not repeated, one after the other"
+    )
     return (
-        "Before (concat store) / after (grow store), same run, generation seconds (one run per method and "
-        "store, not repeated, one after the other, on a machine shared with other work: see the load average "
-        "in the result file):\n\n" + md_table(["method", "concat", "grow", "grow / concat"], rows)
+        f"Before (concat store) / after (grow store), same run, generation seconds ({order}, on a machine shared "
+        "with other work: see the load average in the result file):\n\n"
+        + md_table(["method", "concat", "grow", "grow / concat"], rows)
     )
 
 
