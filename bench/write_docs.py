@@ -260,6 +260,10 @@ def _why_floor(r: dict) -> str:
     if "floor" not in r or not all("wall_s_per_question" in a for a in methods["single"]["tokens_per_agent"].values()):
         return ""
     floors, peaks = _floors(r), roofline.Peaks.best(r["floor"]["peaks_before"], r["floor"]["peaks_after"])
+
+    def measured(key: str, unit: float, digits: int) -> str:
+        return " / ".join(f"{r['floor'][k][key] / unit:.{digits}f}" for k in ("peaks_before", "peaks_after"))
+
     rows = [
         [name, label, f"{s:.2f}", f"{fl:.2f}", f"{s / fl:.1f}x"]
         for name in methods
@@ -280,9 +284,10 @@ def _why_floor(r: dict) -> str:
             "**How far each method is from its floor.** The floor is the least time a method's work could take on "
             "this machine (bench/roofline.py): every product at the fastest rate the backbone's own linear layers "
             f"reached here ({peaks.product_flops_per_s / 1e9:.0f} GFLOP/s) and every weight and trace entry read once "
-            f"at the streaming read bandwidth measured here ({peaks.read_bytes_per_s / 1e9:.1f} GB/s), both measured in "
-            "this run, before and after the methods; padding, Python and small operations are not in it. Seconds "
-            "per question (floors from the run's mean tokens per agent):",
+            f"at the streaming read bandwidth measured here ({peaks.read_bytes_per_s / 1e9:.1f} GB/s), each the higher "
+            f"of its measurements before and after the methods in this run ({measured('product_flops_per_s', 1e9, 0)} "
+            f"GFLOP/s, {measured('read_bytes_per_s', 1e9, 1)} GB/s: a shared machine's speed moves); padding, Python "
+            "and small operations are not in it. Seconds per question (floors from the run's mean tokens per agent):",
             md_table(["method", "part", "measured s", "floor s", "measured / floor"], rows),
             f"At their floors latent_mas would cost {_floor_ratio(r):.2f}x the single "
             f"agent, against {r['ratios']['latent_over_single']:.2f}x measured: the single agent runs at "
