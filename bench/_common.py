@@ -192,8 +192,8 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
-def median_time(fn, repeats: int, device) -> float:
-    """Median wall seconds of fn() on `device`, each run timed to the end of its queued GPU work."""
+def run_times(fn, repeats: int, device) -> list[float]:
+    """Wall seconds of `repeats` calls of fn() on `device`, each timed to the end of its queued GPU work."""
     from diffmas.accounting import Stopwatch
 
     times = []
@@ -201,7 +201,12 @@ def median_time(fn, repeats: int, device) -> float:
         clock = Stopwatch(torch.device(device)).start()
         fn()
         times.append(clock.elapsed())
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, repeats: int, device) -> float:
+    """Median wall seconds of fn() on `device` (see `run_times`)."""
+    return statistics.median(run_times(fn, repeats, device))
 
 
 def table(rows: list[list], header: list[str]) -> str:

@@ -54,11 +54,13 @@ def summarize(records: list[dict], wall: float, batch_size: int) -> dict:
 
 def ratios_of(methods: dict) -> dict:
     """The target ratios, over the whole run and batch by batch (how much they move with the machine)."""
-    per_batch = zip(*(methods[k]["generation_s_per_batch"] for k in METHODS))
+    single, latent, text = (methods[k] for k in ("single", "latent_mas", "text_mas"))
     return {
-        "latent_over_single": methods["latent_mas"]["generation_s"] / methods["single"]["generation_s"],
-        "text_over_latent": methods["text_mas"]["generation_s"] / methods["latent_mas"]["generation_s"],
-        "latent_over_single_per_batch": [latent / single for single, _, latent in per_batch],
+        "latent_over_single": latent["generation_s"] / single["generation_s"],
+        "text_over_latent": text["generation_s"] / latent["generation_s"],
+        "latent_over_single_per_batch": [
+            a / b for a, b in zip(latent["generation_s_per_batch"], single["generation_s_per_batch"])
+        ],
     }
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+import _common as c
+
 # Row counts of the peak product measurement: a prompt of one row and a batch's chunk.
 PEAK_ROWS = (128, 512, 1024)
 READ_MIB = 512  # far above any L3: the sum streams from memory
@@ -94,15 +96,8 @@ class Peaks:
 
 
 def _best_seconds(fn, repeats: int, device: torch.device) -> float:
-    from diffmas.accounting import Stopwatch
-
     fn()  # warm-up: packing, allocation
-    times = []
-    for _ in range(repeats):
-        clock = Stopwatch(device).start()
-        fn()
-        times.append(clock.elapsed())
-    return min(times)
+    return min(c.run_times(fn, repeats, device))
 
 
 @torch.no_grad()

@@ -224,8 +224,7 @@ def _why_latent_over_single(r: dict, prompt_ratio: float, trace_ratio: float) ->
 def _floors(r: dict) -> dict[str, dict[str, dict[str, float]]]:
     """Per method, per agent, the floor of its work per question (bench/roofline.py), at the best
     peaks measured in the run."""
-    f = r["floor"]
-    shape, peaks = roofline.Shape(**f["shape"]), roofline.Peaks.best(f["peaks_before"], f["peaks_after"])
+    shape, peaks = roofline.Shape(**r["floor"]["shape"]), _peaks(r)
     rows = roofline.rows_per_batch(r["settings"]["questions"], r["settings"]["batch_size"])
     return {
         name: roofline.agent_floors(shape, m["tokens_per_agent"], rows, peaks, shared_trace=name != "text_mas")
@@ -233,9 +232,12 @@ def _floors(r: dict) -> dict[str, dict[str, dict[str, float]]]:
     }
 
 
-def _floor_ratio(r: dict) -> float:
-    """latent_mas / single with both methods at their floors."""
-    floors = _floors(r)
+def _peaks(r: dict) -> roofline.Peaks:
+    return roofline.Peaks.best(r["floor"]["peaks_before"], r["floor"]["peaks_after"])
+
+
+def _floor_ratio(floors: dict) -> float:
+    """latent_mas / single with both methods at their floors (`_floors`)."""
     return sum(a["total_s"] for a in floors["latent_mas"].values()) / sum(
         a["total_s"] for a in floors["single"].values()
     )
@@ -259,7 +261,7 @@ def _why_floor(r: dict) -> str:
     methods = r["methods"]
     if "floor" not in r or not all("wall_s_per_question" in a for a in methods["single"]["tokens_per_agent"].values()):
         return ""
-    floors, peaks = _floors(r), roofline.Peaks.best(r["floor"]["peaks_before"], r["floor"]["peaks_after"])
+    floors, peaks = _floors(r), _peaks(r)
 
     def measured(key: str, unit: float, digits: int) -> str:
         return " / ".join(f"{r['floor'][k][key] / unit:.{digits}f}" for k in ("peaks_before", "peaks_after"))
@@ -289,7 +291,7 @@ def _why_floor(r: dict) -> str:
             f"GFLOP/s, {measured('read_bytes_per_s', 1e9, 1)} GB/s: a shared machine's speed moves); padding, Python "
             "and small operations are not in it. Seconds per question (floors from the run's mean tokens per agent):",
             md_table(["method", "part", "measured s", "floor s", "measured / floor"], rows),
-            f"At their floors latent_mas would cost {_floor_ratio(r):.2f}x the single "
+            f"At their floors latent_mas would cost {_floor_ratio(floors):.2f}x the single "
             f"agent, against {r['ratios']['latent_over_single']:.2f}x measured: the single agent runs at "
             f"{single[1] / single[2]:.1f}x its floor and latent_mas's extra work at {extra / extra_floor:.1f}x its "
             + (
@@ -595,7 +597,11 @@ def section_summary(results: dict[str, dict | None]) -> str:
     if inf and {"concat", "grow"} <= set(inf.get("by_store", {})):
         before, after = inf["by_store"]["concat"]["ratios"], inf["by_store"]["grow"]["ratios"]
         t = inf["targets"]
-        at_floor = f" ({_floor_ratio(inf):.2f}x at this machine's floor, see Inference cost)" if "floor" in inf else ""
+        at_floor = (
+            f" ({_floor_ratio(_floors(inf)):.2f}x at this machine's floor, see Inference cost)"
+            if "floor" in inf
+            else ""
+        )
         rows.append(
             [
                 "latent_mas / single",
