@@ -7,6 +7,7 @@ prints a short table. Ratios are always measured within one run of one script, o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -128,6 +129,24 @@ def model_settings() -> dict:
     return {"model": SETTINGS.model, "dtype": SETTINGS.dtype, "random_weights": SETTINGS.random_weights}
 
 
+# The variants that before/after runs compare (`variant`): "concat" is main before issue 14's
+# work (transformers' concatenating cache, PyTorch's SDPA for one-position steps), "grow" the
+# default, "sdpa" the default but for PyTorch's SDPA in one-position steps (the kernel's share).
+VARIANTS = ("concat", "sdpa", "grow")
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """The trace store and the CPU one-position attention of a variant (see VARIANTS)."""
+    from diffmas.attention import cpu_attention
+    from diffmas.trace import trace_store
+
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+    with trace_store("concat" if name == "concat" else "grow"), cpu_attention("kernel" if name == "grow" else "sdpa"):
+        yield
+
+
 def backbone():
     from diffmas import load_backbone
 
@@ -169,10 +188,12 @@ def gsm8k(n: int):
 
 
 def machine() -> dict:
+    from diffmas.attention import kernel_status
     from diffmas.provenance import device_description, git_commit, package_versions
 
     return {
         "device": device_description(),
+        "cpu_attention": kernel_status(),  # what the default runs in one-position steps here
         "torch_threads": torch.get_num_threads(),
         "torch_default_threads": DEFAULT_THREADS,
         "cpu_count": os.cpu_count(),

@@ -2,7 +2,9 @@
 Target: >= 4x at batch 16 over batch 1 (issue 14 acceptance; its text first asked 5x).
 
 Variants (`--stores`), each batch size on each in turn: `concat` (the old concatenating trace
-store), `padded` (the in-place store, prompts run as one padded batch: `row_by_row(False)`), `keep`
+store, PyTorch's SDPA in one-position steps), `sdpa` (the default but for PyTorch's SDPA in
+one-position steps instead of the compiled kernel, diffmas.attention),
+`padded` (the in-place store, prompts run as one padded batch: `row_by_row(False)`), `keep`
 (the in-place store, row by row, finished rows decoded on as padding: `drop_finished(False)`) and
 `grow` (the default: in-place store, padded CPU prompts run row by row, finished rows dropped).
 
@@ -74,9 +76,9 @@ def run(n: int, sizes: list[int], max_new_tokens: int, m: int, stores=("grow",))
 def variant(name: str):
     """The settings of one variant (see the module docstring)."""
     from diffmas.generate import drop_finished
-    from diffmas.trace import row_by_row, trace_store
+    from diffmas.trace import row_by_row
 
-    with trace_store("concat" if name == "concat" else "grow"), row_by_row(name != "padded"):
+    with c.variant(name if name in c.VARIANTS else "grow"), row_by_row(name != "padded"):
         with drop_finished(name != "keep"):
             yield
 

@@ -73,12 +73,11 @@ def run(
     stores=("grow",),
     equal_lengths: bool = True,
 ) -> dict:
-    """stores: trace stores to measure (`diffmas.trace.trace_store`), every method on every store,
-    batch by batch, so before/after come from one run; the top-level figures are the last store's.
+    """stores: variants to measure (`_common.VARIANTS`: concat, sdpa, grow), every method on every
+    one, batch by batch, so before/after come from one run; the top-level figures are the last's.
     equal_lengths: every final agent writes exactly max_new_tokens tokens."""
     from diffmas import DecodeConfig, MethodConfig, default_topology, get_method
     from diffmas.evaluate.records import run_examples
-    from diffmas.trace import trace_store
 
     bb = c.backbone()
     # the machine's peaks for the floors (bench/roofline.py), before and after the methods
@@ -96,7 +95,7 @@ def run(
     runs = [(name, store) for name in METHODS for store in stores]
     method_of = {name: get_method(name, bb, default_topology("sequential"), config) for name in METHODS}
     for name, store in runs:
-        with trace_store(store):
+        with c.variant(store):
             # warm-up: kernels, allocator, caches, and at batch 2 the packed linear copies, which
             # would otherwise be made (and charged) inside the first method's batched run
             warm = min(2, batch_size)
@@ -108,7 +107,7 @@ def run(
     for first in range(0, n, batch_size):
         batch = examples[first : first + batch_size]
         for name, store in runs:
-            with trace_store(store):
+            with c.variant(store):
                 start = c.time.perf_counter()
                 records[name, store] += run_examples(method_of[name], task, batch, batch_size=batch_size)
                 walls[name, store] += c.time.perf_counter() - start
@@ -164,7 +163,9 @@ def main() -> None:
         action="store_true",
         help="let the final agents stop at end-of-sequence (default: exactly --max-new-tokens each)",
     )
-    p.add_argument("--stores", default="grow", help="trace stores, e.g. concat,grow (before,after) in one run")
+    p.add_argument(
+        "--stores", default="grow", help="variants (_common.VARIANTS), e.g. concat,sdpa,grow (before, ..., after)"
+    )
     p.add_argument("--threads", type=int, default=None)
     c.add_model_args(p)
     args = p.parse_args()

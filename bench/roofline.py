@@ -114,9 +114,15 @@ def measure_peaks(bb, repeats: int = 5) -> dict:
             x = torch.randn(rows, inp, device=device, dtype=dtype)
             seconds = _best_seconds(functools.partial(module, x), repeats, device)
             rates[f"{out}x{inp}@{rows}"] = 2 * rows * out * inp / seconds
-    buf = torch.ones(READ_MIB * 2**20 // 4, device=device, dtype=torch.float32)
-    read = buf.numel() * buf.element_size() / _best_seconds(buf.sum, repeats, device)
+    read = read_bandwidth(device, repeats)
     return {"product_flops_per_s": max(rates.values()), "read_bytes_per_s": read, "products": rates}
+
+
+@torch.no_grad()
+def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
+    """Bytes per second of a sum over READ_MIB (streamed from memory), the best of `repeats` runs."""
+    buf = torch.ones(READ_MIB * 2**20 // 4, device=device, dtype=torch.float32)
+    return buf.numel() * buf.element_size() / _best_seconds(buf.sum, repeats, device)
 
 
 def _phase_s(flops: float, read_bytes: float, peaks: Peaks) -> float:

@@ -1,6 +1,7 @@
 """Step time vs trace length, old store vs new, in one run: a decode step and a latent step on a
-trace of L positions, with transformers' concatenating `DynamicCache` layers ("concat", today's
-main) and with the in-place growable store ("grow"), interleaved so both see the same machine.
+trace of L positions, with transformers' concatenating `DynamicCache` layers and PyTorch's SDPA
+("concat", main before issue 14) and with the defaults ("grow": the in-place growable store and
+the compiled one-position attention kernel), interleaved so both see the same machine.
 
 The trace is synthetic: random keys and values of the model's shape put in through the storage
 seam (`LatentTrace.set_kv`), all positions real. A step's cost does not depend on the values, and
@@ -44,6 +45,8 @@ def synthetic_trace(bb, store: str, batch: int, length: int, step=None):
 
 def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> tuple[float, float]:
     """Mean ms per step over `steps` steps from a fresh `length`-position trace: (wall, CPU).
+    `store` is a variant (`_common.VARIANTS`): "concat" runs PyTorch's SDPA in one-position steps
+    too (main before issue 14), "grow" the defaults.
 
     CPU time is this process's, all threads: on a machine shared with other work it is less
     exposed to them than wall time (though not to their use of memory bandwidth and caches)."""
@@ -51,17 +54,18 @@ def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> t
     from diffmas.channel import latent_steps
     from diffmas.generate import DecodeConfig, decode
 
-    trace = synthetic_trace(bb, store, batch, length)
-    hidden = torch.randn(batch, bb.config.hidden_size, device=bb.device).to(bb.dtype)
-    if kind == "latent":
-        clock, cpu = Stopwatch(bb.device).start(), c.time.process_time()
-        latent_steps(trace, "a", hidden, steps)
-    else:
-        # steps + 1 tokens with EOS suppressed: exactly `steps` decoder forwards
-        config = DecodeConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1)
-        clock, cpu = Stopwatch(bb.device).start(), c.time.process_time()
-        decode(trace, "a", hidden, config, [0] * batch)
-    wall, cpu = clock.elapsed(), c.time.process_time() - cpu
+    with c.variant(store):
+        trace = synthetic_trace(bb, store if store == "concat" else "grow", batch, length)
+        hidden = torch.randn(batch, bb.config.hidden_size, device=bb.device).to(bb.dtype)
+        if kind == "latent":
+            clock, cpu = Stopwatch(bb.device).start(), c.time.process_time()
+            latent_steps(trace, "a", hidden, steps)
+        else:
+            # steps + 1 tokens with EOS suppressed: exactly `steps` decoder forwards
+            config = DecodeConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1)
+            clock, cpu = Stopwatch(bb.device).start(), c.time.process_time()
+            decode(trace, "a", hidden, config, [0] * batch)
+        wall, cpu = clock.elapsed(), c.time.process_time() - cpu
     assert trace.length == length + steps
     return wall / steps * 1000, cpu / steps * 1000
 

@@ -647,8 +647,10 @@ def section_summary(results: dict[str, dict | None]) -> str:
         [
             "## Before / after (issue 14)",
             '_before_: the concatenating store (`trace_store("concat")`, transformers\' `DynamicCache` '
-            "behaviour) unless the row names another; _after_: the in-place growable store, finished rows "
-            "dropped from decoding and, on CPUs, row-by-row prompts. Each row's pair comes from one run of one script; the sections below give the "
+            "behaviour; from the runs that also measured the compiled attention kernel on, with PyTorch's SDPA in "
+            "one-position steps too) unless the row names another; _after_: the defaults at the run's commit: the "
+            "in-place growable store, finished rows dropped from decoding, on CPUs row-by-row prompts and (from "
+            "the kernel's commit on) the compiled one-position attention kernel. Each row's pair comes from one run of one script; the sections below give the "
             "full tables, the machine, its load and the commit. The packed linear layers (the CPU default) "
             "have their own before / after section (PyTorch's kernel vs MKL's and oneDNN's packed GEMMs).",
             md_table(["measure", "before", "after", "target", "verdict"], rows),
@@ -778,6 +780,66 @@ def section_trace_store(r: dict) -> str:
     )
 
 
+def section_decode_attention(r: dict) -> str:
+    """PyTorch's SDPA vs the compiled kernel in one-position steps (bench/decode_attention.py)."""
+    s, bw = r["settings"], r["read_bytes_per_s"]
+    rows = [
+        [
+            x["batch"],
+            x["length"],
+            f"{x['kv_bytes'] / 2**20:.0f}",
+            f"{x['sdpa_attention_ms']:.2f}",
+            f"{x['kernel_attention_ms']:.2f}",
+            f"{x['sdpa_read_bytes_per_s'] / 1e9:.1f}",
+            f"{x['kernel_read_bytes_per_s'] / 1e9:.1f}",
+            f"{x['kernel_read_bytes_per_s'] / bw:.0%}",
+            f"{x['sdpa_decode_step_ms']:.1f}",
+            f"{x['kernel_decode_step_ms']:.1f}",
+            f"{x['kernel_decode_step_ms'] / x['sdpa_decode_step_ms']:.2f}x",
+            f"{x['kernel_latent_step_ms'] / x['sdpa_latent_step_ms']:.2f}x",
+        ]
+        for x in r["rows"]
+    ]
+    speedups = [x["sdpa_attention_ms"] / x["kernel_attention_ms"] for x in r["rows"]]
+    steps = [x["kernel_decode_step_ms"] / x["sdpa_decode_step_ms"] for x in r["rows"]]
+    return "\n\n".join(
+        [
+            "## One-position attention: PyTorch's SDPA vs the compiled kernel",
+            "A decode or latent step reads every key and value of the trace once for one query per row. "
+            "`diffmas.attention` runs that read on CPUs through `kernels/decode_attention.cpp` (compiled for the "
+            "CPU at first use; split-KV chunks of 256 positions; AVX-512) instead of transformers' SDPA path. "
+            f"_attention_: one call per layer ({s['model']} in {s['dtype']}), each on its own keys and values, "
+            f"median of {s['repeats']} interleaved runs; _read_: keys and values read over that time, and "
+            f"_of bandwidth_ against a streaming sum in the same run ({bw / 1e9:.1f} GB/s); _step_: a decode and a "
+            f"latent step on a synthetic trace of the grow store, mean over {s['steps']} steps, median of "
+            f"{s['repeats']} runs, SDPA vs kernel interleaved.",
+            md_table(
+                [
+                    "batch",
+                    "trace length",
+                    "K+V MiB",
+                    "SDPA ms",
+                    "kernel ms",
+                    "SDPA GB/s",
+                    "kernel GB/s",
+                    "kernel, of bandwidth",
+                    "decode step SDPA ms",
+                    "kernel ms",
+                    "decode step kernel / SDPA",
+                    "latent step kernel / SDPA",
+                ],
+                rows,
+            ),
+            f"The kernel's attention ran {min(speedups):.2f}x to {max(speedups):.2f}x as fast as SDPA's; a whole "
+            f"decode step took {min(steps):.2f}x to {max(steps):.2f}x its time with SDPA (the rest of the step, "
+            "the weights' products and the small ops, is the same in both).",
+            f"Load average (1, 5, 15 min) before the run: {', '.join(f'{x:.2f}' for x in r['load_average_before'])}; "
+            f"after: {', '.join(f'{x:.2f}' for x in r['load_average_after'])}. " + threads_line(r),
+            machine_line(r),
+        ]
+    )
+
+
 def threads_line(r: dict) -> str:
     """How many torch threads the run used, and why when it was not torch's default."""
     threads, default = r["machine"]["torch_threads"], r["machine"].get("torch_default_threads")
@@ -863,52 +925,68 @@ def store_table(r: dict, render) -> str:
     return render(by)
 
 
+# Variants of before / after runs (bench/_common.py VARIANTS), in column order.
+VARIANT_LABELS = {
+    "concat": "concat store",
+    "sdpa": "grow store, SDPA",
+    "padded": "grow store, padded prompts",
+    "keep": "grow store, row by row, finished rows kept",
+    "grow": "defaults",
+}
+VARIANT_TEXT = (
+    "_concat store_: transformers' concatenating cache, with PyTorch's SDPA in one-position steps (main before "
+    "issue 14); _grow store, SDPA_: the defaults but for PyTorch's SDPA in one-position steps instead of the "
+    "compiled kernel (diffmas.attention), so the kernel's share is the last two columns' difference; "
+    "_defaults_: the in-place store and everything else at its default"
+)
+
+
+def _variants(by: dict) -> list[str]:
+    return [k for k in VARIANT_LABELS if k in by]
+
+
 def _inference_stores(by: dict, interleaved: bool) -> str:
+    names = _variants(by)
+    gen = {n: by[n]["methods"] for n in names}
     rows = [
-        [
-            name,
-            f"{by['concat']['methods'][name]['generation_s']:.1f}",
-            f"{by['grow']['methods'][name]['generation_s']:.1f}",
-            f"{by['grow']['methods'][name]['generation_s'] / by['concat']['methods'][name]['generation_s']:.2f}x",
-        ]
-        for name in by["grow"]["methods"]
+        [name]
+        + [f"{gen[n][name]['generation_s']:.1f}" for n in names]
+        + [f"{gen['grow'][name]['generation_s'] / gen['concat'][name]['generation_s']:.2f}x"]
+        for name in gen["grow"]
     ]
     rows += [
-        [k.replace("_over_", " / "), f"{by['concat']['ratios'][k]:.2f}x", f"{by['grow']['ratios'][k]:.2f}x", ""]
+        [k.replace("_over_", " / ")] + [f"{by[n]['ratios'][k]:.2f}x" for n in names] + [""]
         for k in ("latent_over_single", "text_over_latent")
     ]
     order = (
-        "every method and store in turn on each batch of questions"
+        "every method and variant in turn on each batch of questions"
         if interleaved
         else "one run per method and store, not repeated, one after the other"
     )
+    legend = f" ({VARIANT_TEXT})" if "sdpa" in by else ""
     return (
-        f"Before (concat store) / after (grow store), same run, generation seconds ({order}, on a machine shared "
-        "with other work: see the load average in the result file):\n\n"
-        + md_table(["method", "concat", "grow", "grow / concat"], rows)
+        f"Before / after, same run, generation seconds ({order}, on a machine shared with other work: see the "
+        f"load average in the result file){legend}:\n\n"
+        + md_table(["method"] + [VARIANT_LABELS[n] for n in names] + ["defaults / concat"], rows)
     )
 
 
 def _batching_stores(by: dict) -> str:
-    names = [k for k in ("concat", "padded", "keep", "grow") if k in by]
-    labels = {
-        "concat": "concat store",
-        "padded": "grow store, padded prompts",
-        "keep": "grow store, row by row, finished rows kept",
-        "grow": "grow store, row by row, finished rows dropped",
-    }
+    names = _variants(by)
     rows = [
         [k]
         + [f"{by[n]['batches'][k]['wall_s']:.1f}" for n in names]
         + [f"{by[n]['speedup_over_batch1'][k]:.2f}x" for n in names]
         for k in by["grow"]["batches"]
     ]
-    header = ["batch"] + [f"wall s, {labels[n]}" for n in names] + [f"speedup, {labels[n]}" for n in names]
+    header = (
+        ["batch"] + [f"wall s, {VARIANT_LABELS[n]}" for n in names] + [f"speedup, {VARIANT_LABELS[n]}" for n in names]
+    )
     return (
         "Before / after, same run (_padded prompts_: `row_by_row(False)`, each agent's prompt one padded "
         "batch; _row by row_: the default on CPUs, each row's prompt alone on its real tokens; _finished rows "
-        "kept_: `drop_finished(False)`, a batch computes every row until its slowest stops; _dropped_: the "
-        "default, decoding goes on over the unfinished rows alone):\n\n" + md_table(header, rows)
+        "kept_: `drop_finished(False)`, a batch computes every row until its slowest stops; _defaults_: row by row, "
+        "finished rows dropped: decoding goes on over the unfinished rows alone):\n\n" + md_table(header, rows)
     )
 
 
@@ -1158,6 +1236,7 @@ def main() -> None:
         "trace_growth",
         "cpu_bf16",
         "packed_linear",
+        "decode_attention",
     )
     results = {name: load(name) for name in names}
     summary = section_summary(results)
@@ -1166,6 +1245,7 @@ def main() -> None:
     for name, render in (
         ("trace_store", section_trace_store),
         ("packed_linear", section_packed_linear),
+        ("decode_attention", section_decode_attention),
         ("inference_cost", section_inference),
         ("batching", section_batching),
         ("step_cost", section_steps),

@@ -112,6 +112,7 @@ def test_run_prints_answer_and_cost_table(tiny_model_dir):
         ),
         (["run", "q", "--compile", "fast"], "error: compile='fast': choose one of off, auto"),
         (["--cpu-linear", "fast", "env"], "error: linear kernel 'fast': choose one of packed, mkl, onednn, default"),
+        (["--cpu-attention", "fast", "env"], "error: CPU attention 'fast': choose one of kernel, sdpa"),
         (
             ["run", "q", "--compile", "auto", "--trace-policy", "window", "--trace-budget", "8"],
             "error: --compile auto does not combine with a trace budget",

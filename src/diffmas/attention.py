@@ -1,4 +1,5 @@
-"""The attention kernel the backbone runs on CPUs: transformers' SDPA, less one copy.
+"""The attention the backbone runs on CPUs: transformers' SDPA less one copy, and a compiled kernel
+for one-position steps.
 
 For grouped-query models (fewer KV heads than query heads) transformers' SDPA path materialises
 repeated keys and values (`repeat_kv`) for every chunk of more than one position that carries a
@@ -10,22 +11,112 @@ with `enable_gqa=True`: the same forward numbers (bitwise, tested) without the c
 the group's key/value gradients are summed inside the kernel, the same sum in another order
 (`bench/training_step.py` measures the step with and without it).
 
-One-position steps keep transformers' path (it packs the query heads of a KV head into one
-query block, as fast as `enable_gqa` there), and so does every device but the CPU.
+One-position steps (decode and latent steps) read the whole trace's keys and values for one query
+per row. On long traces that read is most of the step, and PyTorch's CPU SDPA does it at a third
+to a quarter of the memory bandwidth. `--cpu-attention kernel` (the default) runs them through
+`kernels/decode_attention.cpp` (compiled for this CPU at first use; split-KV, AVX-512), about 2x
+SDPA's speed on the embedded model's shapes (`bench/decode_attention.py`); rounding differs from
+SDPA's by about 1e-6 relative (the kernel is closer to float64, tests/test_decode_attention.py).
+Steps the kernel does not cover keep transformers' path (it packs the query heads of a KV head
+into one query block): under autograd, in other dtypes, for shapes without an AVX-512 kernel,
+per-head masks, dropout, softcaps and sinks, inside `torch.compile`, and where the kernel could
+not be built. Every device but the CPU keeps transformers' path too.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
+from diffmas.switch import Switch
+
 NAME = "diffmas_cpu_sdpa"  # registered with transformers' attention and mask interfaces
+
+# The shapes kernels/decode_attention.cpp has kernels for (its `supports` decides once it is
+# built; these keep the build from starting where no call could use it: tiny models, CPUs without
+# AVX-512).
+KERNEL_HEAD_DIMS, KERNEL_MAX_GROUPS = (64, 128), 8
+
+CpuAttention = Literal["kernel", "sdpa"]
+CPU_ATTENTION: Switch[CpuAttention] = Switch("CPU attention", "kernel", ("kernel", "sdpa"))
+
+
+def cpu_attention(kind: CpuAttention):
+    """Run one-position steps' attention on CPUs with `kind` inside this block (kernel or sdpa)."""
+    return CPU_ATTENTION.using(kind)
+
+
+@functools.cache
+def decode_kernel():
+    """The compiled one-position kernel, or None (with one warning saying why) where it cannot be built."""
+    from diffmas.kernels import load
+
+    module, why = load("decode_attention")
+    if module is None:
+        warnings.warn(f"CPU decode attention kernel not built ({why}); using PyTorch's SDPA", stacklevel=2)
+    return module
+
+
+def kernel_status() -> str:
+    """What one-position steps' attention runs on this machine (for `diffmas env`)."""
+    if CPU_ATTENTION.value == "sdpa":
+        return "PyTorch's SDPA (--cpu-attention sdpa)"
+    if not _avx512():
+        return "PyTorch's SDPA (the kernel needs AVX-512)"
+    module = decode_kernel()
+    if module is None:
+        return "PyTorch's SDPA (the kernel could not be built)"
+    if not module.supports(1, 64):  # built without AVX-512: no kernel for any shape
+        return "PyTorch's SDPA (no AVX-512 kernel for this CPU)"
+    return "diffmas kernel (--cpu-attention kernel) for head dims 64 and 128, up to 8 query heads per KV head"
+
+
+def _kernel_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
+    """Whether the compiled kernel runs this call (see the module's docstring for what it covers)."""
+    if CPU_ATTENTION.value != "kernel" or query.shape[2] != 1 or dropout or torch.compiler.is_compiling():
+        return False
+    if any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sliding_window", "cache")):
+        return False
+    if query.dtype != torch.float32 or key.dtype != torch.float32 or value.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False
+    if key.stride() != value.stride() or key.stride(-1) != 1 or query.stride(-1) != 1:
+        return False
+    if attention_mask is not None and (
+        attention_mask.dtype not in (torch.bool, torch.float32)
+        or attention_mask.dim() != 4
+        or attention_mask.shape[1:3] != (1, 1)
+        or attention_mask.shape[0] not in (1, query.shape[0])
+        or attention_mask.shape[3] != key.shape[2]
+    ):
+        return False
+    groups, rest = divmod(query.shape[1], key.shape[1])
+    if rest or groups > KERNEL_MAX_GROUPS or query.shape[3] not in KERNEL_HEAD_DIMS or not _avx512():
+        return False
+    module = decode_kernel()
+    return module is not None and module.supports(groups, query.shape[3])
+
+
+@functools.cache
+def _avx512() -> bool:
+    from diffmas.provenance import cpu_flags
+
+    return "avx512f" in cpu_flags()
 
 
 def cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' `sdpa_attention_forward`, with `enable_gqa` for multi-position chunks."""
+    """transformers' `sdpa_attention_forward`, with `enable_gqa` for multi-position chunks and the
+    compiled kernel for one-position steps."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _kernel_takes(query, key, value, attention_mask, dropout, kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_kernel().decode_attention(query, key, value, attention_mask, scale), None
     q_length, kv_length = query.shape[2], key.shape[2]
     grouped = query.shape[1] != key.shape[1]
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))

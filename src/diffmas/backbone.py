@@ -25,6 +25,7 @@ import torch
 from diffmas.attention import use_cpu_sdpa
 from diffmas.errors import DiffmasError
 from diffmas.linear import use_packed_linear
+from diffmas.provenance import cpu_flags
 
 
 class BackboneError(DiffmasError):
@@ -354,11 +355,7 @@ def cpu_bf16_support() -> dict[str, bool]:
     """Which bf16 instructions this CPU has: avx512_bf16 (bf16 dot products) and amx_bf16 (AMX
     tiles, what oneDNN uses for bf16 matmuls on Sapphire Rapids and later). Read from the kernel's
     CPU flags (Linux); both False where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = cpu_flags()
     return {name: name in flags for name in ("avx512_bf16", "amx_bf16")}
 
 

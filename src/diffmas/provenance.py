@@ -68,6 +68,12 @@ def cpu_vendor() -> str:
     return _cpuinfo_field("vendor_id")
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo: avx512f, avx512_bf16, ...), or [] where
+    they cannot be read."""
+    return _cpuinfo_field("flags").split()
+
+
 def _cpuinfo_field(name: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from diffmas.attention import CPU_ATTENTION
 from diffmas.linear import KERNEL, MAX_PACKED_SHARE_OF_AVAILABLE
 
 app = typer.Typer(
@@ -27,10 +28,19 @@ def _process_options(
         f"{MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory; costs about the weights' size again), "
         "mkl or onednn (that library's), or default (PyTorch's kernel, no copies).",
     ),
+    cpu_attention: str = typer.Option(
+        None,
+        "--cpu-attention",
+        help="CPU attention of decode and latent steps: kernel (the default: diffmas's compiled one-position "
+        "kernel, built for this CPU at first use, where it has AVX-512 and a kernel for the model's heads) or "
+        "sdpa (PyTorch's).",
+    ),
 ) -> None:
     """Options for every command (before the command's name)."""
     if cpu_linear is not None:
         KERNEL.set(cpu_linear)
+    if cpu_attention is not None:
+        CPU_ATTENTION.set(cpu_attention)
 
 
 from diffmas.cli import compare, demo, env, eval, inspect, report, run, serve, sweep, train  # noqa: E402,F401  (registers the subcommands)

@@ -10,6 +10,7 @@ def env() -> None:
     """Print versions, device, dtype and cache locations for bug reports."""
     import torch
 
+    from diffmas.attention import kernel_status
     from diffmas.backbone import EMBEDDED_MODELS, cpu_bf16_support, diffmas_home, resolve_device, resolve_dtype
     from diffmas.linear import KERNEL
     from diffmas.provenance import device_description, git_commit, package_versions
@@ -27,6 +28,7 @@ def env() -> None:
         + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in cpu_bf16_support().items())
         + f" (torch CPU kernels: {torch.backends.cpu.get_cpu_capability()})",
         "- CPU linear layers: " + _linear_kernel(KERNEL.value),
+        "- CPU one-position attention: " + kernel_status(),
         f"- DIFFMAS_HOME: {diffmas_home()}",
         f"- code sandbox: {isolation().describe()}",
     ]

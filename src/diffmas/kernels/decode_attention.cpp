@@ -1,0 +1,231 @@
+// One-position attention over a long trace on CPUs: the decode and latent steps' read of the
+// shared KV trace, at close to the memory bandwidth.
+//
+// A one-position step reads every key and value of the trace once and does little arithmetic per
+// byte (G query heads of a KV head: 2 G multiply-adds per element). PyTorch's CPU SDPA kernels
+// read the trace at a third to a quarter of the bandwidth here (bench/decode_attention.py), so on
+// long traces this read is most of the step. The kernel splits each (row, KV head) into chunks of
+// positions (split-KV: a batch of one still fills every core), runs the G query heads over each
+// key and value once, and merges the chunks' softmax states. fp32 throughout; the reductions run
+// in another order than SDPA's (closer to float64 in the tests). An AVX-512 path covers
+// head_dim 64 and 128 with up to 8 query heads per KV head; `supports` says whether this build
+// has one for a shape, and the Python side keeps SDPA where it does not.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 256;  // positions per work item: short enough for batch-1 parallelism
+
+struct Softmax {  // one chunk's state for one query head: max score and sum of exp(score - max)
+  float max, sum;
+};
+
+struct Mask {  // a row's mask over positions: keep[l * stride] (bool) or bias[l * stride] (added)
+  const bool* keep;
+  const float* bias;
+  int64_t stride;
+};
+
+#ifdef __AVX512F__
+// e^x for x <= 0 (a score minus its row's maximum): 2^n * p(f), f in [-0.5, 0.5], p a degree-6
+// minimax polynomial of 2^f (relative error about 2e-7); x below -87 flushes to about 1e-38.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Scores of G query heads over positions [begin, end), in scores[g * n + i]; returns each head's max.
+template <int G, int DC>
+void chunk_scores(const __m512 (&qv)[G][DC], const float* k, int64_t pos_stride, int64_t begin, int64_t n,
+                  const Mask& mask, float* scores, float* mx) {
+  for (int g = 0; g < G; ++g) mx[g] = kNegInf;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* kl = k + (begin + i) * pos_stride;
+    __m512 kc[DC];
+    for (int c = 0; c < DC; ++c) kc[c] = _mm512_loadu_ps(kl + 16 * c);
+    const int64_t m = (begin + i) * mask.stride;
+    const bool masked = mask.keep && !mask.keep[m];
+    const float add = mask.bias ? mask.bias[m] : 0.f;
+    for (int g = 0; g < G; ++g) {
+      __m512 a = _mm512_mul_ps(qv[g][0], kc[0]);
+      for (int c = 1; c < DC; ++c) a = _mm512_fmadd_ps(qv[g][c], kc[c], a);
+      const float s = masked ? kNegInf : _mm512_reduce_add_ps(a) + add;
+      scores[g * n + i] = s;
+      mx[g] = std::max(mx[g], s);
+    }
+  }
+}
+
+// scores -> exp(score - max) in place (masked positions: exactly 0); returns their sum.
+inline float exponentiate(float* s, int64_t n, float mx) {
+  if (mx == kNegInf) {  // every position of the chunk is masked
+    std::fill(s, s + n, 0.f);
+    return 0.f;
+  }
+  const __m512 m = _mm512_set1_ps(mx), neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(lanes, s + i);
+    const __mmask16 live = _mm512_mask_cmp_ps_mask(lanes, x, neg_inf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(x, m)));
+    _mm512_mask_storeu_ps(s + i, lanes, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// One chunk: softmax states in part[G] and unnormalised sums of values in acc[G][16 * DC].
+template <int G, int DC>
+void chunk_attention(const float* q, int64_t q_head_stride, const float* k, const float* v, int64_t pos_stride,
+                     int64_t begin, int64_t end, const Mask& mask, float scale, float* scores, float* acc,
+                     Softmax* part) {
+  const int64_t n = end - begin;
+  __m512 qv[G][DC];  // the query heads, pre-scaled, in registers for the whole chunk
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DC; ++c)
+      qv[g][c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * q_head_stride + 16 * c), _mm512_set1_ps(scale));
+  float mx[G];
+  chunk_scores<G, DC>(qv, k, pos_stride, begin, n, mask, scores, mx);
+  for (int g = 0; g < G; ++g) part[g] = {mx[g], exponentiate(scores + g * n, n, mx[g])};
+  __m512 av[G][DC];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DC; ++c) av[g][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vl = v + (begin + i) * pos_stride;
+    __m512 vc[DC];
+    for (int c = 0; c < DC; ++c) vc[c] = _mm512_loadu_ps(vl + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * n + i]);
+      for (int c = 0; c < DC; ++c) av[g][c] = _mm512_fmadd_ps(p, vc[c], av[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(acc + g * 16 * DC + 16 * c, av[g][c]);
+}
+#endif
+
+using ChunkFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, const Mask&,
+                         float, float*, float*, Softmax*);
+
+template <int DC>
+ChunkFn chunk_fn_for_group(int64_t G) {
+#ifdef __AVX512F__
+  switch (G) {
+    case 1: return chunk_attention<1, DC>;
+    case 2: return chunk_attention<2, DC>;
+    case 3: return chunk_attention<3, DC>;
+    case 4: return chunk_attention<4, DC>;
+    case 5: return chunk_attention<5, DC>;
+    case 6: return chunk_attention<6, DC>;
+    case 7: return chunk_attention<7, DC>;
+    case 8: return chunk_attention<8, DC>;
+  }
+#endif
+  return nullptr;
+}
+
+ChunkFn chunk_fn(int64_t G, int64_t D) {
+  if (D == 64) return chunk_fn_for_group<4>(G);
+  if (D == 128) return chunk_fn_for_group<8>(G);
+  return nullptr;
+}
+
+// Merge one (row, query head)'s chunks into its output: sum_c e^(max_c - M) acc_c / sum_c e^(max_c - M) sum_c.
+void merge(const Softmax* parts, const float* accs, int64_t nchunks, int64_t stride, int64_t D, float* out) {
+  float M = kNegInf;
+  for (int64_t c = 0; c < nchunks; ++c) M = std::max(M, parts[c * stride].max);
+  std::fill(out, out + D, 0.f);
+  float total = 0.f;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const Softmax& p = parts[c * stride];
+    if (p.sum == 0.f) continue;
+    const float w = std::exp(p.max - M);
+    total += w * p.sum;
+    const float* a = accs + c * stride * D;
+    for (int64_t d = 0; d < D; ++d) out[d] += w * a[d];
+  }
+  if (total == 0.f) return;  // every position masked: zeros, as PyTorch's SDPA gives
+  for (int64_t d = 0; d < D; ++d) out[d] /= total;
+}
+
+}  // namespace
+
+bool supports(int64_t groups, int64_t head_dim) { return chunk_fn(groups, head_dim) != nullptr; }
+
+// query [B, Hq, 1, D]; key and value [B, Hkv, L, D] with the same strides and contiguous last
+// dims; mask None or [B or 1, 1, 1, L], bool (true: attend) or float (added to the scores).
+// Returns [B, 1, Hq, D], the layout transformers' attention functions return.
+torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                               const c10::optional<torch::Tensor>& mask, double scale) {
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3), Hkv = key.size(1), L = key.size(2);
+  const int64_t G = Hq / Hkv;
+  const ChunkFn fn = Hq % Hkv == 0 ? chunk_fn(G, D) : nullptr;
+  TORCH_CHECK(fn, "decode_attention: no kernel for ", G, " query heads per KV head of dim ", D);
+  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat && value.scalar_type() == at::kFloat,
+              "decode_attention: float32 only");
+  TORCH_CHECK(query.size(2) == 1 && query.stride(3) == 1 && key.stride(3) == 1 && key.strides() == value.strides(),
+              "decode_attention: one query position; contiguous head dims; key and value strides equal");
+  Mask row_mask{nullptr, nullptr, 0};
+  int64_t mask_row_stride = 0;
+  if (mask.has_value()) {
+    const torch::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(1) == 1 && m.size(2) == 1 && m.size(3) == L && (m.size(0) == 1 || m.size(0) == B),
+                "decode_attention: mask must be [B, 1, 1, L]");
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat, "decode_attention: bool or float mask");
+    mask_row_stride = m.size(0) == 1 ? 0 : m.stride(0);
+    row_mask.stride = m.stride(3);
+    if (m.scalar_type() == at::kBool) row_mask.keep = m.data_ptr<bool>();
+    else row_mask.bias = m.data_ptr<float>();
+  }
+  const int64_t nchunks = std::max<int64_t>(1, (L + kChunk - 1) / kChunk), units = B * Hkv * nchunks;
+  auto out = torch::empty({B, 1, Hq, D}, query.options());
+  auto accs = torch::empty({units, G, D}, query.options());
+  std::vector<Softmax> parts(units * G);
+  const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
+  float* ap = accs.data_ptr<float>();
+  at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scores(G * kChunk);
+    for (int64_t u = lo; u < hi; ++u) {
+      const int64_t c = u % nchunks, b = u / nchunks / Hkv, h = u / nchunks % Hkv;
+      const int64_t begin = c * kChunk, end = std::min(L, begin + kChunk), kv = b * key.stride(0) + h * key.stride(1);
+      Mask m = row_mask;
+      if (m.keep) m.keep += b * mask_row_stride;
+      if (m.bias) m.bias += b * mask_row_stride;
+      fn(qp + b * query.stride(0) + h * G * query.stride(1), query.stride(1), kp + kv, vp + kv, key.stride(2), begin,
+         end, m, static_cast<float>(scale), scores.data(), ap + u * G * D, parts.data() + u * G);
+    }
+  });
+  float* op = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * Hkv; ++bh)
+    for (int64_t g = 0; g < G; ++g)
+      merge(parts.data() + bh * nchunks * G + g, ap + (bh * nchunks * G + g) * D, nchunks, G, D,
+            op + ((bh / Hkv) * Hq + (bh % Hkv) * G + g) * D);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "one-position attention over a KV trace (fp32)");
+  m.def("supports", &supports, "whether this build has a kernel for (query heads per KV head, head dim)");
+}
