@@ -178,3 +178,17 @@ def test_latent_steps_read_the_grow_stores_views(spy):
     fp32_drift = (theirs - exact).abs().max()
     assert (ours - theirs).abs().max() < 0.1 * fp32_drift
     assert (ours - exact).abs().max() < 1.1 * fp32_drift
+
+
+def test_without_a_compiler_the_build_says_why_and_sdpa_runs(monkeypatch):
+    from diffmas import kernels
+
+    monkeypatch.setenv("CXX", "/no/such/c++")
+    module, why = kernels.load.__wrapped__("decode_attention")  # uncached: a fresh attempt
+    assert module is None and "no C++ compiler" in why and "/no/such/c++" in why
+    monkeypatch.setattr(attention, "decode_kernel", lambda: None)  # what a failed build leaves
+    module_ = torch.nn.Module()
+    module_.num_key_value_groups = 3
+    q, k, v = inputs(2, 9, 3, 64, 300)
+    out, _ = cpu_sdpa(module_, q, k, v, None, scaling=0.125)
+    assert torch.equal(out, sdpa(q, k, v, None, 0.125))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -32,6 +33,9 @@ def load(name: str) -> tuple[ModuleType | None, str]:
     from torch.utils.cpp_extension import get_default_build_root
     from torch.utils.cpp_extension import load as build
 
+    compiler = os.environ.get("CXX", "c++")  # what torch's build calls
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
     source = SOURCES / f"{name}.cpp"
     stamp = source.read_bytes() + torch.__version__.encode() + " ".join(cpu_flags()).encode()
     module_name = f"diffmas_{name}_{hashlib.sha256(stamp).hexdigest()[:12]}"
