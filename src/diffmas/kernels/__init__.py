@@ -3,8 +3,9 @@
 `torch.utils.cpp_extension.load` builds a source file against the installed torch (with ninja and
 the system's C++ compiler) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
 ~/.cache/torch_extensions). The build is tuned for this CPU (`-march=native`), so the module's
-name carries a hash of the source, the torch version and the CPU's flags: a cache shared between
-machines, or kept across a torch upgrade, never hands one a build made for another. Where no
+name carries a hash of the source, the torch version, the Python ABI and the CPU's flags: a cache
+shared between machines or interpreters, or kept across a torch upgrade, never hands one a build
+made for another. Where no
 build can be made (no compiler or ninja) `load` returns None with the reason, and callers keep
 PyTorch's own ops.
 """
@@ -37,7 +38,9 @@ def load(name: str) -> tuple[ModuleType | None, str]:
     if shutil.which(compiler) is None:
         return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
     source = SOURCES / f"{name}.cpp"
-    stamp = source.read_bytes() + torch.__version__.encode() + " ".join(cpu_flags()).encode()
+    # what the build depends on: the source, torch, the Python ABI and the CPU it is tuned for
+    parts = (torch.__version__, sysconfig.get_config_var("EXT_SUFFIX") or "", " ".join(cpu_flags()))
+    stamp = source.read_bytes() + "\n".join(parts).encode()
     module_name = f"diffmas_{name}_{hashlib.sha256(stamp).hexdigest()[:12]}"
     where = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / module_name
     if not (where / f"{module_name}.so").is_file():
