@@ -55,7 +55,7 @@ def step_ms(bb, store: str, kind: str, batch: int, length: int, steps: int) -> t
     from diffmas.generate import DecodeConfig, decode
 
     with c.variant(store):
-        trace = synthetic_trace(bb, store if store == "concat" else "grow", batch, length)
+        trace = synthetic_trace(bb, c.STORE_OF[store], batch, length)
         hidden = torch.randn(batch, bb.config.hidden_size, device=bb.device).to(bb.dtype)
         if kind == "latent":
             clock, cpu = Stopwatch(bb.device).start(), c.time.process_time()

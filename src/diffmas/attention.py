@@ -72,14 +72,19 @@ def kernel_status() -> str:
         return "PyTorch's SDPA (the kernel could not be built)"
     if not module.supports(1, 64):  # built without AVX-512: no kernel for any shape
         return "PyTorch's SDPA (no AVX-512 kernel for this CPU)"
-    return "diffmas kernel (--cpu-attention kernel) for head dims 64 and 128, up to 8 query heads per KV head"
+    dims = " and ".join(str(d) for d in KERNEL_HEAD_DIMS)
+    return (
+        f"diffmas kernel (--cpu-attention kernel) for head dims {dims}, up to {KERNEL_MAX_GROUPS} query heads "
+        "per KV head"
+    )
 
 
 def _kernel_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
     """Whether the compiled kernel runs this call (see the module's docstring for what it covers)."""
     if CPU_ATTENTION.value != "kernel" or query.shape[2] != 1 or dropout or torch.compiler.is_compiling():
         return False
-    if any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sliding_window", "cache")):
+    # sinks and windows too: the kernel keeps to the calls it was tested on
+    if _needs_transformers(kwargs) or any(kwargs.get(k) is not None for k in ("s_aux", "sliding_window")):
         return False
     if query.dtype != torch.float32 or key.dtype != torch.float32 or value.dtype != torch.float32:
         return False
@@ -102,6 +107,12 @@ def _kernel_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
     return module is not None and module.supports(groups, query.shape[3])
 
 
+def _needs_transformers(kwargs) -> bool:
+    """Arguments only transformers' own SDPA path handles: a position bias, a softcap (it refuses
+    one), a paged cache."""
+    return any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "cache"))
+
+
 @functools.cache
 def _avx512() -> bool:
     from diffmas.provenance import cpu_flags
@@ -120,8 +131,7 @@ def cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     q_length, kv_length = query.shape[2], key.shape[2]
     grouped = query.shape[1] != key.shape[1]
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("cache")
-    if q_length == 1 or not grouped or special or (causal and kv_length != q_length):
+    if q_length == 1 or not grouped or _needs_transformers(kwargs) or (causal and kv_length != q_length):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
