@@ -53,15 +53,18 @@ def summarize(records: list[dict], wall: float, batch_size: int) -> dict:
 
 
 def ratios_of(methods: dict) -> dict:
-    """The target ratios, over the whole run and batch by batch (how much they move with the machine)."""
-    single, latent, text = (methods[k] for k in ("single", "latent_mas", "text_mas"))
-    return {
+    """The target ratios, over the whole run and batch by batch (how much they move with the machine);
+    text_over_latent only where text_mas ran."""
+    single, latent = methods["single"], methods["latent_mas"]
+    ratios = {
         "latent_over_single": latent["generation_s"] / single["generation_s"],
-        "text_over_latent": text["generation_s"] / latent["generation_s"],
         "latent_over_single_per_batch": [
             a / b for a, b in zip(latent["generation_s_per_batch"], single["generation_s_per_batch"])
         ],
     }
+    if "text_mas" in methods:
+        ratios["text_over_latent"] = methods["text_mas"]["generation_s"] / latent["generation_s"]
+    return ratios
 
 
 def run(
@@ -72,10 +75,12 @@ def run(
     m: int,
     stores=("grow",),
     equal_lengths: bool = True,
+    methods=METHODS,
 ) -> dict:
     """stores: variants to measure (`_common.VARIANTS`: concat, sdpa, grow), every method on every
     one, batch by batch, so before/after come from one run; the top-level figures are the last's.
-    equal_lengths: every final agent writes exactly max_new_tokens tokens."""
+    equal_lengths: every final agent writes exactly max_new_tokens tokens. methods: a subset of
+    METHODS holding single and latent_mas (the ratio's two)."""
     from diffmas import DecodeConfig, MethodConfig, default_topology, get_method
     from diffmas.evaluate.records import run_examples
 
@@ -92,8 +97,8 @@ def run(
         ),
         upstream_max_new_tokens=upstream_max_new_tokens,
     )
-    runs = [(name, store) for name in METHODS for store in stores]
-    method_of = {name: get_method(name, bb, default_topology("sequential"), config) for name in METHODS}
+    runs = [(name, store) for name in methods for store in stores]
+    method_of = {name: get_method(name, bb, default_topology("sequential"), config) for name in methods}
     for name, store in runs:
         with c.variant(store):
             # warm-up: kernels, allocator, caches, and at batch 2 the packed linear copies, which
