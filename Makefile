@@ -66,12 +66,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Benchmarks on the embedded model (CPU: about 40 minutes); writes bench/results/*.json and docs/benchmarks.md.
+# Benchmarks on the embedded model (CPU: about two hours); writes bench/results/*.json and docs/benchmarks.md.
 # inference_cost and batching measure the old path (concat), the default with PyTorch's SDPA in
 # one-position steps (sdpa) and the defaults (grow) in one run (bench/_common.py VARIANTS).
 bench: setup
 	cd bench && for s in trace_store decode_attention step_cost training_step trace_growth cpu_bf16 packed_linear; do ../$(PY) $$s.py || exit 1; done
 	cd bench && ../$(PY) inference_cost.py --stores concat,sdpa,grow && ../$(PY) batching.py --stores concat,sdpa,padded,keep,grow
+	cd bench && ../$(PY) ratio_by_batch.py
 	cd bench && ../$(PY) write_docs.py
 
 # Serving: the load test (1, 4, 16, 64 clients) and HF vs vLLM, then docs/serving.md from their records

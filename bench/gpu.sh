@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# GPU checks, in order of value, each under its own time limit so one slow part cannot eat the rest:
-#   1. cost benchmarks at paper scale: random weights of a published shape (default Qwen3-8B), bf16,
-#      fixed-length decoding (outputs of random weights are meaningless; their costs are not),
-#      among them eager vs the compiled fast path (--compile auto) against the memory-bound floor;
-#   2. the tiny-model engine and training tests on CUDA (DIFFMAS_TEST_DEVICE=cuda);
-#   3. the training-step and batching benchmarks at the same scale.
+# GPU checks, each under its own time limit so one slow part cannot eat the rest:
+#   step_cost, fast_path   cost benchmarks at paper scale: random weights of a published shape
+#                          (default Qwen3-8B), bf16, fixed-length decoding (outputs of random weights are
+#                          meaningless; their costs are not), among them eager vs the compiled fast path
+#                          (--compile auto) against the memory-bound floor (issue 14's GPU target);
+#   tests_cuda             the tiny-model engine and training tests on CUDA (DIFFMAS_TEST_DEVICE=cuda);
+#   inference_cost, training_step, batching, step_cost_b10   the other benchmarks at the same scale.
+# With no step named after TAG it runs the default set (DEFAULT_STEPS: the target and the CUDA
+# tests, about 8 minutes of limits, inside one 10-minute device command); `all` runs every step.
 # Results: bench/results/<name>_<TAG>.json; summarise with `python bench/write_docs.py`.
 #
-#   bash bench/gpu.sh h100            # TAG names the card
-#   MODEL=random:qwen3-4b TOKENIZER=path/to/tokenizer bash bench/gpu.sh h100
+#   bash bench/gpu.sh h100                              # TAG names the card; the default steps
+#   bash bench/gpu.sh h100 inference_cost batching      # named steps only
+#   MODEL=random:qwen3-4b TOKENIZER=path/to/tokenizer bash bench/gpu.sh h100 all
 set -u
 cd "$(dirname "$0")/.."
 TAG=${1:-gpu}
+shift || true
+DEFAULT_STEPS="step_cost fast_path tests_cuda"
+ALL_STEPS="step_cost step_cost_b10 fast_path inference_cost tests_cuda training_step batching"
+STEPS=${*:-$DEFAULT_STEPS}
+[ "$STEPS" = all ] && STEPS=$ALL_STEPS
+for name in $STEPS; do
+    case " $ALL_STEPS " in *" $name "*) ;; *) echo "gpu.sh: unknown step '$name' (steps: $ALL_STEPS, or all)" >&2; exit 2;; esac
+done
 MODEL=${MODEL:-random:qwen3-8b}
 DTYPE=${DTYPE:-bfloat16}
 DEVICE=${DEVICE:-cuda}
@@ -21,8 +33,9 @@ base=(--model "$MODEL" --dtype "$DTYPE" --device "$DEVICE")
 [ -n "${TOKENIZER:-}" ] && base+=(--tokenizer "$TOKENIZER")
 common=("${base[@]}" --tag "$TAG")
 
-step() {  # step NAME SECONDS CMD...: run with a limit, report how it ended
+step() {  # step NAME SECONDS CMD...: run with a limit if NAME was asked for, report how it ended
     local name=$1 limit=$2; shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0;; esac
     echo "=== $name (limit ${limit}s)"
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@"
