@@ -3,10 +3,10 @@
 What must hold: each library's product matches F.linear within rounding, for 2-D, 3-D and strided
 inputs, and outside its row range is F.linear itself; on Intel CPUs MKL's is bitwise
 batch-invariant and bitwise equal to F.linear from 16 rows on; oneDNN's is bitwise batch-invariant
-over its row range; `packed` picks the library by CPU vendor; whole decode and latent steps match
-PyTorch's own kernel; autograd, compiled graphs, other dtypes and in-place weight edits take or
-refresh the right path; a model whose copies would not fit stays unpacked, and dropped copies give
-their memory back to the system.
+from 2 rows on (one-row calls may round otherwise); `packed` picks the library by CPU vendor;
+whole decode and latent steps match PyTorch's own kernel; autograd, compiled graphs, other dtypes
+and in-place weight edits take or refresh the right path; a model whose copies would not fit
+stays unpacked, and dropped copies give their memory back to the system.
 """
 
 from __future__ import annotations
@@ -117,6 +117,23 @@ def test_onednn_rows_get_the_same_bits_in_any_call(shape):
         assert torch.equal(layer(x[:6].view(2, 3, -1)), reference[:6].view(2, 3, -1))  # (B, T, d) inputs
 
 
+@pytest.mark.skipif(not ONEDNN.available(), reason="NOT TESTED: this torch build has no oneDNN")
+@torch.no_grad()
+def test_one_row_inference_runs_onednn_packed_product():
+    """A batch-1 step's products: oneDNN's packed product (faster than PyTorch's matrix-vector
+    kernel on an AMD EPYC, bench/packed_linear.py), its own bits, within rounding of F.linear."""
+    from diffmas.linear import _PACKS
+
+    layer = packed_layer(seed=7)
+    x = torch.randn(1, layer.in_features)
+    with linear_kernel("onednn"):
+        out = layer(x)
+    entry = _PACKS.get(id(layer.weight), {}).get("onednn")
+    assert entry is not None  # the call packed the weight: it ran the library's product
+    assert torch.equal(out, ONEDNN.run(x, entry[1], layer.weight, layer.bias))
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+
+
 @intel_bits
 @torch.no_grad()
 def test_pytorch_kernel_is_not_batch_invariant_below_sixteen_rows():
@@ -135,7 +152,7 @@ def test_pytorch_kernel_is_not_batch_invariant_below_sixteen_rows():
 @each_library
 @torch.no_grad()
 def test_packed_products_match_pytorch_within_rounding(library):
-    """2-D, 3-D and strided inputs, across the library's row range; one row and rows above the
+    """2-D, 3-D and strided inputs, across the library's row range; rows below and above the
     range are F.linear's own call, bit for bit."""
     gemm, layer = GEMMS[library], packed_layer()
     top = gemm.max_rows or 1100  # no upper bound: a batch of 8 prompts' prefill
@@ -147,7 +164,7 @@ def test_packed_products_match_pytorch_within_rounding(library):
         torch.testing.assert_close(layer(batch_major), F.linear(batch_major, layer.weight, layer.bias))
         strided = x[:8].view(2, 4, -1).transpose(0, 1)  # not contiguous
         torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight, layer.bias))
-        for outside in [x[:1]] + ([x] if gemm.max_rows else []):
+        for outside in [x[:rows] for rows in range(1, gemm.min_rows)] + ([x] if gemm.max_rows else []):
             assert torch.equal(layer(outside), F.linear(outside, layer.weight, layer.bias))
 
 
@@ -201,11 +218,12 @@ def test_a_trained_weight_keeps_pytorch_path_and_gradients(library):
 
 
 @each_library
-@pytest.mark.parametrize("rows", [4, 700])
+@pytest.mark.parametrize("rows", [1, 4, 700])
 def test_a_frozen_weight_trains_through_packed_products(library, rows):
     """A LoRA's base layer: the input's gradient through the packed products (oneDNN's) equals
     PyTorch's within rounding, the forward equals the inference call bit for bit, and the copies
-    made are the ones the library trains with (MKL's op cannot: PyTorch's path, bit for bit)."""
+    made are the ones the library trains with (MKL's op cannot, nor a one-row product: PyTorch's
+    path, bit for bit)."""
     from diffmas.linear import _PACKS
 
     layer = packed_layer(seed=5).requires_grad_(False)
@@ -223,7 +241,7 @@ def test_a_frozen_weight_trains_through_packed_products(library, rows):
     gemm, copies = GEMMS[library], _PACKS.get(id(layer.weight), {})
     if not gemm.takes(rows):
         assert torch.equal(x.grad, x_ref.grad)
-    elif gemm.trains:
+    elif gemm.trains_on(rows):
         assert out.grad_fn is not None and torch.equal(out, inference)
         assert f"{library}.T" in copies
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)

@@ -4,16 +4,16 @@ A decode or latent step multiplies one row per question (B rows, B the batch) by
 matrix of the model. For a few rows PyTorch's fp32 CPU linear re-packs the weight on every call
 and reads it well below the machine's memory bandwidth (`bench/packed_linear.py` measures it).
 A packed GEMM packs each weight once into the kernel's own layout and reads it close to the
-bandwidth, so the memory-bound steps of batches of 2 to 16 rows run faster. Two libraries in
+bandwidth, so the memory-bound steps of small batches run faster. Two libraries in
 PyTorch's x86 builds do it, and each is fastest on a different vendor's CPUs:
 
 - MKL (`cblas_sgemm_pack`, what inductor's CPU weight prepacking calls), for 2 to 16 rows: on an
   Intel Xeon (AVX-512) it beat oneDNN's prepacked product from 4 to 16 rows.
 - oneDNN (`mkldnn._linear_pointwise` on a weight reordered once, inductor's other prepacking), from
-  2 rows up: on an AMD EPYC MKL's few-row GEMM runs far below the bandwidth, and oneDNN's was
+  1 row up: on an AMD EPYC MKL's few-row GEMM runs far below the bandwidth, and oneDNN's was
   faster than PyTorch's kernel at every row count measured, a batch's prompt prefill included
   (0.4x to 0.55x from 4 to 2080 rows on an AVX-512 EPYC; an earlier AVX-512 EPYC measured 0.73x
-  to 1.0x at 512 rows).
+  to 1.0x at 512 rows), and one row (batch-1 steps) too, most on the LM head.
 
 `--cpu-linear packed` (the default) takes MKL on Intel CPUs and oneDNN on other x86 CPUs;
 `mkl` and `onednn` choose one, and `bench/packed_linear.py` measures all three kernels on the
@@ -26,16 +26,18 @@ does not (it differs by about 1e-6 relative). That is a measured property of MKL
 model's shapes (tests/test_linear.py), not a guarantee: on an AMD EPYC it does not hold. oneDNN's
 prepacked product gave a row the same bits in any call of 2 to 600 rows on an Intel Xeon, and of
 2 to 4200 rows on an AMD EPYC (tests/test_linear.py checks 2 to 1100 wherever oneDNN is in the
-build), so with it a question's prompt gets the same bits alone and in a batch.
-One-row products (PyTorch's matrix-vector kernel, kept for speed) round differently from all of them.
+build), so with it a question's prompt gets the same bits alone and in a batch. One-row products
+(a batch-1 step) may round otherwise than the same row in a larger call, with oneDNN (on the
+EPYC, for the 1536-wide input of the MLP's down projection) as with PyTorch's matrix-vector kernel.
 
 Scope: fp32 weights of at least 256 KiB on the CPU. Without autograd (inference, and the frozen
 upstream of `upstream_grad="none"`) every library's product runs. Under autograd a weight that
 takes gradients keeps PyTorch's path; a frozen one (a LoRA's base layer, the tied head: all of
 DiffMAS training's products) runs oneDNN's product forward, and the input's gradient (dy W) by a
 second copy, of the transposed weight, packed on the first backward; MKL's op needs the original
-weight beside its packed copy, so its products train on PyTorch's path. One-row calls and calls
-outside the library's row range keep `F.linear`. A packed copy costs memory about the size of
+weight beside its packed copy, so its products train on PyTorch's path. Calls outside the
+library's row range keep `F.linear`, and so do one-row products under autograd (`min_train_rows`:
+one row was measured for inference only). A packed copy costs memory about the size of
 the weight; it is made on a layer's first call in range, and made again when the weight's storage
 or version counter changes (`load_state_dict`, in-place updates under `no_grad`). Edits through
 `weight.data` bump no counter: after one (peft's merge does, on the merged copy `export_merged`
@@ -98,17 +100,24 @@ class PackedGemm:
     pack: Callable[[torch.Tensor], torch.Tensor]
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
     trains: bool = False
+    # Under autograd: the fewest rows a product runs packed (one-row products were measured for
+    # inference only, so a one-row training product keeps PyTorch's path).
+    min_train_rows: int = 2
 
     def takes(self, rows: int) -> bool:
         return self.min_rows <= rows and (self.max_rows is None or rows <= self.max_rows)
+
+    def trains_on(self, rows: int) -> bool:
+        """Whether a frozen weight's product of `rows` rows runs packed under autograd."""
+        return self.trains and self.takes(rows) and rows >= self.min_train_rows
 
     def rows_text(self) -> str:
         return f"{self.min_rows} to {self.max_rows} rows" if self.max_rows else f"{self.min_rows} rows or more"
 
 
-# One row is a matrix-vector product, which PyTorch's kernel runs at the bandwidth already. MKL:
-# above 16 rows PyTorch's kernel was as fast or faster on the embedded model's shapes, and from 16
-# rows on both give the same bits. The pack's row hint is the most rows it is tuned for.
+# MKL: above 16 rows PyTorch's kernel was as fast or faster on the embedded model's shapes, and
+# from 16 rows on both give the same bits; one row (a matrix-vector product) was not measured with
+# MKL and keeps PyTorch's kernel. The pack's row hint is the most rows it is tuned for.
 MKL = PackedGemm(
     name="mkl",
     description="MKL's packed GEMM",
@@ -120,11 +129,14 @@ MKL = PackedGemm(
 )
 # oneDNN: on an AMD EPYC (AVX-512, 2026-12-04) 0.4x to 0.55x PyTorch's kernel from 4 to 2080 rows
 # on every weight shape of the embedded model, so a batch's prompt prefill (hundreds or thousands
-# of rows) takes it too, and its rows keep their bits in any call (tests/test_linear.py).
+# of rows) takes it too, and its rows keep their bits in any call of 2 rows or more
+# (tests/test_linear.py). One row (batch-1 decode and latent steps): faster than PyTorch's
+# matrix-vector kernel on the same EPYC (2026-12-07, bench/packed_linear.py), most on the LM head;
+# a one-row call may round otherwise than the row in a larger call (as PyTorch's kernel does).
 ONEDNN = PackedGemm(
     name="onednn",
     description="oneDNN's prepacked GEMM",
-    min_rows=2,
+    min_rows=1,
     max_rows=None,
     available=lambda: torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"),
     pack=lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 8),
@@ -184,7 +196,7 @@ class PackedLinear(torch.nn.Linear):
         tracked = torch.is_grad_enabled() and (x.requires_grad or trained)
         # Under autograd a trained weight (or bias) keeps PyTorch's path; a frozen one (a LoRA's
         # base layer, the tied head) runs packed both ways where the library and the memory allow.
-        if tracked and (trained or not (gemm.trains and self.packs_gradient)):
+        if tracked and (trained or not (gemm.trains_on(rows) and self.packs_gradient)):
             return F.linear(x, weight, bias)
         x2d = x.reshape(rows, x.shape[-1])
         if tracked:
