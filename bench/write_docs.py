@@ -1261,7 +1261,8 @@ def section_packed_linear(r: dict) -> str:
     secs = [f"{k} s" for k in r["kernels"]]
     over = [f"{k} / default" for k in names]
     ranges = "; ".join(
-        f"{k} {lo} to {hi} rows" if hi else f"{k} {lo} rows or more" for k, (lo, hi) in r["row_ranges"].items()
+        f"{k} {lo} to {hi} rows" if hi else f"{k} {lo} row{'s' * (lo != 1)} or more"
+        for k, (lo, hi) in r["row_ranges"].items()
     )
     best = _fastest_by_rows(r)
     load = ", ".join(f"{x:.2f}" for x in r["load_average_before"])

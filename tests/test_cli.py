@@ -210,5 +210,5 @@ def test_cpu_linear_option_names_a_library():
 
     proc = cli("--cpu-linear", "onednn", "env")
     assert proc.returncode == 0, proc.stderr
-    expected = "oneDNN's prepacked GEMM for 2 rows or more" if ONEDNN.available() else "PyTorch's (no onednn GEMM"
+    expected = "oneDNN's prepacked GEMM for 1 row or more" if ONEDNN.available() else "PyTorch's (no onednn GEMM"
     assert f"- CPU linear layers: {expected}" in proc.stdout

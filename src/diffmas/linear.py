@@ -112,7 +112,9 @@ class PackedGemm:
         return self.trains and self.takes(rows) and rows >= self.min_train_rows
 
     def rows_text(self) -> str:
-        return f"{self.min_rows} to {self.max_rows} rows" if self.max_rows else f"{self.min_rows} rows or more"
+        if self.max_rows:
+            return f"{self.min_rows} to {self.max_rows} rows"
+        return f"{self.min_rows} row{'s' * (self.min_rows != 1)} or more"
 
 
 # MKL: above 16 rows PyTorch's kernel was as fast or faster on the embedded model's shapes, and
