@@ -724,6 +724,11 @@ def section_summary(results: dict[str, dict | None]) -> str:
         after, target = bat["speedup_over_batch1"]["16"], bat["targets"]["speedup_at_16_min"]
         label = "batch-16 throughput / batch 1 (default settings alone, no before in this run)"
         rows.append([label, "", f"{after:.2f}x", f"≥ {target}x", verdict(after >= target)])
+    one_row = load("batching_one_row")
+    if one_row:
+        after, target = one_row["speedup_over_batch1"]["16"], one_row["targets"]["speedup_at_16_min"]
+        label = "batch-16 throughput / batch 1 (tag `one_row`: the defaults once oneDNN took one-row products)"
+        rows.append([label, "", f"{after:.2f}x", f"≥ {target}x", verdict(after >= target)])
     train = results.get("training_step")
     if train and "ratio_diffmas_over_single" in train["by_batch"].get("8", {}):
         rows.append(_training_row(train))
@@ -1343,6 +1348,9 @@ def section_elsewhere() -> str:
         "decode fixed lengths and their accuracy columns mean nothing. Tag `cpu_bf16`: this CPU, the "
         "embedded model in bf16 (`--dtype bfloat16`), the grow store. Tag `natural_lengths`: this CPU, the "
         "final agents stopping at end-of-sequence (`--natural-lengths`), so the methods' answers differ in length. "
+        "Tag `one_row`: this CPU at the defaults from the commit on which oneDNN's packed product took one-row "
+        "products (batch-1 steps; bench/packed_linear.py has that change's interleaved before / after), grow store "
+        "alone, to re-check the batch-16 target, whose batch-1 baseline it speeds up. "
         "A tag whose device line names another CPU is that machine at the default settings (the Before / after "
         "table above lists its targets)."
     )
