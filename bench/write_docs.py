@@ -366,31 +366,32 @@ def section_batching(r: dict) -> str:
     ax.axhline(r["targets"]["speedup_at_16_min"], ls="--", color="grey", label="target at 16")
     ax.set_xlabel("batch size"), ax.set_ylabel("throughput vs batch 1"), ax.legend()
     fig.tight_layout()
-    fig.savefig(IMG / "batching.png", dpi=110)
-    return "\n\n".join(
-        [
-            "## Batching: latent_mas throughput",
-            f"{s['questions']} GSM8K questions, {s['agents']} agents, m={s['latent_steps']}, ≤ {s['max_new_tokens']} "
-            "new tokens, greedy. A batch decodes until its slowest row stops; by default rows that have "
-            "finished leave the computation (`drop_finished`).",
-            md_table(["batch", "wall s", "questions/s", "speedup"], rows),
-            f"Target ≥ {r['targets']['speedup_at_16_min']}x at batch 16: {verdict(top >= r['targets']['speedup_at_16_min'])} "
-            f"({top:.2f}x)."
-            + (
-                ""
-                if top >= r["targets"]["speedup_at_16_min"]
-                else " On a CPU the 4 agents' prompt prefill is compute-bound and gains nothing from batching (row "
-                "by row it spends nothing on padding, but a row's prompt costs what it costs alone); only the "
-                "sequential parts (latent steps, decoding) do, and a batch decodes until its slowest row stops, "
-                "its last steps on few rows."
-                + _step_batching_bound()
-                + " On a GPU, where a batch-1 step leaves the device mostly idle, batching gains far more."
-            ),
-            store_table(r, _batching_stores),
-            "![batching](img/batching.png)",
-            machine_line(r),
-        ]
-    )
+    tag = r["machine"].get("bench_model", {}).get("tag")
+    image = f"batching_{tag}.png" if tag else "batching.png"  # a tagged run's plot beside the main one's
+    fig.savefig(IMG / image, dpi=110)
+    parts = [
+        "## Batching: latent_mas throughput",
+        f"{s['questions']} GSM8K questions, {s['agents']} agents, m={s['latent_steps']}, ≤ {s['max_new_tokens']} "
+        "new tokens, greedy. A batch decodes until its slowest row stops; by default rows that have "
+        "finished leave the computation (`drop_finished`).",
+        md_table(["batch", "wall s", "questions/s", "speedup"], rows),
+        f"Target ≥ {r['targets']['speedup_at_16_min']}x at batch 16: {verdict(top >= r['targets']['speedup_at_16_min'])} "
+        f"({top:.2f}x)."
+        + (
+            ""
+            if top >= r["targets"]["speedup_at_16_min"]
+            else " On a CPU the 4 agents' prompt prefill is compute-bound and gains nothing from batching (row "
+            "by row it spends nothing on padding, but a row's prompt costs what it costs alone); only the "
+            "sequential parts (latent steps, decoding) do, and a batch decodes until its slowest row stops, "
+            "its last steps on few rows."
+            + _step_batching_bound()
+            + " On a GPU, where a batch-1 step leaves the device mostly idle, batching gains far more."
+        ),
+        store_table(r, _batching_stores),
+        f"![batching](img/{image})",
+        machine_line(r),
+    ]
+    return "\n\n".join(part for part in parts if part)  # a run of one store has no store table
 
 
 def section_ratio_by_batch(r: dict) -> str:
