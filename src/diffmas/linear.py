@@ -112,9 +112,14 @@ class PackedGemm:
         return self.trains and self.takes(rows) and rows >= self.min_train_rows
 
     def rows_text(self) -> str:
-        if self.max_rows:
-            return f"{self.min_rows} to {self.max_rows} rows"
-        return f"{self.min_rows} row{'s' * (self.min_rows != 1)} or more"
+        return rows_text(self.min_rows, self.max_rows)
+
+
+def rows_text(min_rows: int, max_rows: int | None) -> str:
+    """A row range in words ("2 to 16 rows", "1 row or more"): `diffmas env` and the benchmark docs."""
+    if max_rows:
+        return f"{min_rows} to {max_rows} rows"
+    return f"{min_rows} row{'s' * (min_rows != 1)} or more"
 
 
 # MKL: above 16 rows PyTorch's kernel was as fast or faster on the embedded model's shapes, and
