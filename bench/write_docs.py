@@ -1319,6 +1319,64 @@ def section_packed_linear(r: dict) -> str:
     )
 
 
+def section_prompt_prefill(r: dict) -> str:
+    """A CPU prompt prefill as one padded batch, one forward a row, and packed rows (bench/prompt_prefill.py)."""
+    s = r["settings"]
+    peak = max(p["product_flops_per_s"] for p in r["peaks"])
+    rows, packed_over_rows, packed_over_padded = [], [], []
+    for size, b in r["batches"].items():
+        for a in b["agents"]:
+            packed_over_rows.append(a["packed_s"] / a["rows_s"])
+            packed_over_padded.append(a["packed_s"] / a["padded_s"])
+            rows.append(
+                [size, a["agent"], a["real_tokens"], a["padded_tokens"]]
+                + [f"{a[f'{v}_s']:.2f}" for v in s["variants"]]
+                + [f"{packed_over_rows[-1]:.2f}x", f"{packed_over_padded[-1]:.2f}x"]
+                + [f"{a[f'{v}_product_flops_per_s'] / 1e9:.0f}" for v in ("rows", "packed")]
+            )
+    bits = (
+        f"In all {r['checks']} checks packed rows gave one-forward-a-row's hidden states, keys and values bit for bit."
+        if r["packed_same_bits_as_rows"]
+        else f"**Packed rows did not give one-forward-a-row's bits in every one of the {r['checks']} checks.**"
+    )
+    load = ", ".join(f"{x:.2f}" for x in r["load_average"])
+    return "\n\n".join(
+        [
+            "## Prompt prefill on a CPU: padded batch, one forward a row, packed rows",
+            "A CPU's prompt prefill is compute-bound, so padding costs what a real token costs. _padded_: a batch's "
+            "prompt chunk as one padded batch (`row_by_row(False)`); _rows_: each row alone on its real tokens, one "
+            "decoder forward a row (`packed_rows(False)`); _packed_ (the default): the rows' real tokens one after "
+            "another as one sequence, so every linear product covers all of them, with attention split back into "
+            "rows (`diffmas.trace`, `diffmas.attention.packed_rows`). The chunks are latent_mas's: the "
+            f"{len(next(iter(r['batches'].values()))['agents'])} default agents' prompts on {s['questions']} GSM8K "
+            f"questions, each upstream agent taking m={s['latent_steps']} latent steps after its prompt, so later "
+            f"prompts attend over a real trace; seconds for all questions (the sum over batches of each chunk's "
+            f"median over {s['repeats']} interleaved repeats); {s['model']} in {s['dtype']}. _GFLOP/s_: the linear "
+            "products' FLOPs (2 per weight and real token) over the whole prefill's time, attention and small ops "
+            f"included; the fastest single product measured in the same run: {peak / 1e9:.0f} GFLOP/s.",
+            md_table(
+                [
+                    "batch",
+                    "agent",
+                    "real tokens",
+                    "padded tokens",
+                    *(f"{v} s" for v in s["variants"]),
+                    "packed / rows",
+                    "packed / padded",
+                    "rows GFLOP/s",
+                    "packed GFLOP/s",
+                ],
+                rows,
+            ),
+            f"Packed rows took {min(packed_over_rows):.2f}x to {max(packed_over_rows):.2f}x the time of one forward a "
+            f"row, and {min(packed_over_padded):.2f}x to {max(packed_over_padded):.2f}x that of the padded batch. "
+            + bits,
+            f"Load average (1, 5, 15 min) after the run: {load}. " + threads_line(r),
+            machine_line(r),
+        ]
+    )
+
+
 def _fastest_by_rows(r: dict) -> str:
     """For each row count: the kernel with the lowest geometric-mean time ratio over the shapes,
     among PyTorch's and the libraries whose range holds that many rows (outside it a library's
@@ -1393,6 +1451,7 @@ def main() -> None:
         "packed_linear",
         "decode_attention",
         "ratio_by_batch",
+        "prompt_prefill",
     )
     results = {name: load(name) for name in names}
     summary = section_summary(results)
@@ -1402,6 +1461,7 @@ def main() -> None:
         ("trace_store", section_trace_store),
         ("packed_linear", section_packed_linear),
         ("decode_attention", section_decode_attention),
+        ("prompt_prefill", section_prompt_prefill),
         ("inference_cost", section_inference),
         ("ratio_by_batch", section_ratio_by_batch),
         ("batching", section_batching),

@@ -89,6 +89,19 @@ def test_a_fully_masked_row_gives_zeros_as_sdpa_does(kernel):
     assert torch.isfinite(ours[0]).all() and ours[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["bool", "float", "broadcast"])
+def test_masked_positions_are_not_read(kernel, kind):
+    """A position of exactly zero weight (false, or -inf) is skipped, its key and value never
+    loaded: NaNs there change no bit of the output (reading them, 0 x NaN would spread)."""
+    q, k, v = inputs(3, 9, 3, 64, 700)
+    mask = masks(3, 700)[kind]
+    hidden = (~mask if mask.dtype == torch.bool else mask == float("-inf")).expand(3, 1, 1, 700)
+    ref = kernel.decode_attention(q, k, v, mask, 0.125)
+    for t in (k, v):
+        t.masked_fill_(hidden.squeeze(2).squeeze(1)[:, None, :, None], float("nan"))
+    assert torch.equal(kernel.decode_attention(q, k, v, mask, 0.125), ref) and torch.isfinite(ref).all()
+
+
 def test_shapes_without_a_kernel_are_refused_with_one_line(kernel):
     assert not kernel.supports(3, 16) and not kernel.supports(9, 64) and kernel.supports(4, 128)
     q, k, v = inputs(1, 4, 2, 16, 10)

@@ -9,6 +9,8 @@ from diffmas.channel import latent_steps, prefill, tokenize
 from diffmas.roles import default_topology
 from diffmas.trace import LatentTrace, TraceOverflowError
 
+from conftest import make_backbone
+
 ROWS = [
     ("short", "x", "final short"),
     ("a much much longer prompt here, with several words", "yy yy", "final?"),
@@ -207,20 +209,25 @@ def count_decoder_calls(bb, monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one-forward-a-row"])
 @pytest.mark.parametrize("hidden", [(), ("a",)], ids=["reads-all", "a-hidden"])
 @torch.no_grad()
-def test_row_by_row_prefill_equals_the_padded_batch(backbone, hidden, monkeypatch):
-    from diffmas.trace import row_by_row
+def test_row_by_row_prefill_equals_the_padded_batch(backbone, hidden, packed, monkeypatch):
+    from diffmas.trace import packed_rows, row_by_row
 
     calls = count_decoder_calls(backbone, monkeypatch)
     in_place = []
     real_in_place = LatentTrace._forward_rows_in_place
     monkeypatch.setattr(LatentTrace, "_forward_rows_in_place", lambda *a: in_place.append(1) or real_in_place(*a))
-    h, ids, trace = build_long(backbone, LONG_ROWS, hidden)
+    with packed_rows(packed):
+        h, ids, trace = build_long(backbone, LONG_ROWS, hidden)
     rows = [shape[1] for shape in calls if shape[0] == 1 and shape[1] > 1]
-    assert len(rows) == 2 * len(LONG_ROWS)  # both prompts ran row by row, on real tokens only
-    assert len(in_place) == 1  # the second prompt's rows wrote into the grow store's buffers
-    assert sorted(rows[:3]) == sorted(trace.segments[0].n_tokens)
+    if packed:  # each prompt one forward of all rows' real tokens, one after another
+        assert rows == [sum(trace.segments[0].n_tokens), sum(trace.segments[2].n_tokens)] and not in_place
+    else:
+        assert len(rows) == 2 * len(LONG_ROWS)  # both prompts ran row by row, on real tokens only
+        assert len(in_place) == 1  # the second prompt's rows wrote into the grow store's buffers
+        assert sorted(rows[:3]) == sorted(trace.segments[0].n_tokens)
     with row_by_row(False):
         h_ref, ids_ref, ref = build_long(backbone, LONG_ROWS, hidden)
     assert ids == ids_ref
@@ -233,6 +240,52 @@ def test_row_by_row_prefill_equals_the_padded_batch(backbone, hidden, monkeypatc
         torch.testing.assert_close(v * real, v_ref * real, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("hidden", [(), ("a",)], ids=["reads-all", "a-hidden"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@torch.no_grad()
+def test_packed_rows_give_the_bits_of_one_forward_a_row(tied, hidden):
+    """Packing changes only how many rows each linear product has, and oneDNN's products keep a
+    row's bits at any row count (tests/test_linear.py): hidden states, decoded ids and every key
+    and value bit for bit. A 256-wide model, so its layers run packed products."""
+    from diffmas.linear import ONEDNN, linear_kernel
+    from diffmas.trace import packed_rows
+
+    if not ONEDNN.available():
+        pytest.skip("NOT TESTED: needs a torch build with oneDNN (every x86 wheel has it)")
+    bb = make_backbone(tied, width=256, init=0.1)
+    runs = {}
+    for packed in (True, False):
+        with linear_kernel("onednn"), packed_rows(packed):
+            runs[packed] = build_long(bb, LONG_ROWS, hidden)
+    (h, ids, trace), (h_ref, ids_ref, ref) = runs[True], runs[False]
+    assert torch.equal(h, h_ref) and ids == ids_ref
+    assert trace.length == ref.length and torch.equal(trace.attention_mask, ref.attention_mask)
+    for (k, v), (k_ref, v_ref) in zip(trace.kv(), ref.kv()):
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@torch.no_grad()
+def test_packed_rows_only_under_the_attention_that_splits_them(backbone, monkeypatch):
+    """Only `diffmas.attention`'s implementation splits a packed sequence back into rows: under
+    any other (here transformers' eager one) the rows keep one forward each, with the same result."""
+    calls = count_decoder_calls(backbone, monkeypatch)
+
+    def forwards():
+        calls.clear()
+        trace = LatentTrace(backbone, len(LONG_ROWS))
+        return prefill(trace, "a", LONG_ROWS), trace, len(calls)
+
+    h, trace, n = forwards()
+    assert n == 1
+    backbone.model.set_attn_implementation("eager")
+    h_eager, trace_eager, n_eager = forwards()
+    assert n_eager == len(LONG_ROWS)
+    torch.testing.assert_close(h_eager, h, rtol=0, atol=1e-5)
+    for (k, v), (k_ref, v_ref) in zip(trace_eager.kv(), trace.kv()):
+        torch.testing.assert_close(k, k_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, v_ref, rtol=0, atol=1e-5)
+
+
 @torch.no_grad()
 def test_row_by_row_gives_each_row_its_result_alone(backbone):
     h, ids, _ = build_long(backbone, LONG_ROWS)
@@ -243,6 +296,8 @@ def test_row_by_row_gives_each_row_its_result_alone(backbone):
 
 
 def test_row_by_row_only_where_it_pays(backbone, monkeypatch):
+    from diffmas.trace import packed_rows
+
     calls = count_decoder_calls(backbone, monkeypatch)
 
     def one_chunk(prompts, grad=False, record=False):
@@ -252,7 +307,9 @@ def test_row_by_row_only_where_it_pays(backbone, monkeypatch):
             prefill(trace, "a", prompts)
         return len(calls)
 
-    assert one_chunk(LONG_ROWS) == len(LONG_ROWS)
+    assert one_chunk(LONG_ROWS) == 1  # packed: one forward of the rows' real tokens
+    with packed_rows(False):
+        assert one_chunk(LONG_ROWS) == len(LONG_ROWS)
     assert one_chunk(LONG_ROWS, grad=True) == 1  # training: one padded forward (gradients, checkpointing)
     assert one_chunk(LONG_ROWS, record=True) == 1  # recorded inputs replay chunks as written
     assert one_chunk([LONG_ROWS[0], "short"]) == 1  # a row under ROW_BY_ROW_MIN_TOKENS

@@ -21,13 +21,21 @@ Steps the kernel does not cover keep transformers' path (it packs the query head
 into one query block): under autograd, in other dtypes, for shapes without an AVX-512 kernel,
 per-head masks, dropout, softcaps and sinks, inside `torch.compile`, and where the kernel could
 not be built. Every device but the CPU keeps transformers' path too.
+
+Packed rows (a CPU prompt prefill, `diffmas.trace`): a batch's rows run as one sequence of their
+real tokens, so every linear layer is one product over all of them; inside `packed_rows(rows)`
+attention splits that sequence back into rows and runs each row's tokens over its own row of the
+trace, with that row's mask, through the same call a row run alone would make.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from typing import Literal
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -120,9 +128,49 @@ def _avx512() -> bool:
     return "avx512f" in cpu_flags()
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """Where a packed chunk's rows are: row b's tokens are positions `spans[b]` of the packed
+    sequence; they attend over columns `columns[b]` of row b of the keys and values attention is
+    handed (the trace's buffers up to the chunk's end) through `masks[b]`, (1, 1, n_b, columns)
+    bool, or causally where it is None (what transformers does for a row that sees all its keys)."""
+
+    spans: tuple[tuple[int, int], ...]
+    columns: tuple[slice, ...]
+    masks: tuple[torch.Tensor | None, ...]
+
+
+# A context variable, not a global: a server's threads each run their own traces.
+_PACKED: ContextVar[PackedRows | None] = ContextVar("diffmas_packed_rows", default=None)
+
+
+@contextlib.contextmanager
+def packed_rows(rows: PackedRows) -> Iterator[None]:
+    """Attention of the decoder forward inside this block splits its query into `rows`."""
+    token = _PACKED.set(rows)
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
+
+
 def cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' `sdpa_attention_forward`, with `enable_gqa` for multi-position chunks and the
-    compiled kernel for one-position steps."""
+    compiled kernel for one-position steps; inside `packed_rows`, row by row."""
+    # compiled graphs (the static store) never run packed, and dynamo cannot trace a ContextVar
+    rows = None if torch.compiler.is_compiling() else _PACKED.get()
+    if rows is None:
+        return _attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    if kwargs.get("sliding_window") is not None:  # the backbone refuses sliding windows (check_cache_layers)
+        raise RuntimeError("packed rows reached a sliding-window layer")
+    outs = []
+    for b, ((s, e), cols, mask) in enumerate(zip(rows.spans, rows.columns, rows.masks)):
+        k, v = key[b : b + 1, :, cols], value[b : b + 1, :, cols]
+        outs.append(_attend(module, query[:, :, s:e], k, v, mask, dropout, scaling, is_causal, **kwargs)[0])
+    return torch.cat(outs, dim=1), None
+
+
+def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _kernel_takes(query, key, value, attention_mask, dropout, kwargs):

@@ -1,9 +1,9 @@
 """Switch: a process-wide setting with a default, changed for the length of a block.
 
 The trace store (`trace.trace_store`), the CPU linear kernel (`linear.linear_kernel`), the CPU
-one-position attention (`attention.cpu_attention`) and row-by-row prefill (`trace.row_by_row`) are
-such settings: the default is what users get, and benchmarks and equivalence tests switch to the
-old path for a block to measure both in one run.
+one-position attention (`attention.cpu_attention`), row-by-row prefill (`trace.row_by_row`) and its
+packed rows (`trace.packed_rows`) are such settings: the default is what users get, and
+benchmarks and equivalence tests switch to the old path for a block to measure both in one run.
 """
 
 from __future__ import annotations

@@ -38,7 +38,11 @@ Row by row (inference on a CPU): a padded chunk whose rows are all long enough r
 on its real tokens (`_forward_rows`; see ROW_BY_ROW_MIN_TOKENS), so a compute-bound CPU prefill
 spends nothing on padding; padding columns then hold zeros, which no read sees. On the grow store
 each left-padded row attends over its own row of the buffers and writes its entries there
-(`_RowLayer`), so no row's past is copied for its forward.
+(`_RowLayer`), so no row's past is copied for its forward. Where the model's attention is
+`diffmas.attention`'s, the rows run packed (`_forward_packed`, `packed_rows`): their real tokens
+as one sequence, one forward for all rows, so each linear product covers every row's tokens,
+while attention still reads each row's own buffers (`_PackedLayer`); the same bits as one forward
+a row with oneDNN's products.
 
 Narrowing (inference, grow store): `narrowed(rows)` hands out a trace of some rows whose layers are
 views of this trace's own buffers, the rows moved to the front; decoding uses it to stop computing
@@ -55,6 +59,7 @@ change shape only when the trace moves into the next bucket.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
@@ -63,6 +68,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
+from diffmas import attention
 from diffmas.errors import DiffmasError
 from diffmas.switch import Switch
 
@@ -248,6 +254,35 @@ class _RowLayer(DynamicLayer):
         return self.end - self.n_new
 
 
+class _PackedLayer(DynamicLayer):
+    """One layer of the grow store's buffers while a chunk runs packed (`_forward_packed`):
+    `update` writes each row's new entries (its span of the packed sequence) into the last
+    columns of that row's chunk and hands attention the buffers up to the chunk's end, which
+    `attention.packed_rows` reads row by row. It reports no past, so the decoder's own mask is
+    the packed sequence's (unused: attention takes each row's)."""
+
+    def __init__(self, buffers, spans, n_rows, end: int):
+        super().__init__()
+        self.buffers, self.spans, self.n_rows, self.end = buffers, spans, n_rows, end
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        for buf, new in zip(self.buffers, (key_states, value_states)):
+            for b, ((s, e), n) in enumerate(zip(self.spans, self.n_rows)):
+                buf[b, :, self.end - n : self.end].copy_(new[0, :, s:e])
+        return self.buffers[0][:, :, : self.end], self.buffers[1][:, :, : self.end]
+
+    def get_seq_length(self) -> int:
+        return 0
+
+
+def _left_padded(chunk_mask: torch.Tensor) -> bool:
+    """Is every row's padding before its real columns?"""
+    width = chunk_mask.shape[1]
+    tail = torch.arange(width, device=chunk_mask.device)[None, :] >= width - chunk_mask.sum(dim=1, keepdim=True)
+    return bool(torch.equal(chunk_mask.bool(), tail))
+
+
 # Row by row (inference on a CPU): a CPU's prompt prefill is compute-bound, so a padding column
 # costs as much as a real token. A chunk whose rows all have at least ROW_BY_ROW_MIN_TOKENS real
 # tokens (enough rows for the matrix products to stay compute-bound) and at least
@@ -261,6 +296,17 @@ ROW_BY_ROW: Switch[bool] = Switch("row_by_row", True, (True, False))
 def row_by_row(enabled: bool):
     """Within the block, traces run padded chunks row by row where they qualify (or never)."""
     return ROW_BY_ROW.using(bool(enabled))
+
+
+# Packed rows: row by row, with the rows' real tokens in one sequence through the linear layers
+# (`_forward_packed`), where the store and the model allow it. `packed_rows(False)` runs the rows
+# one forward each (benchmarks' before/after, equivalence tests).
+PACKED_ROWS: Switch[bool] = Switch("packed_rows", True, (True, False))
+
+
+def packed_rows(enabled: bool):
+    """Within the block, row-by-row chunks run packed where they can (or never)."""
+    return PACKED_ROWS.using(bool(enabled))
 
 
 MIN_BUCKET = 256  # the static store's smallest capacity, in columns
@@ -537,6 +583,8 @@ class LatentTrace:
         keys and values are laid into the chunk's columns (zeros in padding, which the mask hides)
         and appended through the cache as one batched forward would append them. Hidden states of
         padding columns are zeros."""
+        if self._packs_rows(chunk_mask):
+            return self._forward_packed(embeds, chunk_mask, full_mask, position_ids)
         if self._rows_write_in_place(chunk_mask):
             return self._forward_rows_in_place(embeds, chunk_mask, full_mask, position_ids)
         length, config = self.length, self.backbone.base_model().config
@@ -571,12 +619,62 @@ class LatentTrace:
     def _rows_write_in_place(self, chunk_mask: torch.Tensor) -> bool:
         """Can each row write straight into the grow store's buffers (`_RowLayer`)? Every layer an
         in-place one holding entries, and every row left-padded (its real columns last)."""
-        layers = self.cache.layers
-        if self.length == 0 or not all(type(layer) is _TraceLayer and layer.grow for layer in layers):
+        return self.length > 0 and self._grow_layers() and _left_padded(chunk_mask)
+
+    def _grow_layers(self) -> bool:
+        return all(type(layer) is _TraceLayer and layer.grow for layer in self.cache.layers)
+
+    def _packs_rows(self, chunk_mask: torch.Tensor) -> bool:
+        """Can the rows run packed (`_forward_packed`)? As `_rows_write_in_place` (or an empty
+        grow store), on a model whose attention is `diffmas.attention`'s, which splits the rows
+        (every layer attends over the whole trace: the backbone refuses sliding windows)."""
+        if not PACKED_ROWS.value or not self._grow_layers() or not _left_padded(chunk_mask):
             return False
-        width = chunk_mask.shape[1]
-        tail = torch.arange(width, device=chunk_mask.device)[None, :] >= width - chunk_mask.sum(dim=1, keepdim=True)
-        return bool(torch.equal(chunk_mask.bool(), tail))
+        return self.backbone.base_model().config._attn_implementation == attention.NAME
+
+    def _forward_packed(
+        self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """`_forward_rows_in_place` with the rows packed: the rows' real tokens, one after
+        another, run as one sequence, so each linear layer makes one product over all of them (a
+        product's rows keep their bits at any row count, `diffmas.linear`); attention splits them
+        back into rows (`attention.packed_rows`), each over its own row of the buffers with the
+        mask the row alone gets. Its padding columns are zeroed and masked, as row by row."""
+        width, n_rows = embeds.shape[1], chunk_mask.sum(dim=1).tolist()
+        layers = self.cache.layers
+        if self.length == 0:
+            bb = self.backbone
+            empty = embeds.new_empty(embeds.shape[0], bb.n_kv_heads, 0, bb.head_dim, dtype=bb.dtype)
+            for layer in layers:
+                layer.set(empty, empty)
+        buffers = [layer.open_columns(width) for layer in layers]
+        end = self.length + width
+        # column j is visible to the query at column end - width + i where j <= that column
+        columns = torch.arange(end, device=embeds.device)
+        causal = columns[None, :] <= columns[end - width :, None]  # (width, end)
+        visible = full_mask.bool()
+        starts = [0, *itertools.accumulate(n_rows)]
+        if self.length == 0:  # each row sees just its own tokens: causal, as transformers runs a row alone
+            columns, masks = tuple(slice(width - n, width) for n in n_rows), (None,) * len(n_rows)
+        else:
+            columns = (slice(None),) * len(n_rows)
+            masks = tuple((visible[b, None, :] & causal[width - n :])[None, None] for b, n in enumerate(n_rows))
+        rows = attention.PackedRows(spans=tuple(zip(starts[:-1], starts[1:])), columns=columns, masks=masks)
+        scratch = DynamicCache(config=self.backbone.base_model().config)
+        scratch.layers = [_PackedLayer(bufs, rows.spans, n_rows, end) for bufs in buffers]
+        real = chunk_mask.bool()
+        with attention.packed_rows(rows):
+            packed = self.backbone.decoder()(
+                inputs_embeds=embeds[real][None],
+                position_ids=position_ids[real][None],
+                past_key_values=scratch,
+                use_cache=True,
+            ).last_hidden_state[0]
+        hidden = torch.zeros_like(embeds)
+        hidden[real] = packed
+        for layer in layers:
+            layer.extend(width)
+        return hidden
 
     def _forward_rows_in_place(
         self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor

@@ -6,10 +6,11 @@
 // read the trace at a third to a quarter of the bandwidth here (bench/decode_attention.py), so on
 // long traces this read is most of the step. The kernel splits each (row, KV head) into chunks of
 // positions (split-KV: a batch of one still fills every core), runs the G query heads over each
-// key and value once, and merges the chunks' softmax states. fp32 throughout; the reductions run
-// in another order than SDPA's (closer to float64 in the tests). An AVX-512 path covers
-// head_dim 64 and 128 with up to 8 query heads per KV head; `supports` says whether this build
-// has one for a shape, and the Python side keeps SDPA where it does not.
+// key and value once (skipping masked positions, which have weight exactly 0), and merges the
+// chunks' softmax states. fp32 throughout; the reductions run in another order than SDPA's
+// (closer to float64 in the tests). An AVX-512 path covers head_dim 64 and 128 with up to 8 query
+// heads per KV head; `supports` says whether this build has one for a shape, and the Python side
+// keeps SDPA where it does not.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -35,6 +36,12 @@ struct Mask {  // a row's mask over positions: keep[l * stride] (bool) or bias[l
   const bool* keep;
   const float* bias;
   int64_t stride;
+
+  // Position l gets exactly zero weight (false in a bool mask, -inf in a float one): its key and
+  // value need not be read, and skipping them adds no term that was not exactly zero.
+  bool masks(int64_t l) const {
+    return keep ? !keep[l * stride] : bias && bias[l * stride] == kNegInf;
+  }
 };
 
 #ifdef __AVX512F__
@@ -61,16 +68,18 @@ void chunk_scores(const __m512 (&qv)[G][DC], const float* k, int64_t pos_stride,
                   const Mask& mask, float* scores, float* mx) {
   for (int g = 0; g < G; ++g) mx[g] = kNegInf;
   for (int64_t i = 0; i < n; ++i) {
+    if (mask.masks(begin + i)) {  // not read at all: padding and hidden agents' entries cost nothing
+      for (int g = 0; g < G; ++g) scores[g * n + i] = kNegInf;
+      continue;
+    }
     const float* kl = k + (begin + i) * pos_stride;
     __m512 kc[DC];
     for (int c = 0; c < DC; ++c) kc[c] = _mm512_loadu_ps(kl + 16 * c);
-    const int64_t m = (begin + i) * mask.stride;
-    const bool masked = mask.keep && !mask.keep[m];
-    const float add = mask.bias ? mask.bias[m] : 0.f;
+    const float add = mask.bias ? mask.bias[(begin + i) * mask.stride] : 0.f;
     for (int g = 0; g < G; ++g) {
       __m512 a = _mm512_mul_ps(qv[g][0], kc[0]);
       for (int c = 1; c < DC; ++c) a = _mm512_fmadd_ps(qv[g][c], kc[c], a);
-      const float s = masked ? kNegInf : _mm512_reduce_add_ps(a) + add;
+      const float s = _mm512_reduce_add_ps(a) + add;
       scores[g * n + i] = s;
       mx[g] = std::max(mx[g], s);
     }
@@ -113,6 +122,7 @@ void chunk_attention(const float* q, int64_t q_head_stride, const float* k, cons
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DC; ++c) av[g][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
+    if (mask.masks(begin + i)) continue;  // weight exactly 0 (see Mask::masks)
     const float* vl = v + (begin + i) * pos_stride;
     __m512 vc[DC];
     for (int c = 0; c < DC; ++c) vc[c] = _mm512_loadu_ps(vl + 16 * c);
