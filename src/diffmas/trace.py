@@ -261,14 +261,14 @@ class _PackedLayer(DynamicLayer):
     `attention.packed_rows` reads row by row. It reports no past, so the decoder's own mask is
     the packed sequence's (unused: attention takes each row's)."""
 
-    def __init__(self, buffers, spans, n_rows, end: int):
+    def __init__(self, buffers, spans, n_real, end: int):
         super().__init__()
-        self.buffers, self.spans, self.n_rows, self.end = buffers, spans, n_rows, end
+        self.buffers, self.spans, self.n_real, self.end = buffers, spans, n_real, end
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         for buf, new in zip(self.buffers, (key_states, value_states)):
-            for b, ((s, e), n) in enumerate(zip(self.spans, self.n_rows)):
+            for b, ((s, e), n) in enumerate(zip(self.spans, self.n_real)):
                 buf[b, :, self.end - n : self.end].copy_(new[0, :, s:e])
         return self.buffers[0][:, :, : self.end], self.buffers[1][:, :, : self.end]
 
@@ -640,7 +640,8 @@ class LatentTrace:
         product's rows keep their bits at any row count, `diffmas.linear`); attention splits them
         back into rows (`attention.packed_rows`), each over its own row of the buffers with the
         mask the row alone gets. Its padding columns are zeroed and masked, as row by row."""
-        width, n_rows = embeds.shape[1], chunk_mask.sum(dim=1).tolist()
+        width, n_real = embeds.shape[1], chunk_mask.sum(dim=1).tolist()
+        rows = self._row_reads(full_mask, n_real, width)
         layers = self.cache.layers
         if self.length == 0:
             bb = self.backbone
@@ -649,19 +650,8 @@ class LatentTrace:
                 layer.set(empty, empty)
         buffers = [layer.open_columns(width) for layer in layers]
         end = self.length + width
-        # column j is visible to the query at column end - width + i where j <= that column
-        columns = torch.arange(end, device=embeds.device)
-        causal = columns[None, :] <= columns[end - width :, None]  # (width, end)
-        visible = full_mask.bool()
-        starts = [0, *itertools.accumulate(n_rows)]
-        if self.length == 0:  # each row sees just its own tokens: causal, as transformers runs a row alone
-            columns, masks = tuple(slice(width - n, width) for n in n_rows), (None,) * len(n_rows)
-        else:
-            columns = (slice(None),) * len(n_rows)
-            masks = tuple((visible[b, None, :] & causal[width - n :])[None, None] for b, n in enumerate(n_rows))
-        rows = attention.PackedRows(spans=tuple(zip(starts[:-1], starts[1:])), columns=columns, masks=masks)
         scratch = DynamicCache(config=self.backbone.base_model().config)
-        scratch.layers = [_PackedLayer(bufs, rows.spans, n_rows, end) for bufs in buffers]
+        scratch.layers = [_PackedLayer(bufs, rows.spans, n_real, end) for bufs in buffers]
         real = chunk_mask.bool()
         with attention.packed_rows(rows):
             packed = self.backbone.decoder()(
@@ -675,6 +665,22 @@ class LatentTrace:
         for layer in layers:
             layer.extend(width)
         return hidden
+
+    def _row_reads(self, full_mask: torch.Tensor, n_real: list[int], width: int) -> attention.PackedRows:
+        """Where each row's tokens sit in the packed sequence and what they attend to: the row's
+        columns up to the chunk's end through its mask (its visible columns, causally over the
+        chunk's), or, in an empty trace, its own columns causally and unmasked, as transformers
+        runs a row alone (so the same SDPA call, and the same bits)."""
+        starts = [0, *itertools.accumulate(n_real)]
+        spans = tuple(zip(starts[:-1], starts[1:]))
+        if self.length == 0:
+            return attention.PackedRows(spans, tuple(slice(width - n, width) for n in n_real), (None,) * len(n_real))
+        end = self.length + width
+        columns = torch.arange(end, device=full_mask.device)
+        causal = columns[None, :] <= columns[end - width :, None]  # (width, end): query i at column end - width + i
+        visible = full_mask.bool()
+        masks = tuple((visible[b, None, :] & causal[width - n :])[None, None] for b, n in enumerate(n_real))
+        return attention.PackedRows(spans, (slice(None),) * len(n_real), masks)
 
     def _forward_rows_in_place(
         self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor
