@@ -108,6 +108,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default="", help="result file suffix (results/<name>_<tag>.json)")
 
 
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse a script's arguments with `--threads` and the model's (`add_model_args`) added, and
+    set up (`setup`) from them."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    add_model_args(p)
+    args = p.parse_args()
+    setup(args.threads, args)
+    return args
+
+
 def setup(
     threads: int | None = None, args: argparse.Namespace | None = None, settings: ModelSettings | None = None
 ) -> None:

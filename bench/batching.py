@@ -93,10 +93,7 @@ def main() -> None:
     p.add_argument(
         "--stores", default="grow", help="variants, e.g. concat,padded,keep,grow (before, ..., after) in one run"
     )
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     result = run(args.n, [1, 4, 16], args.max_new_tokens, args.latent_steps, tuple(args.stores.split(",")))
     c.write("batching", result)
     print(

@@ -118,10 +118,7 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(f"{b}x{n}" for b, n in CASES), help="BxL,... (batch x trace length)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
     result = run(cases, args.steps, args.repeats)
     c.write("decode_attention", result)

@@ -165,10 +165,7 @@ def main() -> None:
     p.add_argument("--compile", default="auto", help="the fast path's mode (see diffmas.fast_path.COMPILE_MODES)")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the floor, GB/s")
     p.add_argument("--note", default="", help="recorded with the result, e.g. the machine's load")
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     result = run(args)
     print(
         c.table(

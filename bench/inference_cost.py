@@ -171,10 +171,7 @@ def main() -> None:
     p.add_argument(
         "--stores", default="grow", help="variants (_common.VARIANTS), e.g. concat,sdpa,grow (before, ..., after)"
     )
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     result = run(
         args.n,
         args.batch_size,

@@ -177,10 +177,7 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--latent-steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     from diffmas.linear import packed_gemm
     from diffmas.provenance import cpu_vendor
 

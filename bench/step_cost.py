@@ -70,10 +70,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     result = run(args.context, args.steps, args.repeats, args.batch)
     c.write("step_cost", result)
     print(

@@ -154,10 +154,7 @@ def main() -> None:
     p.add_argument("--kinds", default="decode,latent")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     result = run(
         [int(x) for x in args.lengths.split(",")],
         [int(x) for x in args.batches.split(",")],

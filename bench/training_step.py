@@ -160,10 +160,7 @@ def main() -> None:
     p.add_argument("--sizes", default="1,8", help="Examples per step (one batch), comma-separated.")
     p.add_argument("--latent-steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    c.add_model_args(p)
-    args = p.parse_args()
-    c.setup(args.threads, args)
+    args = c.parse(p)
     torch.manual_seed(0)
     result = run([int(x) for x in args.sizes.split(",")], args.latent_steps, args.repeats)
     rows = [
