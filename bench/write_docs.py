@@ -1424,9 +1424,6 @@ def section_elsewhere() -> str:
         "decode fixed lengths and their accuracy columns mean nothing. Tag `cpu_bf16`: this CPU, the "
         "embedded model in bf16 (`--dtype bfloat16`), the grow store. Tag `natural_lengths`: this CPU, the "
         "final agents stopping at end-of-sequence (`--natural-lengths`), so the methods' answers differ in length. "
-        "Tag `one_row`: this CPU at the defaults from the commit on which oneDNN's packed product took one-row "
-        "products (batch-1 steps; bench/packed_linear.py has that change's interleaved before / after), grow store "
-        "alone, to re-check the batch-16 target, whose batch-1 baseline it speeds up. "
         "A tag whose device line names another CPU is that machine at the default settings (the Before / after "
         "table above lists its targets)."
     )
