@@ -30,17 +30,16 @@ trace, with that row's mask, through the same call a row run alone would make.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from diffmas.switch import Switch
+from diffmas.switch import Switch, scoped
 
 NAME = "diffmas_cpu_sdpa"  # registered with transformers' attention and mask interfaces
 
@@ -144,14 +143,9 @@ class PackedRows:
 _PACKED: ContextVar[PackedRows | None] = ContextVar("diffmas_packed_rows", default=None)
 
 
-@contextlib.contextmanager
-def packed_rows(rows: PackedRows) -> Iterator[None]:
+def packed_rows(rows: PackedRows):
     """Attention of the decoder forward inside this block splits its query into `rows`."""
-    token = _PACKED.set(rows)
-    try:
-        yield
-    finally:
-        _PACKED.reset(token)
+    return scoped(_PACKED, rows)
 
 
 def cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):

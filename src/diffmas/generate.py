@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from diffmas.errors import DiffmasError
-from diffmas.switch import Switch
+from diffmas.switch import Switch, scoped
 from diffmas.trace import LatentTrace
 
 # Streaming: called after every decode step as listener(agent, ids), ids[b] the token row b just
@@ -33,14 +33,9 @@ TokenListener = Callable[[str, list], None]
 _token_listener: ContextVar[TokenListener | None] = ContextVar("diffmas_token_listener", default=None)
 
 
-@contextlib.contextmanager
-def listening(listener: TokenListener) -> Iterator[None]:
+def listening(listener: TokenListener):
     """Within the block, every `decode` reports its tokens step by step to `listener`."""
-    token = _token_listener.set(listener)
-    try:
-        yield
-    finally:
-        _token_listener.reset(token)
+    return scoped(_token_listener, listener)
 
 
 # Finished rows (inference): once DROP_MIN_SHARE of the rows being computed have finished and at

@@ -4,11 +4,14 @@ The trace store (`trace.trace_store`), the CPU linear kernel (`linear.linear_ker
 one-position attention (`attention.cpu_attention`), row-by-row prefill (`trace.row_by_row`) and its
 packed rows (`trace.packed_rows`) are such settings: the default is what users get, and
 benchmarks and equivalence tests switch to the old path for a block to measure both in one run.
+`scoped` does the same for a context variable: a value each thread (a server's worker) sets for
+its own block, such as a token listener or packed rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 from typing import Generic, Iterator, Sequence, TypeVar
 
 from diffmas.errors import DiffmasError
@@ -41,3 +44,13 @@ class Switch(Generic[T]):
         if value not in self.choices:
             names = ", ".join(str(c) for c in self.choices)
             raise DiffmasError(f"{self.what} {value!r}: choose one of {names}")
+
+
+@contextlib.contextmanager
+def scoped(var: ContextVar[T], value: T) -> Iterator[None]:
+    """Set a context variable to `value` for the length of a block, and restore it after."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
