@@ -103,7 +103,7 @@ def main() -> None:
     c.add_model_args(p)
     args = p.parse_args()
     c.setup(args.threads, args)
-    from diffmas.backbone import cpu_bf16_support
+    from diffmas.provenance import cpu_bf16_support
 
     result = {
         "settings": {

@@ -59,8 +59,9 @@ def test_auto_dtype_on_cpu_stays_fp32_even_with_bf16_instructions(monkeypatch):
     import torch
 
     from diffmas import backbone as bb_module
+    from diffmas import provenance
 
-    monkeypatch.setattr(bb_module, "cpu_bf16_support", lambda: {"avx512_bf16": True, "amx_bf16": True})
+    monkeypatch.setattr(provenance, "cpu_bf16_support", lambda: {"avx512_bf16": True, "amx_bf16": True})
     cpu = torch.device("cpu")
     assert bb_module.resolve_dtype("auto", cpu) == torch.float32
     assert bb_module.resolve_dtype("bf16", cpu) == torch.bfloat16

@@ -80,6 +80,29 @@ def test_numbers_match_float64_closer_than_sdpa(kernel, batch, heads, kv_heads, 
         assert err_ours < 2e-6 and err_ours <= 2 * err_theirs + 1e-7, (name, err_ours, err_theirs)
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,dim,length", [(2, 9, 3, 64, 257), (2, 32, 8, 128, 700)])
+def test_bf16_keys_and_values_match_float64(kernel, batch, heads, kv_heads, dim, length):
+    """A bf16 model's trace: bf16 keys and values, widened in registers, the same fp32 arithmetic
+    (against float64 on the same bf16 values), and through `cpu_sdpa` a bf16 output within bf16
+    rounding of PyTorch's bf16 SDPA."""
+    q, k, v = inputs(batch, heads, kv_heads, dim, length)
+    k16, v16 = k.bfloat16(), v.bfloat16()
+    scale = dim**-0.5
+    for name, mask in masks(batch, length).items():
+        wide = mask if mask is None or mask.dtype == torch.bool else mask.double()
+        exact = sdpa(q.double(), k16.double(), v16.double(), wide, scale)
+        ours = kernel.decode_attention(q, k16, v16, mask, scale)
+        assert ours.dtype == torch.float32
+        assert (ours.double() - exact).abs().max().item() < 2e-6 * exact.abs().max().item(), name
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    mask = masks(batch, length)["float"].bfloat16()  # a bf16 model's float mask
+    out, _ = cpu_sdpa(module, q.bfloat16(), k16, v16, mask, scaling=scale)
+    theirs = sdpa(q.bfloat16(), k16, v16, mask, scale)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_a_fully_masked_row_gives_zeros_as_sdpa_does(kernel):
     q, k, v = inputs(2, 9, 3, 64, 600)
     keep = torch.ones(2, 1, 1, 600, dtype=torch.bool)
@@ -96,10 +119,12 @@ def test_masked_positions_are_not_read(kernel, kind):
     q, k, v = inputs(3, 9, 3, 64, 700)
     mask = masks(3, 700)[kind]
     hidden = (~mask if mask.dtype == torch.bool else mask == float("-inf")).expand(3, 1, 1, 700)
-    ref = kernel.decode_attention(q, k, v, mask, 0.125)
-    for t in (k, v):
-        t.masked_fill_(hidden.squeeze(2).squeeze(1)[:, None, :, None], float("nan"))
-    assert torch.equal(kernel.decode_attention(q, k, v, mask, 0.125), ref) and torch.isfinite(ref).all()
+    for dtype in (torch.float32, torch.bfloat16):
+        k, v = k.to(dtype), v.to(dtype)
+        ref = kernel.decode_attention(q, k, v, mask, 0.125)
+        for t in (k, v):
+            t.masked_fill_(hidden.squeeze(2).squeeze(1)[:, None, :, None], float("nan"))
+        assert torch.equal(kernel.decode_attention(q, k, v, mask, 0.125), ref) and torch.isfinite(ref).all()
 
 
 def test_shapes_without_a_kernel_are_refused_with_one_line(kernel):
@@ -139,7 +164,7 @@ def test_which_calls_take_the_kernel(spy):
     assert spy.calls == 1 and torch.allclose(out, sdpa(q, k, v, mask, 0.125), atol=1e-5)
     with cpu_attention("sdpa"):
         assert torch.equal(cpu_sdpa(module, q, k, v, mask, scaling=0.125)[0], sdpa(q, k, v, mask, 0.125))
-    cpu_sdpa(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.125)  # other dtypes
+    cpu_sdpa(module, q.double(), k.double(), v.double(), mask, scaling=0.125)  # other dtypes
     cpu_sdpa(module, q[..., :16], k[..., :16], v[..., :16], mask, scaling=0.125)  # no kernel for the shape
     cpu_sdpa(module, q, k, v, mask[..., :1, :].expand(2, 9, 1, 300), scaling=0.125)  # per-head mask
     qg = q.detach().clone().requires_grad_(True)
@@ -149,6 +174,8 @@ def test_which_calls_take_the_kernel(spy):
     with torch.no_grad():
         cpu_sdpa(module, qg, k, v, mask, scaling=0.125)
     assert spy.calls == 2  # no graph is recorded under no_grad: the kernel runs
+    cpu_sdpa(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.125)
+    assert spy.calls == 3  # a bf16 model's steps
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ What must hold: each library's product matches F.linear within rounding, for 2-D
 inputs, and outside its row range is F.linear itself; on Intel CPUs MKL's is bitwise
 batch-invariant and bitwise equal to F.linear from 16 rows on; oneDNN's is bitwise batch-invariant
 from 2 rows on (one-row calls may round otherwise); `packed` picks the library by CPU vendor;
-whole decode and latent steps match PyTorch's own kernel; autograd, compiled graphs, other dtypes
+bf16 weights take oneDNN's product for inference only; whole decode and latent steps match PyTorch's
+own kernel; autograd, compiled graphs, other dtypes
 and in-place weight edits take or refresh the right path; a model whose copies would not fit
 stays unpacked, and dropped copies give their memory back to the system.
 """
@@ -24,6 +25,7 @@ from diffmas.attention import cpu_attention
 from diffmas.channel import latent_steps, prefill
 from diffmas.generate import DecodeConfig, decode
 from diffmas.linear import (
+    BF16_ONEDNN,
     GEMMS,
     MKL,
     ONEDNN,
@@ -189,6 +191,53 @@ def test_packed_takes_the_library_by_cpu_vendor(monkeypatch):
         packed_gemm.cache_clear()
 
 
+def test_bf16_takes_onednn_where_the_cpu_has_bf16_instructions(monkeypatch):
+    """bf16 weights: oneDNN's product (MKL packs fp32 only), for `packed` only where the CPU has
+    bf16 instructions (measured there); naming `onednn` takes it anyway; other dtypes: none."""
+    import diffmas.linear as linear
+
+    def choice(bf16: bool):
+        monkeypatch.setattr(linear.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(linear, "cpu_bf16_support", lambda: {"avx512_bf16": bf16, "amx_bf16": False})
+        packed_gemm.cache_clear()
+        return tuple(packed_gemm(kind, torch.bfloat16) for kind in ("packed", "onednn", "mkl", "default"))
+
+    try:
+        if ONEDNN.available():
+            assert choice(True) == (BF16_ONEDNN, BF16_ONEDNN, None, None)
+            assert choice(False) == (None, BF16_ONEDNN, None, None)
+            assert not BF16_ONEDNN.trains and BF16_ONEDNN.run is ONEDNN.run
+        assert packed_gemm("onednn", torch.float16) is None and packed_gemm("onednn", torch.float64) is None
+    finally:
+        monkeypatch.undo()
+        packed_gemm.cache_clear()
+
+
+@pytest.mark.skipif(not ONEDNN.available(), reason="NOT TESTED: this torch build has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_bf16_inference_runs_packed_and_training_keeps_pytorch_path(rows):
+    """A bf16 model's inference products run oneDNN's packed bf16 product: its bits, bf16 out, within
+    bf16 rounding of F.linear; under autograd PyTorch's path, bit for bit, and no copy is made."""
+    from diffmas.linear import _PACKS
+
+    layer = packed_layer(seed=8).to(torch.bfloat16)
+    x = torch.randn(rows, layer.in_features).bfloat16()
+    with linear_kernel("onednn"), torch.no_grad():
+        out = layer(x)
+    entry = _PACKS.get(id(layer.weight), {}).get("onednn")
+    assert entry is not None and out.dtype == torch.bfloat16
+    assert torch.equal(out, BF16_ONEDNN.run(x, entry[1], layer.weight, layer.bias))
+    reference = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+    frozen = packed_layer(seed=9).to(torch.bfloat16).requires_grad_(False)
+    xg = x.detach().clone().requires_grad_(True)
+    with linear_kernel("onednn"):
+        trained = frozen(xg)
+    assert torch.equal(trained, F.linear(x, frozen.weight, frozen.bias)) and trained.grad_fn is not None
+    assert id(frozen.weight) not in _PACKS
+
+
 @pytest.mark.skipif(len(LIBRARIES) < 2, reason="NOT TESTED: needs both MKL and oneDNN in this torch build")
 @torch.no_grad()
 def test_each_library_keeps_its_own_copy():
@@ -301,8 +350,8 @@ def test_other_dtypes_and_state_pass_through():
     assert set(layer.state_dict()) == {"weight", "bias"}
     clone = copy.deepcopy(layer)
     assert isinstance(clone, PackedLinear) and torch.equal(clone(x), layer(x))
-    half = copy.deepcopy(layer).to(torch.bfloat16)
-    assert half(x.bfloat16()).dtype == torch.bfloat16  # not fp32: PyTorch's path
+    half = copy.deepcopy(layer).to(torch.float16)
+    assert torch.equal(half(x.half()), F.linear(x.half(), half.weight, half.bias))  # PyTorch's path
 
 
 def test_compiled_graphs_keep_pytorch_op():
@@ -321,6 +370,25 @@ def test_backbone_layers_are_swapped_from_the_size_on():
     swapped = [m for m in linears if isinstance(m, PackedLinear)]
     assert swapped and all((m.weight.numel() >= MIN_PACKED_WEIGHT) == (m in swapped) for m in linears)
     assert any(m not in swapped for m in linears)  # the 128-wide k/v projections stay plain
+
+
+@pytest.mark.skipif(not ONEDNN.available(), reason="NOT TESTED: this torch build has no oneDNN")
+@torch.no_grad()
+def test_a_bf16_backbone_is_swapped_and_its_prefill_matches_pytorch_kernel():
+    """`--dtype bfloat16`: the layers are swapped at load, and a batch's prompt prefill through
+    oneDNN's bf16 products is PyTorch's bf16 prefill within bf16 rounding."""
+    from diffmas.backbone import Backbone
+
+    ref = wide_backbone(tied=False)
+    bb = Backbone(model=ref.model.to(torch.bfloat16), tokenizer=ref.tokenizer, name="tiny-bf16")
+    assert any(isinstance(m, PackedLinear) and m.weight.dtype == torch.bfloat16 for m in bb.model.modules())
+
+    def hidden(kind):
+        with linear_kernel(kind):
+            return prefill(LatentTrace(bb, 2), "a", ["a prompt of some length", "short"]).float()
+
+    ours, theirs = hidden("onednn"), hidden("default")
+    assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max()
 
 
 @each_library

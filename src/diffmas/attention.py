@@ -17,8 +17,10 @@ to a quarter of the memory bandwidth. `--cpu-attention kernel` (the default) run
 `kernels/decode_attention.cpp` (compiled for this CPU at first use; split-KV, AVX-512), about 2x
 SDPA's speed on the embedded model's shapes (`bench/decode_attention.py`); rounding differs from
 SDPA's by about 1e-6 relative (the kernel is closer to float64, tests/test_decode_attention.py).
-Steps the kernel does not cover keep transformers' path (it packs the query heads of a KV head
-into one query block): under autograd, in other dtypes, for shapes without an AVX-512 kernel,
+bf16 models' steps run it too: it reads their bf16 keys and values and computes in fp32, as SDPA
+does, with the output rounded to bf16. Steps the kernel does not cover keep transformers' path (it
+packs the query heads of a KV head into one query block): under autograd, in dtypes other than
+fp32 and bf16, for shapes without an AVX-512 kernel,
 per-head masks, dropout, softcaps and sinks, inside `torch.compile`, and where the kernel could
 not be built. Every device but the CPU keeps transformers' path too.
 
@@ -47,6 +49,9 @@ NAME = "diffmas_cpu_sdpa"  # registered with transformers' attention and mask in
 # built; these keep the build from starting where no call could use it: tiny models, CPUs without
 # AVX-512).
 KERNEL_HEAD_DIMS, KERNEL_MAX_GROUPS = (64, 128), 8
+# fp32 models, and bf16 ones (`--dtype bfloat16`): the kernel reads bf16 keys and values and
+# computes in fp32, which SDPA does too; its bf16 one-query path was 20x slower than the kernel here.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 CpuAttention = Literal["kernel", "sdpa"]
 CPU_ATTENTION: Switch[CpuAttention] = Switch("CPU attention", "kernel", ("kernel", "sdpa"))
@@ -81,8 +86,8 @@ def kernel_status() -> str:
         return "PyTorch's SDPA (no AVX-512 kernel for this CPU)"
     dims = " and ".join(str(d) for d in KERNEL_HEAD_DIMS)
     return (
-        f"diffmas kernel (--cpu-attention kernel) for head dims {dims}, up to {KERNEL_MAX_GROUPS} query heads "
-        "per KV head"
+        f"diffmas kernel (--cpu-attention kernel) for fp32 and bf16 models, head dims {dims}, "
+        f"up to {KERNEL_MAX_GROUPS} query heads per KV head"
     )
 
 
@@ -93,14 +98,14 @@ def _kernel_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
     # sinks and windows too: the kernel keeps to the calls it was tested on
     if _needs_transformers(kwargs) or any(kwargs.get(k) is not None for k in ("s_aux", "sliding_window")):
         return False
-    if query.dtype != torch.float32 or key.dtype != torch.float32 or value.dtype != torch.float32:
+    if query.dtype not in KERNEL_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return False
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return False
     if key.stride() != value.stride() or key.stride(-1) != 1 or query.stride(-1) != 1:
         return False
     if attention_mask is not None and (
-        attention_mask.dtype not in (torch.bool, torch.float32)
+        attention_mask.dtype not in (torch.bool, query.dtype)
         or attention_mask.dim() != 4
         or attention_mask.shape[1:3] != (1, 1)
         or attention_mask.shape[0] not in (1, query.shape[0])
@@ -169,7 +174,10 @@ def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None
 
     if _kernel_takes(query, key, value, attention_mask, dropout, kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return decode_kernel().decode_attention(query, key, value, attention_mask, scale), None
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.float()  # the kernel adds fp32 scores (no copy in fp32)
+        out = decode_kernel().decode_attention(query.float(), key, value, attention_mask, scale)
+        return out.to(query.dtype), None
     q_length, kv_length = query.shape[2], key.shape[2]
     grouped = query.shape[1] != key.shape[1]
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))

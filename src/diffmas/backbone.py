@@ -25,7 +25,6 @@ import torch
 from diffmas.attention import use_cpu_sdpa
 from diffmas.errors import DiffmasError
 from diffmas.linear import use_packed_linear
-from diffmas.provenance import cpu_flags
 
 
 class BackboneError(DiffmasError):
@@ -351,17 +350,9 @@ def check_device(dev: torch.device) -> None:
         )
 
 
-def cpu_bf16_support() -> dict[str, bool]:
-    """Which bf16 instructions this CPU has: avx512_bf16 (bf16 dot products) and amx_bf16 (AMX
-    tiles, what oneDNN uses for bf16 matmuls on Sapphire Rapids and later). Read from the kernel's
-    CPU flags (Linux); both False where they cannot be read."""
-    flags = cpu_flags()
-    return {name: name in flags for name in ("avx512_bf16", "amx_bf16")}
-
-
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """ "auto": bf16 on a GPU that supports it, fp32 on a CPU. bf16 on CPUs with bf16 instructions
-    (see `cpu_bf16_support`) was measured faster with accuracy inside fp32's CIs, but there a row's
+    (see `provenance.cpu_bf16_support`) was measured faster with accuracy inside fp32's CIs, but there a row's
     answer depends on the batch it runs in, which the runner's resume contract forbids (batch size
     is a runtime-only setting): it stays opt-in, `--dtype bfloat16` (docs/design.md, dtype)."""
     if isinstance(dtype, torch.dtype):

@@ -30,7 +30,9 @@ build), so with it a question's prompt gets the same bits alone and in a batch. 
 (a batch-1 step) may round otherwise than the same row in a larger call, with oneDNN (on the
 EPYC, for the 1536-wide input of the MLP's down projection) as with PyTorch's matrix-vector kernel.
 
-Scope: fp32 weights of at least 256 KiB on the CPU. Without autograd (inference, and the frozen
+Scope: fp32 weights of at least 256 KiB on the CPU, and bf16 ones of as many elements (a model
+loaded with `--dtype bfloat16`): those run oneDNN's packed bf16 product (`_bf16_gemm`), for
+inference only, on CPUs with bf16 instructions. Without autograd (inference, and the frozen
 upstream of `upstream_grad="none"`) every library's product runs. Under autograd a weight that
 takes gradients keeps PyTorch's path; a frozen one (a LoRA's base layer, the tied head: all of
 DiffMAS training's products) runs oneDNN's product forward, and the input's gradient (dy W) by a
@@ -68,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmas.accounting import trim_heap
-from diffmas.provenance import cpu_vendor
+from diffmas.provenance import cpu_bf16_support, cpu_vendor
 from diffmas.switch import Switch
 
 LinearKernel = Literal["packed", "mkl", "onednn", "default"]
@@ -151,6 +153,10 @@ ONEDNN = PackedGemm(
     trains=True,
 )
 GEMMS = {g.name: g for g in (MKL, ONEDNN)}
+# The same oneDNN product on bf16 weights, inference only: under autograd bf16 keeps PyTorch's path
+# (CPU training runs fp32, and the packed gradient product was measured in fp32 only).
+BF16_ONEDNN = dataclasses.replace(ONEDNN, trains=False)
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def linear_kernel(kind: LinearKernel):
@@ -159,10 +165,15 @@ def linear_kernel(kind: LinearKernel):
 
 
 @functools.cache
-def packed_gemm(kind: LinearKernel) -> PackedGemm | None:
-    """The packed GEMM a kernel setting runs, or None for PyTorch's own kernel. `packed`: MKL on
-    Intel CPUs, oneDNN on other x86 ones (see the module's docstring), none elsewhere; a named
-    library that this torch build lacks: none."""
+def packed_gemm(kind: LinearKernel, dtype: torch.dtype = torch.float32) -> PackedGemm | None:
+    """The packed GEMM a kernel setting runs for weights of `dtype`, or None for PyTorch's own
+    kernel. fp32: `packed` is MKL on Intel CPUs, oneDNN on other x86 ones (see the module's
+    docstring), none elsewhere; a named library that this torch build lacks: none. bf16: oneDNN's
+    (MKL's packed GEMM is fp32 only), for `packed` only on CPUs with bf16 instructions."""
+    if dtype == torch.bfloat16:
+        return _bf16_gemm(kind)
+    if dtype != torch.float32:
+        return None
     if kind == "packed":
         if platform.machine().lower() not in ("x86_64", "amd64"):
             return None
@@ -171,13 +182,30 @@ def packed_gemm(kind: LinearKernel) -> PackedGemm | None:
     return gemm if gemm is not None and gemm.available() else None
 
 
+def _bf16_gemm(kind: LinearKernel) -> PackedGemm | None:
+    """bf16 weights: PyTorch's bf16 CPU linear re-packs the weight on every call too, and on an AMD
+    EPYC with avx512_bf16 (2026-12-07) it was slower than the fp32 packed product at 1 to 8 rows
+    (the LM head: 4.4 vs 4.3 ms at one row), while oneDNN's packed bf16 product took 0.33x to 0.8x
+    the fp32 one's time and kept a row's bits in any call of 1 to 599 rows. Without bf16
+    instructions oneDNN converts in software, which was not measured: `packed` leaves those CPUs
+    on PyTorch's kernel, `onednn` still takes oneDNN."""
+    if kind not in ("packed", "onednn") or not ONEDNN.available():
+        return None
+    if kind == "packed" and (
+        platform.machine().lower() not in ("x86_64", "amd64") or not any(cpu_bf16_support().values())
+    ):
+        return None
+    return BF16_ONEDNN
+
+
 def packing_available() -> bool:
     """The default kernel (`packed`) runs a packed GEMM on this machine and torch build."""
     return packed_gemm("packed") is not None
 
 
 class PackedLinear(torch.nn.Linear):
-    """nn.Linear whose fp32 CPU calls in a library's row range run a packed GEMM (`packed_gemm`).
+    """nn.Linear whose CPU calls in a library's row range run a packed GEMM (`packed_gemm`): fp32
+    weights by the kernel setting's library, bf16 ones by oneDNN's (inference only).
 
     Installed by class swap (`use_packed_linear`), so the module keeps its parameters, its
     state_dict and its place in the model, and peft still sees an nn.Linear to wrap.
@@ -189,15 +217,10 @@ class PackedLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the fast path's graphs keep PyTorch's op
             return F.linear(x, self.weight, self.bias)
-        weight, bias, gemm = self.weight, self.bias, packed_gemm(KERNEL.value)
+        weight, bias = self.weight, self.bias
+        gemm = packed_gemm(KERNEL.value, weight.dtype)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (
-            gemm is None
-            or not gemm.takes(rows)
-            or weight.device.type != "cpu"
-            or weight.dtype != torch.float32
-            or x.dtype != torch.float32
-        ):
+        if gemm is None or not gemm.takes(rows) or weight.device.type != "cpu" or x.dtype != weight.dtype:
             return F.linear(x, weight, bias)
         trained = weight.requires_grad or _requires_grad(bias)
         tracked = torch.is_grad_enabled() and (x.requires_grad or trained)
@@ -291,7 +314,7 @@ def available_memory_bytes() -> int | None:
 
 
 def use_packed_linear(model: torch.nn.Module, available_bytes: int | None = None) -> int:
-    """Swap every plain nn.Linear of a CPU fp32 model with at least MIN_PACKED_WEIGHT weights to
+    """Swap every plain nn.Linear of a CPU fp32 or bf16 model with at least MIN_PACKED_WEIGHT weights to
     PackedLinear; returns how many (0 when their packed copies would not fit in
     MAX_PACKED_SHARE_OF_AVAILABLE of `available_bytes`, by default the memory available now).
     The layers pack their gradient's products too only when twice the copies fit there.
@@ -305,7 +328,7 @@ def use_packed_linear(model: torch.nn.Module, available_bytes: int | None = None
         for module in model.modules()
         if type(module) is torch.nn.Linear
         and module.weight.device.type == "cpu"
-        and module.weight.dtype == torch.float32
+        and module.weight.dtype in PACKED_DTYPES
         and module.weight.numel() >= MIN_PACKED_WEIGHT
     ]
     packed_bytes = sum(w.numel() * w.element_size() for w in _unique_weights(layers))

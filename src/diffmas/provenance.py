@@ -74,6 +74,14 @@ def cpu_flags() -> list[str]:
     return _cpuinfo_field("flags").split()
 
 
+def cpu_bf16_support() -> dict[str, bool]:
+    """Which bf16 instructions this CPU has: avx512_bf16 (bf16 dot products) and amx_bf16 (AMX
+    tiles, what oneDNN uses for bf16 matmuls on Sapphire Rapids and later). Read from the kernel's
+    CPU flags (Linux); both False where they cannot be read."""
+    flags = cpu_flags()
+    return {name: name in flags for name in ("avx512_bf16", "amx_bf16")}
+
+
 def _cpuinfo_field(name: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -11,9 +11,9 @@ def env() -> None:
     import torch
 
     from diffmas.attention import kernel_status
-    from diffmas.backbone import EMBEDDED_MODELS, cpu_bf16_support, diffmas_home, resolve_device, resolve_dtype
+    from diffmas.backbone import EMBEDDED_MODELS, diffmas_home, resolve_device, resolve_dtype
     from diffmas.linear import KERNEL
-    from diffmas.provenance import device_description, git_commit, package_versions
+    from diffmas.provenance import cpu_bf16_support, device_description, git_commit, package_versions
     from diffmas.scoring.sandbox import isolation
 
     device = resolve_device("auto")
@@ -39,15 +39,19 @@ def env() -> None:
 
 
 def _linear_kernel(kind: str) -> str:
+    import torch
+
     from diffmas.linear import MAX_PACKED_SHARE_OF_AVAILABLE, packed_gemm
     from diffmas.provenance import cpu_vendor
 
+    bf16 = packed_gemm(kind, torch.bfloat16)
+    bf16_text = "; bf16 models: " + (bf16.description if bf16 else "PyTorch's")
     gemm = packed_gemm(kind)
     if gemm is None:
         why = "--cpu-linear default" if kind == "default" else f"no {kind} GEMM for this CPU and torch build"
-        return f"PyTorch's ({why})"
+        return f"PyTorch's ({why}){bf16_text}"
     return (
         f"{gemm.description} for {gemm.rows_text()} (--cpu-linear {kind}, "
         f"CPU vendor {cpu_vendor() or 'unknown'}; where the copies fit in "
-        f"{MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory)"
+        f"{MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory){bf16_text}"
     )

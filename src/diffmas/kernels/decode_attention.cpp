@@ -7,8 +7,9 @@
 // long traces this read is most of the step. The kernel splits each (row, KV head) into chunks of
 // positions (split-KV: a batch of one still fills every core), runs the G query heads over each
 // key and value once (skipping masked positions, which have weight exactly 0), and merges the
-// chunks' softmax states. fp32 throughout; the reductions run in another order than SDPA's
-// (closer to float64 in the tests). An AVX-512 path covers head_dim 64 and 128 with up to 8 query
+// chunks' softmax states. Keys and values are fp32 or bf16 (a bf16 model's trace: half the bytes
+// to read, widened to fp32 in registers); the query, the arithmetic and the output are fp32
+// throughout; the reductions run in another order than SDPA's (closer to float64 in the tests). An AVX-512 path covers head_dim 64 and 128 with up to 8 query
 // heads per KV head; `supports` says whether this build has one for a shape, and the Python side
 // keeps SDPA where it does not.
 #include <ATen/Parallel.h>
@@ -45,6 +46,13 @@ struct Mask {  // a row's mask over positions: keep[l * stride] (bool) or bias[l
 };
 
 #ifdef __AVX512F__
+// 16 keys' or values' elements as fp32: bf16 is fp32's upper half, so widening is a shift.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
 // e^x for x <= 0 (a score minus its row's maximum): 2^n * p(f), f in [-0.5, 0.5], p a degree-6
 // minimax polynomial of 2^f (relative error about 2e-7); x below -87 flushes to about 1e-38.
 inline __m512 exp_nonpositive(__m512 x) {
@@ -63,8 +71,8 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 // Scores of G query heads over positions [begin, end), in scores[g * n + i]; returns each head's max.
-template <int G, int DC>
-void chunk_scores(const __m512 (&qv)[G][DC], const float* k, int64_t pos_stride, int64_t begin, int64_t n,
+template <typename T, int G, int DC>
+void chunk_scores(const __m512 (&qv)[G][DC], const T* k, int64_t pos_stride, int64_t begin, int64_t n,
                   const Mask& mask, float* scores, float* mx) {
   for (int g = 0; g < G; ++g) mx[g] = kNegInf;
   for (int64_t i = 0; i < n; ++i) {
@@ -72,9 +80,9 @@ void chunk_scores(const __m512 (&qv)[G][DC], const float* k, int64_t pos_stride,
       for (int g = 0; g < G; ++g) scores[g * n + i] = kNegInf;
       continue;
     }
-    const float* kl = k + (begin + i) * pos_stride;
+    const T* kl = k + (begin + i) * pos_stride;
     __m512 kc[DC];
-    for (int c = 0; c < DC; ++c) kc[c] = _mm512_loadu_ps(kl + 16 * c);
+    for (int c = 0; c < DC; ++c) kc[c] = load16(kl + 16 * c);
     const float add = mask.bias ? mask.bias[(begin + i) * mask.stride] : 0.f;
     for (int g = 0; g < G; ++g) {
       __m512 a = _mm512_mul_ps(qv[g][0], kc[0]);
@@ -106,8 +114,8 @@ inline float exponentiate(float* s, int64_t n, float mx) {
 }
 
 // One chunk: softmax states in part[G] and unnormalised sums of values in acc[G][16 * DC].
-template <int G, int DC>
-void chunk_attention(const float* q, int64_t q_head_stride, const float* k, const float* v, int64_t pos_stride,
+template <typename T, int G, int DC>
+void chunk_attention(const float* q, int64_t q_head_stride, const T* k, const T* v, int64_t pos_stride,
                      int64_t begin, int64_t end, const Mask& mask, float scale, float* scores, float* acc,
                      Softmax* part) {
   const int64_t n = end - begin;
@@ -116,16 +124,16 @@ void chunk_attention(const float* q, int64_t q_head_stride, const float* k, cons
     for (int c = 0; c < DC; ++c)
       qv[g][c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * q_head_stride + 16 * c), _mm512_set1_ps(scale));
   float mx[G];
-  chunk_scores<G, DC>(qv, k, pos_stride, begin, n, mask, scores, mx);
+  chunk_scores<T, G, DC>(qv, k, pos_stride, begin, n, mask, scores, mx);
   for (int g = 0; g < G; ++g) part[g] = {mx[g], exponentiate(scores + g * n, n, mx[g])};
   __m512 av[G][DC];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DC; ++c) av[g][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     if (mask.masks(begin + i)) continue;  // weight exactly 0 (see Mask::masks)
-    const float* vl = v + (begin + i) * pos_stride;
+    const T* vl = v + (begin + i) * pos_stride;
     __m512 vc[DC];
-    for (int c = 0; c < DC; ++c) vc[c] = _mm512_loadu_ps(vl + 16 * c);
+    for (int c = 0; c < DC; ++c) vc[c] = load16(vl + 16 * c);
     for (int g = 0; g < G; ++g) {
       const __m512 p = _mm512_set1_ps(scores[g * n + i]);
       for (int c = 0; c < DC; ++c) av[g][c] = _mm512_fmadd_ps(p, vc[c], av[g][c]);
@@ -136,29 +144,31 @@ void chunk_attention(const float* q, int64_t q_head_stride, const float* k, cons
 }
 #endif
 
-using ChunkFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, const Mask&,
-                         float, float*, float*, Softmax*);
+template <typename T>
+using ChunkFn = void (*)(const float*, int64_t, const T*, const T*, int64_t, int64_t, int64_t, const Mask&, float,
+                         float*, float*, Softmax*);
 
-template <int DC>
-ChunkFn chunk_fn_for_group(int64_t G) {
+template <typename T, int DC>
+ChunkFn<T> chunk_fn_for_group(int64_t G) {
 #ifdef __AVX512F__
   switch (G) {
-    case 1: return chunk_attention<1, DC>;
-    case 2: return chunk_attention<2, DC>;
-    case 3: return chunk_attention<3, DC>;
-    case 4: return chunk_attention<4, DC>;
-    case 5: return chunk_attention<5, DC>;
-    case 6: return chunk_attention<6, DC>;
-    case 7: return chunk_attention<7, DC>;
-    case 8: return chunk_attention<8, DC>;
+    case 1: return chunk_attention<T, 1, DC>;
+    case 2: return chunk_attention<T, 2, DC>;
+    case 3: return chunk_attention<T, 3, DC>;
+    case 4: return chunk_attention<T, 4, DC>;
+    case 5: return chunk_attention<T, 5, DC>;
+    case 6: return chunk_attention<T, 6, DC>;
+    case 7: return chunk_attention<T, 7, DC>;
+    case 8: return chunk_attention<T, 8, DC>;
   }
 #endif
   return nullptr;
 }
 
-ChunkFn chunk_fn(int64_t G, int64_t D) {
-  if (D == 64) return chunk_fn_for_group<4>(G);
-  if (D == 128) return chunk_fn_for_group<8>(G);
+template <typename T>
+ChunkFn<T> chunk_fn(int64_t G, int64_t D) {
+  if (D == 64) return chunk_fn_for_group<T, 4>(G);
+  if (D == 128) return chunk_fn_for_group<T, 8>(G);
   return nullptr;
 }
 
@@ -182,19 +192,19 @@ void merge(const Softmax* parts, const float* accs, int64_t nchunks, int64_t str
 
 }  // namespace
 
-bool supports(int64_t groups, int64_t head_dim) { return chunk_fn(groups, head_dim) != nullptr; }
+bool supports(int64_t groups, int64_t head_dim) { return chunk_fn<float>(groups, head_dim) != nullptr; }
 
-// query [B, Hq, 1, D]; key and value [B, Hkv, L, D] with the same strides and contiguous last
-// dims; mask None or [B or 1, 1, 1, L], bool (true: attend) or float (added to the scores).
-// Returns [B, 1, Hq, D], the layout transformers' attention functions return.
-torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
-                               const c10::optional<torch::Tensor>& mask, double scale) {
+// query [B, Hq, 1, D] fp32; key and value [B, Hkv, L, D], both fp32 or both bf16, with the same
+// strides and contiguous last dims; mask None or [B or 1, 1, 1, L], bool (true: attend) or fp32
+// (added to the scores). Returns [B, 1, Hq, D] fp32, the layout transformers' attention functions
+// return.
+template <typename T>
+torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                     const c10::optional<torch::Tensor>& mask, double scale) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3), Hkv = key.size(1), L = key.size(2);
   const int64_t G = Hq / Hkv;
-  const ChunkFn fn = Hq % Hkv == 0 ? chunk_fn(G, D) : nullptr;
+  const ChunkFn<T> fn = Hq % Hkv == 0 ? chunk_fn<T>(G, D) : nullptr;
   TORCH_CHECK(fn, "decode_attention: no kernel for ", G, " query heads per KV head of dim ", D);
-  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat && value.scalar_type() == at::kFloat,
-              "decode_attention: float32 only");
   TORCH_CHECK(query.size(2) == 1 && query.stride(3) == 1 && key.stride(3) == 1 && key.strides() == value.strides(),
               "decode_attention: one query position; contiguous head dims; key and value strides equal");
   Mask row_mask{nullptr, nullptr, 0};
@@ -213,7 +223,8 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
   auto out = torch::empty({B, 1, Hq, D}, query.options());
   auto accs = torch::empty({units, G, D}, query.options());
   std::vector<Softmax> parts(units * G);
-  const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
+  const float* qp = query.data_ptr<float>();
+  const T *kp = key.data_ptr<T>(), *vp = value.data_ptr<T>();
   float* ap = accs.data_ptr<float>();
   at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> scores(G * kChunk);
@@ -235,7 +246,16 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
   return out;
 }
 
+torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                               const c10::optional<torch::Tensor>& mask, double scale) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == value.scalar_type() &&
+                  (key.scalar_type() == at::kFloat || key.scalar_type() == at::kBFloat16),
+              "decode_attention: an fp32 query; fp32 or bf16 keys and values");
+  if (key.scalar_type() == at::kBFloat16) return attend<at::BFloat16>(query, key, value, mask, scale);
+  return attend<float>(query, key, value, mask, scale);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one-position attention over a KV trace (fp32)");
+  m.def("decode_attention", &decode_attention, "one-position attention over a KV trace (fp32 or bf16 keys and values)");
   m.def("supports", &supports, "whether this build has a kernel for (query heads per KV head, head dim)");
 }
