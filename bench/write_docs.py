@@ -1430,6 +1430,44 @@ def section_elsewhere() -> str:
     return "\n\n".join([intro] + out)
 
 
+def section_batch_invariance(r: dict) -> str:
+    """Answers alone vs in a batch, per dtype: the contract that keeps bf16 opt-in on CPUs."""
+    dtypes = ("float32", "bfloat16")
+    rows, same = [], {d: True for d in dtypes}
+    for key, case in r["cases"].items():
+        for d in dtypes:
+            v = case.get(d)
+            if v is None:
+                continue
+            if "different_predictions" in v:
+                differ, what = v["different_predictions"], "predicted option"
+                detail = f"largest log-likelihood difference {v['max_logprob_difference']:.2g}"
+            else:
+                differ, what = v["different_answers"], "extracted answer"
+                detail = (
+                    f"{v['different_texts']} of {v['n']} final texts differ; accuracy alone "
+                    f"{v['accuracy_alone']:.3f}, batched {v['accuracy_batched']:.3f}"
+                )
+            same[d] = same[d] and differ == 0
+            rows.append([f"{case['task']} ({case['method']}, {what})", d, f"{differ} of {v['n']}", detail])
+    verdict = "; ".join(
+        f"{d}: {'no answer depends on the batch' if ok else 'some answers depend on the batch'}"
+        for d, ok in same.items()
+    )
+    return "\n\n".join(
+        [
+            "## Answers alone and in a batch: fp32 vs bf16",
+            "The runner's contract: batch size is a runtime-only setting (a run resumed with another "
+            "`--batch-size` reproduces its answers). Each dtype runs the same questions at batch 1 and at "
+            f"batch {r['settings']['batch_size']} through the eval runner's loop (`bench/batch_invariance.py`), "
+            "the embedded model on this CPU.",
+            md_table(["task (method, answer compared)", "dtype", "answers that differ", "detail"], rows),
+            f"Measured: {verdict}. bf16 stays opt-in on CPUs while it breaks the contract (docs/design.md, dtype).",
+            machine_line(r),
+        ]
+    )
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     parts = [
@@ -1449,6 +1487,7 @@ def main() -> None:
         "decode_attention",
         "ratio_by_batch",
         "prompt_prefill",
+        "batch_invariance",
     )
     results = {name: load(name) for name in names}
     summary = section_summary(results)
@@ -1466,6 +1505,7 @@ def main() -> None:
         ("training_step", section_training),
         ("trace_growth", section_trace),
         ("cpu_bf16", section_cpu_bf16),
+        ("batch_invariance", section_batch_invariance),
     ):
         result = results[name]
         parts.append(render(result) if result else f"## {name}\n\n_not run yet: `python bench/{name}.py`_")
