@@ -21,7 +21,6 @@ import statistics
 import torch
 
 import _common as c
-from cpu_bf16 import DTYPES, load
 
 CASES = (  # (key, task, method, max new tokens)
     ("arc_easy_option_likelihood", "arc_easy", "single", 1),
@@ -60,6 +59,8 @@ def compare(alone: list[dict], batched: list[dict]) -> dict:
 
 
 def main() -> None:
+    from cpu_bf16 import DTYPES, load
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--arc-n", type=int, default=100, help="ARC-Easy test questions (first n)")
     p.add_argument("--gsm8k-n", type=int, default=16)
