@@ -185,7 +185,7 @@ def packed_gemm(kind: LinearKernel, dtype: torch.dtype = torch.float32) -> Packe
 def _bf16_gemm(kind: LinearKernel) -> PackedGemm | None:
     """bf16 weights: PyTorch's bf16 CPU linear re-packs the weight on every call too, and on an AMD
     EPYC with avx512_bf16 (2026-12-07) it was slower than the fp32 packed product at 1 to 8 rows
-    (the LM head: 4.4 vs 4.3 ms at one row), while oneDNN's packed bf16 product took 0.33x to 0.8x
+    (the LM head: 4.4 vs 4.3 ms at one row), while oneDNN's packed bf16 product took 0.33x to 0.9x
     the fp32 one's time. Bits as in fp32: a row's are the same in any call of several rows, and a
     one-row call of the down projection (1536-wide input) rounds otherwise. Without bf16
     instructions oneDNN converts in software, which was not measured: `packed` leaves those CPUs
