@@ -175,7 +175,7 @@ def packed_gemm(kind: LinearKernel, dtype: torch.dtype = torch.float32) -> Packe
     if dtype != torch.float32:
         return None
     if kind == "packed":
-        if platform.machine().lower() not in ("x86_64", "amd64"):
+        if not _x86():
             return None
         kind = "mkl" if cpu_vendor() == "GenuineIntel" else "onednn"
     gemm = GEMMS.get(kind)
@@ -192,11 +192,14 @@ def _bf16_gemm(kind: LinearKernel) -> PackedGemm | None:
     on PyTorch's kernel, `onednn` still takes oneDNN."""
     if kind not in ("packed", "onednn") or not ONEDNN.available():
         return None
-    if kind == "packed" and (
-        platform.machine().lower() not in ("x86_64", "amd64") or not any(cpu_bf16_support().values())
-    ):
+    if kind == "packed" and not (_x86() and any(cpu_bf16_support().values())):
         return None
     return BF16_ONEDNN
+
+
+def _x86() -> bool:
+    """Both libraries' packed products were measured on x86 CPUs only."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def packing_available() -> bool:
