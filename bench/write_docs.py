@@ -1319,6 +1319,21 @@ def section_packed_linear(r: dict) -> str:
     )
 
 
+def _prefill_bits(r: dict) -> str:
+    """What the prompt-prefill run's bit checks found: packed rows against one forward a row
+    (records before 2026-12-07's fifth session), or each batch's rows against each row alone."""
+    if "packed_same_bits_as_rows" in r:
+        if r["packed_same_bits_as_rows"]:
+            return f"In all {r['checks']} checks packed rows gave one-forward-a-row's hidden states, keys and values bit for bit."
+        return f"**Packed rows did not give one-forward-a-row's bits in every one of the {r['checks']} checks.**"
+    if r["packed_same_bits_as_alone"]:
+        return (
+            f"In all {r['checks']} checks (each batch once) every row got the hidden states and keys and values it "
+            "gets alone, bit for bit."
+        )
+    return f"**Some rows did not get their bits alone in the {r['checks']} checks.**"
+
+
 def section_prompt_prefill(r: dict) -> str:
     """A CPU prompt prefill as one padded batch, one forward a row, and packed rows (bench/prompt_prefill.py)."""
     s = r["settings"]
@@ -1334,11 +1349,7 @@ def section_prompt_prefill(r: dict) -> str:
                 + [f"{packed_over_rows[-1]:.2f}x", f"{packed_over_padded[-1]:.2f}x"]
                 + [f"{a[f'{v}_product_flops_per_s'] / 1e9:.0f}" for v in ("rows", "packed")]
             )
-    bits = (
-        f"In all {r['checks']} checks packed rows gave one-forward-a-row's hidden states, keys and values bit for bit."
-        if r["packed_same_bits_as_rows"]
-        else f"**Packed rows did not give one-forward-a-row's bits in every one of the {r['checks']} checks.**"
-    )
+    bits = _prefill_bits(r)
     load = ", ".join(f"{x:.2f}" for x in r["load_average"])
     return "\n\n".join(
         [
@@ -1430,8 +1441,16 @@ def section_elsewhere() -> str:
     return "\n\n".join([intro] + out)
 
 
+def _contract_line(differing: dict) -> str:
+    """What the batch-invariance counts say about the contract, per dtype measured."""
+    broken = [d for d, n in differing.items() if n]
+    if broken:
+        return f"{' and '.join(broken)} broke the contract here (docs/design.md, dtype)."
+    return "No answer depended on the batch, in either dtype (docs/design.md, dtype, says how, and why bf16 is still opt-in)."
+
+
 def section_batch_invariance(r: dict) -> str:
-    """Answers alone vs in a batch, per dtype: the contract that keeps bf16 opt-in on CPUs."""
+    """Answers alone vs in a batch, per dtype: the contract that kept bf16 opt-in on CPUs."""
     dtypes = ("float32", "bfloat16")
     rows, differing, total = [], dict.fromkeys(dtypes, 0), dict.fromkeys(dtypes, 0)
     for case in r["cases"].values():
@@ -1460,7 +1479,7 @@ def section_batch_invariance(r: dict) -> str:
             f"batch {r['settings']['batch_size']} through the eval runner's loop (`bench/batch_invariance.py`), "
             "the embedded model on this CPU.",
             md_table(["task (method, answer compared)", "dtype", "answers that differ", "detail"], rows),
-            f"Measured: {verdict}. bf16 stays opt-in on CPUs while it breaks the contract (docs/design.md, dtype).",
+            f"Measured: {verdict}. {_contract_line(differing)}",
             machine_line(r),
         ]
     )

@@ -127,6 +127,29 @@ def test_masked_positions_are_not_read(kernel, kind):
         assert torch.equal(kernel.decode_attention(q, k, v, mask, 0.125), ref) and torch.isfinite(ref).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [90, 700])
+def test_a_rows_bits_do_not_depend_on_its_batch(kernel, dtype, length):
+    """A row alone (its entries only, no mask) and the same row in a batch, shifted right by
+    padding columns and with a hidden span inside (another agent's entries): the same output bits.
+    The kernel cuts chunks and lanes by a position's index among the visible ones, not by column;
+    cut by column, the padding moves every chunk boundary and lane (the old kernel fails this)."""
+    q, k, v = inputs(3, 9, 3, 64, length, seed=1)
+    k, v = k.to(dtype), v.to(dtype)
+    alone = kernel.decode_attention(q[1:2], k[1:2], v[1:2], None, 0.125)
+    pad, hole = 77, length // 3  # padding columns, then the row's first `hole` entries, 50 hidden, the rest
+    wide = torch.randn(3, 3, pad + length + 50, 64).to(dtype)
+    keep = torch.zeros(3, 1, 1, wide.shape[2], dtype=torch.bool)
+    keep[0, ..., 5:] = True  # the other rows: other layouts
+    keep[2, ..., : length // 2] = True
+    row = torch.cat([torch.arange(pad, pad + hole), torch.arange(pad + hole + 50, pad + length + 50)])
+    kw, vw = wide.clone(), wide.clone()
+    kw[1, :, row], vw[1, :, row] = k[1], v[1]
+    keep[1, ..., row] = True
+    batched = kernel.decode_attention(q, kw, vw, keep, 0.125)
+    assert torch.equal(batched[1:2], alone)
+
+
 def test_shapes_without_a_kernel_are_refused_with_one_line(kernel):
     assert not kernel.supports(3, 16) and not kernel.supports(9, 64) and kernel.supports(4, 128)
     q, k, v = inputs(1, 4, 2, 16, 10)

@@ -243,25 +243,28 @@ def test_row_by_row_prefill_equals_the_padded_batch(backbone, hidden, packed, mo
 @pytest.mark.parametrize("hidden", [(), ("a",)], ids=["reads-all", "a-hidden"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @torch.no_grad()
-def test_packed_rows_give_the_bits_of_one_forward_a_row(tied, hidden):
-    """Packing changes only how many rows each linear product has, and oneDNN's products keep a
-    row's bits at any row count (tests/test_linear.py): hidden states, decoded ids and every key
-    and value bit for bit. A 256-wide model, so its layers run packed products."""
+def test_a_rows_bits_are_the_same_alone_and_in_a_batch(tied, hidden, monkeypatch):
+    """Batch size is a runtime-only setting, to the bit: prompts (packed, each row's attention
+    over the columns it sees), latent steps and decoding (one-row products run as two rows; the
+    kernel's sums follow visible positions) give each row alone the hidden states, decoded ids
+    and keys and values it gets among the batch's rows. A 256-wide model, so its layers run
+    oneDNN's packed products, whose rows keep their bits at any row count (tests/test_linear.py)."""
+    from diffmas import linear
     from diffmas.linear import ONEDNN, linear_kernel
-    from diffmas.trace import packed_rows
 
     if not ONEDNN.available():
         pytest.skip("NOT TESTED: needs a torch build with oneDNN (every x86 wheel has it)")
+    monkeypatch.setattr(linear, "MIN_PACKED_WEIGHT", 0)  # the small KV projections too, as a real model's
     bb = make_backbone(tied, width=256, init=0.1)
-    runs = {}
-    for packed in (True, False):
-        with linear_kernel("onednn"), packed_rows(packed):
-            runs[packed] = build_long(bb, LONG_ROWS, hidden)
-    (h, ids, trace), (h_ref, ids_ref, ref) = runs[True], runs[False]
-    assert torch.equal(h, h_ref) and ids == ids_ref
-    assert trace.length == ref.length and torch.equal(trace.attention_mask, ref.attention_mask)
-    for (k, v), (k_ref, v_ref) in zip(trace.kv(), ref.kv()):
-        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    with linear_kernel("onednn"):
+        h, ids, trace = build_long(bb, LONG_ROWS, hidden)
+        for b, row in enumerate(LONG_ROWS):
+            h_alone, ids_alone, alone = build_long(bb, [row], hidden)
+            assert torch.equal(h[:, b], h_alone[:, 0]) and ids[b] == ids_alone[0]
+            real, real_alone = trace.attention_mask[b].bool(), alone.attention_mask[0].bool()
+            for (k, v), (k1, v1) in zip(trace.kv(), alone.kv()):
+                assert torch.equal(k[b][:, real], k1[0][:, real_alone])
+                assert torch.equal(v[b][:, real], v1[0][:, real_alone])
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from diffmas.channel import latent_steps, prefill
 from diffmas.generate import DecodeConfig, decode
 from diffmas.methods import MethodConfig, OptionQuery, get_method
 from diffmas.roles import default_topology
-from diffmas.trace import LatentTrace, trace_store
+from diffmas.trace import LatentTrace, packed_rows, trace_store
 
 from conftest import make_backbone
 
@@ -63,15 +63,19 @@ def test_every_method_gives_the_same_results_on_both_stores(backbone, name):
 
 
 def build(bb, store: str, rows=QUESTIONS, m=4, new=6):
-    """Two agents' prompts + latent steps, a third agent's prompt and decoding, on one trace."""
+    """Two agents' prompts + latent steps, a third agent's prompt and decoding, on one trace.
+    Both stores run each prompt as one padded batch (`packed_rows(False)`): packed rows attend
+    over each row's gathered columns, another rounding that the wide-init model amplifies past
+    1e-5 over the latent steps; tests/test_trace.py compares them with the padded batch."""
     with trace_store(store):
         trace = LatentTrace(bb, len(rows))
-    for agent in ("a", "b"):
-        h = prefill(trace, agent, [f"{agent} reads {r}" for r in rows])
-        latent_steps(trace, agent, h, m)
-    h = prefill(trace, "c", list(rows))
-    out = decode(trace, "c", h, DecodeConfig(max_new_tokens=new, min_new_tokens=new), [0] * len(rows))
-    logits = bb.logits(prefill(trace, "d", ["and then?"] * len(rows)))
+    with packed_rows(False):
+        for agent in ("a", "b"):
+            h = prefill(trace, agent, [f"{agent} reads {r}" for r in rows])
+            latent_steps(trace, agent, h, m)
+        h = prefill(trace, "c", list(rows))
+        out = decode(trace, "c", h, DecodeConfig(max_new_tokens=new, min_new_tokens=new), [0] * len(rows))
+        logits = bb.logits(prefill(trace, "d", ["and then?"] * len(rows)))
     return trace, out, logits
 
 
@@ -132,7 +136,8 @@ def _trained_grads(store: str, upstream_no_grad: bool, checkpointing: bool = Fal
     bb.gradient_checkpointing = checkpointing
     with trace_store(store):
         trace = LatentTrace(bb, 2)
-    with torch.no_grad() if upstream_no_grad else torch.enable_grad():
+    # a frozen upstream would run packed on the grow store only (see `build`)
+    with torch.no_grad() if upstream_no_grad else torch.enable_grad(), packed_rows(False):
         for agent in ("planner", "critic"):
             with bb.use_adapter(adapters[agent]):
                 h = prefill(trace, agent, [f"{agent}: two plus two", f"{agent}: capital of France"])

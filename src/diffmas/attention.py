@@ -16,18 +16,20 @@ per row. On long traces that read is most of the step, and PyTorch's CPU SDPA do
 to a quarter of the memory bandwidth. `--cpu-attention kernel` (the default) runs them through
 `kernels/decode_attention.cpp` (compiled for this CPU at first use; split-KV, AVX-512), about 2x
 SDPA's speed on the embedded model's shapes (`bench/decode_attention.py`); rounding differs from
-SDPA's by about 1e-6 relative (the kernel is closer to float64, tests/test_decode_attention.py).
-bf16 models' steps run it too: it reads their bf16 keys and values and computes in fp32, as SDPA
+SDPA's by about 1e-6 relative (the kernel is closer to float64, tests/test_decode_attention.py),
+and its sums follow a row's visible positions, not their columns, so a row gets the same bits
+alone and in any batch. bf16 models' steps run it too: it reads their bf16 keys and values and computes in fp32, as SDPA
 does, with the output rounded to bf16. Steps the kernel does not cover keep transformers' path (it
 packs the query heads of a KV head into one query block): under autograd, in dtypes other than
 fp32 and bf16, for shapes without an AVX-512 kernel,
 per-head masks, dropout, softcaps and sinks, inside `torch.compile`, and where the kernel could
 not be built. Every device but the CPU keeps transformers' path too.
 
-Packed rows (a CPU prompt prefill, `diffmas.trace`): a batch's rows run as one sequence of their
-real tokens, so every linear layer is one product over all of them; inside `packed_rows(rows)`
-attention splits that sequence back into rows and runs each row's tokens over its own row of the
-trace, with that row's mask, through the same call a row run alone would make.
+Packed rows (a CPU chunk of several positions, `diffmas.trace`): a batch's rows run as one
+sequence of their real tokens, so every linear layer is one product over all of them; inside
+`packed_rows(rows)` attention splits that sequence back into rows and runs each row's tokens over
+the columns of its row of the trace that it sees (gathered, so padding and hidden columns are not
+there), through the same call whatever batch the row is in.
 """
 
 from __future__ import annotations
@@ -136,12 +138,13 @@ def _avx512() -> bool:
 @dataclass(frozen=True)
 class PackedRows:
     """Where a packed chunk's rows are: row b's tokens are positions `spans[b]` of the packed
-    sequence; they attend over columns `columns[b]` of row b of the keys and values attention is
-    handed (the trace's buffers up to the chunk's end) through `masks[b]`, (1, 1, n_b, columns)
-    bool, or causally where it is None (what transformers does for a row that sees all its keys)."""
+    sequence; they attend over columns `columns[b]` (an index tensor or a slice) of row b of the
+    keys and values attention is handed (the trace's buffers up to the chunk's end) through
+    `masks[b]`, (1, 1, n_b, columns) bool, or causally where it is None (what transformers does for
+    a row that sees all its keys)."""
 
     spans: tuple[tuple[int, int], ...]
-    columns: tuple[slice, ...]
+    columns: tuple[torch.Tensor | slice, ...]
     masks: tuple[torch.Tensor | None, ...]
 
 

@@ -224,5 +224,7 @@ def continuation_logprobs(
     rest = bb.logits(hidden[:, :-1])  # (B*n, T-1, V): position t predicts token t+1
     logp = torch.cat([first, rest], dim=1).log_softmax(dim=-1)
     token_logp = logp.gather(2, ids[..., None]).squeeze(-1) * mask  # (B*n, T)
-    sums = token_logp.sum(dim=1).view(len(options), n_opt).tolist()
+    # a running sum, left to right: a row's padding (zeros at its end) and the batch's width
+    # change no bit of it, where `sum`'s vector lanes would regroup the terms
+    sums = token_logp.double().cumsum(dim=1)[:, -1].view(len(options), n_opt).tolist()
     return [row[: len(opts)] for row, opts in zip(sums, options)]

@@ -26,9 +26,11 @@ does not (it differs by about 1e-6 relative). That is a measured property of MKL
 model's shapes (tests/test_linear.py), not a guarantee: on an AMD EPYC it does not hold. oneDNN's
 prepacked product gave a row the same bits in any call of 2 to 600 rows on an Intel Xeon, and of
 2 to 4200 rows on an AMD EPYC (tests/test_linear.py checks 2 to 1100 wherever oneDNN is in the
-build), so with it a question's prompt gets the same bits alone and in a batch. One-row products
-(a batch-1 step) may round otherwise than the same row in a larger call, with oneDNN (on the
-EPYC, for the 1536-wide input of the MLP's down projection) as with PyTorch's matrix-vector kernel.
+build), so with it a question's prompt gets the same bits alone and in a batch. A library's
+one-row product (a batch-1 step) may round otherwise than the same row in a larger call (oneDNN's
+does on the EPYC, for the 1536-wide input of the MLP's down projection), so without autograd a
+one-row call runs as the row twice: a batch-1 step gets the bits the row gets in any batch
+(tests/test_trace.py checks whole traces).
 
 Scope: fp32 weights of at least 256 KiB on the CPU, and bf16 ones of as many elements (a model
 loaded with `--dtype bfloat16`): those run oneDNN's packed bf16 product (`_bf16_gemm`), for
@@ -141,7 +143,7 @@ MKL = PackedGemm(
 # of rows) takes it too, and its rows keep their bits in any call of 2 rows or more
 # (tests/test_linear.py). One row (batch-1 decode and latent steps): faster than PyTorch's
 # matrix-vector kernel on the same EPYC (2026-12-07, bench/packed_linear.py), most on the LM head;
-# a one-row call may round otherwise than the row in a larger call (as PyTorch's kernel does).
+# a one-row call may round otherwise than the row in a larger call, so `PackedLinear` runs it as two.
 ONEDNN = PackedGemm(
     name="onednn",
     description="oneDNN's prepacked GEMM",
@@ -187,9 +189,9 @@ def _bf16_gemm(kind: LinearKernel) -> PackedGemm | None:
     EPYC with avx512_bf16 (2026-12-07) it was slower than the fp32 packed product at 1 to 8 rows
     (the LM head: 4.4 vs 4.3 ms at one row), while oneDNN's packed bf16 product took 0.33x to 0.9x
     the fp32 one's time. Bits as in fp32: a row's are the same in any call of several rows, and a
-    one-row call of the down projection (1536-wide input) rounds otherwise. Without bf16
-    instructions oneDNN converts in software, which was not measured: `packed` leaves those CPUs
-    on PyTorch's kernel, `onednn` still takes oneDNN."""
+    one-row call of the down projection (1536-wide input) rounds otherwise (so it runs as two).
+    Without bf16 instructions oneDNN converts in software, which was not measured: `packed` leaves
+    those CPUs on PyTorch's kernel, `onednn` still takes oneDNN."""
     if kind not in ("packed", "onednn") or not ONEDNN.available():
         return None
     if kind == "packed" and not (_x86() and any(cpu_bf16_support().values())):
@@ -224,7 +226,8 @@ class PackedLinear(torch.nn.Linear):
         weight, bias = self.weight, self.bias
         gemm = packed_gemm(KERNEL.value, weight.dtype)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if gemm is None or not gemm.takes(rows) or weight.device.type != "cpu" or x.dtype != weight.dtype:
+        run_rows = 2 if rows == 1 else rows  # without autograd a one-row product runs as two (below)
+        if gemm is None or not gemm.takes(run_rows) or weight.device.type != "cpu" or x.dtype != weight.dtype:
             return F.linear(x, weight, bias)
         trained = weight.requires_grad or _requires_grad(bias)
         tracked = torch.is_grad_enabled() and (x.requires_grad or trained)
@@ -235,6 +238,10 @@ class PackedLinear(torch.nn.Linear):
         x2d = x.reshape(rows, x.shape[-1])
         if tracked:
             out = _FrozenWeightProduct.apply(x2d, weight, bias, gemm)
+        elif rows == 1:
+            # the row twice: a library's one-row kernel may round otherwise than the same row
+            # among several, and a batch-1 step must give a row the bits a batch gives it
+            out = gemm.run(x2d.expand(2, -1).contiguous(), _packed(weight, gemm), weight, bias)[:1]
         else:
             out = gemm.run(x2d, _packed(weight, gemm), weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -39,10 +39,14 @@ on its real tokens (`_forward_rows`; see ROW_BY_ROW_MIN_TOKENS), so a compute-bo
 spends nothing on padding; padding columns then hold zeros, which no read sees. On the grow store
 each left-padded row attends over its own row of the buffers and writes its entries there
 (`_RowLayer`), so no row's past is copied for its forward. Where the model's attention is
-`diffmas.attention`'s, the rows run packed (`_forward_packed`, `packed_rows`): their real tokens
-as one sequence, one forward for all rows, so each linear product covers every row's tokens,
-while attention still reads each row's own buffers (`_PackedLayer`); the same bits as one forward
-a row with oneDNN's products.
+`diffmas.attention`'s, every chunk of several positions runs packed (`_forward_packed`,
+`packed_rows`), at any batch size and padding: the rows' real tokens as one sequence, one forward
+for all rows, so each linear product covers every row's tokens, while each row's attention reads
+only the columns of its own buffers that it sees, gathered (`_row_reads`). With oneDNN's products
+(a row's bits at any row count), the decode kernel (sums over visible positions) and one-row
+products run as two rows (`diffmas.linear`), a row then gets the same bits alone and in any batch:
+batch size is a runtime-only setting, in bf16 as in fp32 (tests/test_trace.py,
+`bench/batch_invariance.py`).
 
 Narrowing (inference, grow store): `narrowed(rows)` hands out a trace of some rows whose layers are
 views of this trace's own buffers, the rows moved to the front; decoding uses it to stop computing
@@ -256,20 +260,20 @@ class _RowLayer(DynamicLayer):
 
 class _PackedLayer(DynamicLayer):
     """One layer of the grow store's buffers while a chunk runs packed (`_forward_packed`):
-    `update` writes each row's new entries (its span of the packed sequence) into the last
-    columns of that row's chunk and hands attention the buffers up to the chunk's end, which
-    `attention.packed_rows` reads row by row. It reports no past, so the decoder's own mask is
-    the packed sequence's (unused: attention takes each row's)."""
+    `update` writes each row's new entries (its span of the packed sequence) into that row's real
+    columns of the chunk, from column `firsts[b]` on, and hands attention the buffers up to the
+    chunk's end, which `attention.packed_rows` reads row by row. It reports no past, so the
+    decoder's own mask is the packed sequence's (unused: attention takes each row's)."""
 
-    def __init__(self, buffers, spans, n_real, end: int):
+    def __init__(self, buffers, spans, firsts: list[int], end: int):
         super().__init__()
-        self.buffers, self.spans, self.n_real, self.end = buffers, spans, n_real, end
+        self.buffers, self.spans, self.firsts, self.end = buffers, spans, firsts, end
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         for buf, new in zip(self.buffers, (key_states, value_states)):
-            for b, ((s, e), n) in enumerate(zip(self.spans, self.n_real)):
-                buf[b, :, self.end - n : self.end].copy_(new[0, :, s:e])
+            for b, ((s, e), first) in enumerate(zip(self.spans, self.firsts)):
+                buf[b, :, first : first + e - s].copy_(new[0, :, s:e])
         return self.buffers[0][:, :, : self.end], self.buffers[1][:, :, : self.end]
 
     def get_seq_length(self) -> int:
@@ -281,6 +285,19 @@ def _left_padded(chunk_mask: torch.Tensor) -> bool:
     width = chunk_mask.shape[1]
     tail = torch.arange(width, device=chunk_mask.device)[None, :] >= width - chunk_mask.sum(dim=1, keepdim=True)
     return bool(torch.equal(chunk_mask.bool(), tail))
+
+
+def _real_runs(chunk_mask: torch.Tensor) -> list[int] | None:
+    """Each row's first real column, where every row's real columns are one run of at least one
+    column (left or right padding, or none); None otherwise."""
+    real = chunk_mask.bool()
+    n = real.sum(dim=1)
+    first = real.int().argmax(dim=1)
+    columns = torch.arange(real.shape[1], device=real.device)[None, :]
+    run = (columns >= first[:, None]) & (columns < (first + n)[:, None])
+    if bool((n == 0).any()) or not torch.equal(real, run):
+        return None
+    return first.tolist()
 
 
 # Row by row (inference on a CPU): a CPU's prompt prefill is compute-bound, so a padding column
@@ -566,12 +583,18 @@ class LatentTrace:
         return hidden
 
     def _row_by_row(self, chunk_mask: torch.Tensor) -> bool:
-        """Run this chunk row by row on its real tokens (see ROW_BY_ROW_*)?"""
+        """Run this chunk row by row on its real tokens (see ROW_BY_ROW_*)? A chunk of several
+        positions that can run packed always does, at any batch size: then a row's attention reads
+        its visible columns only, which is what gives it the same bits alone and in any batch."""
         batch, width = chunk_mask.shape
-        if not ROW_BY_ROW.value or batch < 2 or width < ROW_BY_ROW_MIN_TOKENS or torch.is_grad_enabled():
+        if not ROW_BY_ROW.value or torch.is_grad_enabled():
             return False
         if self.backbone.device.type != "cpu" or self.inputs is not None:
             return False  # a GPU gains from the batched shapes; recorded traces replay chunks as written
+        if width >= 2 and self._packs_rows(chunk_mask):
+            return True
+        if batch < 2 or width < ROW_BY_ROW_MIN_TOKENS:
+            return False
         real = chunk_mask.sum(dim=1)
         padding = 1 - float(real.sum()) / (batch * width)
         return int(real.min()) >= ROW_BY_ROW_MIN_TOKENS and padding >= ROW_BY_ROW_MIN_PADDING
@@ -625,23 +648,24 @@ class LatentTrace:
         return all(type(layer) is _TraceLayer and layer.grow for layer in self.cache.layers)
 
     def _packs_rows(self, chunk_mask: torch.Tensor) -> bool:
-        """Can the rows run packed (`_forward_packed`)? As `_rows_write_in_place` (or an empty
-        grow store), on a model whose attention is `diffmas.attention`'s, which splits the rows
-        (every layer attends over the whole trace: the backbone refuses sliding windows)."""
-        if not PACKED_ROWS.value or not self._grow_layers() or not _left_padded(chunk_mask):
+        """Can the rows run packed (`_forward_packed`)? A grow store, every row's real columns one
+        run (`_real_runs`), and a model whose attention is `diffmas.attention`'s, which splits the
+        rows (every layer attends over the whole trace: the backbone refuses sliding windows)."""
+        if not PACKED_ROWS.value or not self._grow_layers() or _real_runs(chunk_mask) is None:
             return False
         return self.backbone.base_model().config._attn_implementation == attention.NAME
 
     def _forward_packed(
         self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        """`_forward_rows_in_place` with the rows packed: the rows' real tokens, one after
-        another, run as one sequence, so each linear layer makes one product over all of them (a
-        product's rows keep their bits at any row count, `diffmas.linear`); attention splits them
-        back into rows (`attention.packed_rows`), each over its own row of the buffers with the
-        mask the row alone gets. Its padding columns are zeroed and masked, as row by row."""
+        """The rows' real tokens, one after another, run as one sequence, so each linear layer
+        makes one product over all of them (a product's rows keep their bits at any row count,
+        `diffmas.linear`); attention splits them back into rows (`attention.packed_rows`), each
+        over its own visible columns of the buffers (`_row_reads`), and each row's entries go to
+        its real columns of the chunk (`_PackedLayer`). Padding columns are zeroed and masked."""
         width, n_real = embeds.shape[1], chunk_mask.sum(dim=1).tolist()
-        rows = self._row_reads(full_mask, n_real, width)
+        firsts = [self.length + first for first in _real_runs(chunk_mask)]
+        rows = self._row_reads(full_mask, n_real, firsts)
         layers = self.cache.layers
         if self.length == 0:
             bb = self.backbone
@@ -651,7 +675,7 @@ class LatentTrace:
         buffers = [layer.open_columns(width) for layer in layers]
         end = self.length + width
         scratch = DynamicCache(config=self.backbone.base_model().config)
-        scratch.layers = [_PackedLayer(bufs, rows.spans, n_real, end) for bufs in buffers]
+        scratch.layers = [_PackedLayer(bufs, rows.spans, firsts, end) for bufs in buffers]
         real = chunk_mask.bool()
         with attention.packed_rows(rows):
             packed = self.backbone.decoder()(
@@ -666,21 +690,26 @@ class LatentTrace:
             layer.extend(width)
         return hidden
 
-    def _row_reads(self, full_mask: torch.Tensor, n_real: list[int], width: int) -> attention.PackedRows:
-        """Where each row's tokens sit in the packed sequence and what they attend to: the row's
-        columns up to the chunk's end through its mask (its visible columns, causally over the
-        chunk's), or, in an empty trace, its own columns causally and unmasked, as transformers
-        runs a row alone (so the same SDPA call, and the same bits)."""
+    def _row_reads(self, full_mask: torch.Tensor, n_real: list[int], firsts: list[int]) -> attention.PackedRows:
+        """Where each row's tokens sit in the packed sequence and what they attend to: only the
+        columns the row sees (its visible trace columns and its own tokens, in order), causally over
+        its own. A row's attention then gets the same keys, values and mask whatever padding or
+        other agents' columns the batch puts around them: the same bits alone and in any batch.
+        A row that sees no earlier column attends causally and unmasked, as transformers runs a
+        row alone in an empty trace (so the same SDPA call, and the same bits)."""
         starts = [0, *itertools.accumulate(n_real)]
         spans = tuple(zip(starts[:-1], starts[1:]))
-        if self.length == 0:
-            return attention.PackedRows(spans, tuple(slice(width - n, width) for n in n_real), (None,) * len(n_real))
-        end = self.length + width
-        columns = torch.arange(end, device=full_mask.device)
-        causal = columns[None, :] <= columns[end - width :, None]  # (width, end): query i at column end - width + i
         visible = full_mask.bool()
-        masks = tuple((visible[b, None, :] & causal[width - n :])[None, None] for b, n in enumerate(n_real))
-        return attention.PackedRows(spans, (slice(None),) * len(n_real), masks)
+        columns, masks = [], []
+        for b, (n, first) in enumerate(zip(n_real, firsts)):
+            seen = visible[b].nonzero().squeeze(1)  # earlier visible columns, then the row's own
+            columns.append(seen)
+            if len(seen) == n:
+                masks.append(None)
+                continue
+            own = torch.arange(first, first + n, device=seen.device)
+            masks.append((seen[None, :] <= own[:, None])[None, None])
+        return attention.PackedRows(spans, tuple(columns), tuple(masks))
 
     def _forward_rows_in_place(
         self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor

@@ -4,10 +4,12 @@
 // A one-position step reads every key and value of the trace once and does little arithmetic per
 // byte (G query heads of a KV head: 2 G multiply-adds per element). PyTorch's CPU SDPA kernels
 // read the trace at a third to a quarter of the bandwidth here (bench/decode_attention.py), so on
-// long traces this read is most of the step. The kernel splits each (row, KV head) into chunks of
-// positions (split-KV: a batch of one still fills every core), runs the G query heads over each
-// key and value once (skipping masked positions, which have weight exactly 0), and merges the
-// chunks' softmax states. Keys and values are fp32 or bf16 (a bf16 model's trace: half the bytes
+// long traces this read is most of the step. The kernel lists each row's visible positions (masked
+// ones have weight exactly 0 and are never read), splits each (row, KV head)'s list into chunks
+// (split-KV: a batch of one still fills every core), runs the G query heads over each key and
+// value once, and merges the chunks' softmax states. Chunks and vector lanes follow a position's
+// index in its row's list, not its column: a row's sums run in the same order whatever padding or
+// hidden columns surround its entries, so its output has the same bits alone and in any batch. Keys and values are fp32 or bf16 (a bf16 model's trace: half the bytes
 // to read, widened to fp32 in registers); the query, the arithmetic and the output are fp32
 // throughout; the reductions run in another order than SDPA's (closer to float64 in the tests). An AVX-512 path covers head_dim 64 and 128 with up to 8 query
 // heads per KV head; `supports` says whether this build has one for a shape, and the Python side
@@ -27,7 +29,7 @@
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kChunk = 256;  // positions per work item: short enough for batch-1 parallelism
+constexpr int64_t kChunk = 256;  // visible positions per work item: short enough for batch-1 parallelism
 
 struct Softmax {  // one chunk's state for one query head: max score and sum of exp(score - max)
   float max, sum;
@@ -70,20 +72,16 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Scores of G query heads over positions [begin, end), in scores[g * n + i]; returns each head's max.
+// Scores of G query heads over the n positions pos[0..n), in scores[g * n + i]; returns each head's max.
 template <typename T, int G, int DC>
-void chunk_scores(const __m512 (&qv)[G][DC], const T* k, int64_t pos_stride, int64_t begin, int64_t n,
+void chunk_scores(const __m512 (&qv)[G][DC], const T* k, int64_t pos_stride, const int64_t* pos, int64_t n,
                   const Mask& mask, float* scores, float* mx) {
   for (int g = 0; g < G; ++g) mx[g] = kNegInf;
   for (int64_t i = 0; i < n; ++i) {
-    if (mask.masks(begin + i)) {  // not read at all: padding and hidden agents' entries cost nothing
-      for (int g = 0; g < G; ++g) scores[g * n + i] = kNegInf;
-      continue;
-    }
-    const T* kl = k + (begin + i) * pos_stride;
+    const T* kl = k + pos[i] * pos_stride;
     __m512 kc[DC];
     for (int c = 0; c < DC; ++c) kc[c] = load16(kl + 16 * c);
-    const float add = mask.bias ? mask.bias[(begin + i) * mask.stride] : 0.f;
+    const float add = mask.bias ? mask.bias[pos[i] * mask.stride] : 0.f;
     for (int g = 0; g < G; ++g) {
       __m512 a = _mm512_mul_ps(qv[g][0], kc[0]);
       for (int c = 1; c < DC; ++c) a = _mm512_fmadd_ps(qv[g][c], kc[c], a);
@@ -94,44 +92,38 @@ void chunk_scores(const __m512 (&qv)[G][DC], const T* k, int64_t pos_stride, int
   }
 }
 
-// scores -> exp(score - max) in place (masked positions: exactly 0); returns their sum.
+// scores -> exp(score - max) in place; returns their sum.
 inline float exponentiate(float* s, int64_t n, float mx) {
-  if (mx == kNegInf) {  // every position of the chunk is masked
-    std::fill(s, s + n, 0.f);
-    return 0.f;
-  }
-  const __m512 m = _mm512_set1_ps(mx), neg_inf = _mm512_set1_ps(kNegInf);
+  const __m512 m = _mm512_set1_ps(mx);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
     const __m512 x = _mm512_maskz_loadu_ps(lanes, s + i);
-    const __mmask16 live = _mm512_mask_cmp_ps_mask(lanes, x, neg_inf, _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(x, m)));
+    const __m512 e = _mm512_maskz_mov_ps(lanes, exp_nonpositive(_mm512_sub_ps(x, m)));
     _mm512_mask_storeu_ps(s + i, lanes, e);
     sum = _mm512_add_ps(sum, e);
   }
   return _mm512_reduce_add_ps(sum);
 }
 
-// One chunk: softmax states in part[G] and unnormalised sums of values in acc[G][16 * DC].
+// One chunk of n >= 1 visible positions pos[0..n): softmax states in part[G] and unnormalised sums
+// of values in acc[G][16 * DC].
 template <typename T, int G, int DC>
 void chunk_attention(const float* q, int64_t q_head_stride, const T* k, const T* v, int64_t pos_stride,
-                     int64_t begin, int64_t end, const Mask& mask, float scale, float* scores, float* acc,
+                     const int64_t* pos, int64_t n, const Mask& mask, float scale, float* scores, float* acc,
                      Softmax* part) {
-  const int64_t n = end - begin;
   __m512 qv[G][DC];  // the query heads, pre-scaled, in registers for the whole chunk
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DC; ++c)
       qv[g][c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * q_head_stride + 16 * c), _mm512_set1_ps(scale));
   float mx[G];
-  chunk_scores<T, G, DC>(qv, k, pos_stride, begin, n, mask, scores, mx);
+  chunk_scores<T, G, DC>(qv, k, pos_stride, pos, n, mask, scores, mx);
   for (int g = 0; g < G; ++g) part[g] = {mx[g], exponentiate(scores + g * n, n, mx[g])};
   __m512 av[G][DC];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DC; ++c) av[g][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
-    if (mask.masks(begin + i)) continue;  // weight exactly 0 (see Mask::masks)
-    const T* vl = v + (begin + i) * pos_stride;
+    const T* vl = v + pos[i] * pos_stride;
     __m512 vc[DC];
     for (int c = 0; c < DC; ++c) vc[c] = load16(vl + 16 * c);
     for (int g = 0; g < G; ++g) {
@@ -145,8 +137,8 @@ void chunk_attention(const float* q, int64_t q_head_stride, const T* k, const T*
 #endif
 
 template <typename T>
-using ChunkFn = void (*)(const float*, int64_t, const T*, const T*, int64_t, int64_t, int64_t, const Mask&, float,
-                         float*, float*, Softmax*);
+using ChunkFn = void (*)(const float*, int64_t, const T*, const T*, int64_t, const int64_t*, int64_t, const Mask&,
+                         float, float*, float*, Softmax*);
 
 template <typename T, int DC>
 ChunkFn<T> chunk_fn_for_group(int64_t G) {
@@ -219,23 +211,39 @@ torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const
     if (m.scalar_type() == at::kBool) row_mask.keep = m.data_ptr<bool>();
     else row_mask.bias = m.data_ptr<float>();
   }
-  const int64_t nchunks = std::max<int64_t>(1, (L + kChunk - 1) / kChunk), units = B * Hkv * nchunks;
+  // Each row's visible positions, in order (one list for all rows when the mask is shared or absent).
+  const int64_t lists = mask_row_stride == 0 ? 1 : B;
+  std::vector<int64_t> pos, first(lists + 1, 0);
+  pos.reserve(lists * L);
+  for (int64_t r = 0; r < lists; ++r) {
+    Mask m = row_mask;
+    if (m.keep) m.keep += r * mask_row_stride;
+    if (m.bias) m.bias += r * mask_row_stride;
+    for (int64_t l = 0; l < L; ++l)
+      if (!m.masks(l)) pos.push_back(l);
+    first[r + 1] = static_cast<int64_t>(pos.size());
+  }
+  int64_t nchunks = 1;  // per (row, KV head): the longest row's; a shorter row's last ones stay empty
+  for (int64_t r = 0; r < lists; ++r) nchunks = std::max(nchunks, (first[r + 1] - first[r] + kChunk - 1) / kChunk);
+  const int64_t units = B * Hkv * nchunks;
   auto out = torch::empty({B, 1, Hq, D}, query.options());
   auto accs = torch::empty({units, G, D}, query.options());
-  std::vector<Softmax> parts(units * G);
+  std::vector<Softmax> parts(units * G, Softmax{kNegInf, 0.f});  // an empty chunk: weight 0 in `merge`
   const float* qp = query.data_ptr<float>();
   const T *kp = key.data_ptr<T>(), *vp = value.data_ptr<T>();
   float* ap = accs.data_ptr<float>();
   at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> scores(G * kChunk);
     for (int64_t u = lo; u < hi; ++u) {
-      const int64_t c = u % nchunks, b = u / nchunks / Hkv, h = u / nchunks % Hkv;
-      const int64_t begin = c * kChunk, end = std::min(L, begin + kChunk), kv = b * key.stride(0) + h * key.stride(1);
+      const int64_t c = u % nchunks, b = u / nchunks / Hkv, h = u / nchunks % Hkv, r = lists == 1 ? 0 : b;
+      const int64_t begin = first[r] + c * kChunk, end = std::min(first[r + 1], begin + kChunk);
+      if (begin >= end) continue;
+      const int64_t kv = b * key.stride(0) + h * key.stride(1);
       Mask m = row_mask;
-      if (m.keep) m.keep += b * mask_row_stride;
       if (m.bias) m.bias += b * mask_row_stride;
-      fn(qp + b * query.stride(0) + h * G * query.stride(1), query.stride(1), kp + kv, vp + kv, key.stride(2), begin,
-         end, m, static_cast<float>(scale), scores.data(), ap + u * G * D, parts.data() + u * G);
+      fn(qp + b * query.stride(0) + h * G * query.stride(1), query.stride(1), kp + kv, vp + kv, key.stride(2),
+         pos.data() + begin, end - begin, m, static_cast<float>(scale), scores.data(), ap + u * G * D,
+         parts.data() + u * G);
     }
   });
   float* op = out.data_ptr<float>();
