@@ -322,9 +322,13 @@ def test_quantize_roundtrip_int4_packs_two_codes_a_byte():
 
 
 def test_packed_inference_equals_the_training_path(untied_backbone):
-    """Inference stores codes; autograd keeps fake-quantised values: the numbers must agree."""
+    """Inference stores codes; autograd keeps fake-quantised values: the numbers must agree.
+    Inference runs its prompts as one padded batch, as autograd does (`packed_rows(False)`): packed
+    rows attend over gathered columns, another rounding, compared with the batch in test_trace."""
+    from diffmas.trace import packed_rows
+
     budget = TraceBudget("quantize", bits=4)
-    with torch.no_grad():
+    with torch.no_grad(), packed_rows(False):
         packed, _ = upstream(untied_backbone, ROWS, budget)
         want = final_logits(untied_backbone, packed, ROWS)
     with torch.enable_grad():
@@ -361,6 +365,33 @@ def test_prompt_drop_scores_are_the_models_own_attention(tied_backbone):
     logits = (query @ keys.transpose(2, 3))[:, :, 0] * attn.scaling
     mine = logits.masked_fill(trace.attention_mask[:, None] == 0, float("-inf")).softmax(-1)
     torch.testing.assert_close(mine, real.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("way", ["packed", "one-forward-a-row", "padded"])
+@torch.no_grad()  # inference: where prompts run row by row
+def test_prompt_drop_probe_reads_every_way_a_prompt_runs(tied_backbone, way):
+    """The probe takes each row's last prompt token: from a packed sequence (rows one after
+    another), from one forward a row, or from the padded batch's last column; the scores agree."""
+    from diffmas.trace import packed_rows, row_by_row
+
+    rows = [(r[0] + " ") * 12 for r in ROWS]  # over 32 tokens a row, so prompts run row by row
+    ways = {"packed": (True, True), "one-forward-a-row": (True, False), "padded": (False, False)}
+
+    def scores(by_row: bool, packed: bool):
+        trace = LatentTrace(tied_backbone, len(rows))
+        with (
+            row_by_row(by_row),
+            packed_rows(packed),
+            probe_for(TraceBudget("prompt-drop", prompt_states=3), tied_backbone) as probe,
+        ):
+            h = prefill(trace, "a", rows)
+            latent_steps(trace, "a", h, 2)
+        one_row_queries = any(q.shape[0] == 1 for q in probe.queries[0])
+        assert one_row_queries == (not packed and by_row)  # one forward a row records a query a row
+        return probe.attention(trace, trace.attention_mask) * trace.attention_mask
+
+    got, want = scores(*ways[way]), scores(*ways["padded"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_prompt_drop_keeps_what_the_queries_attend_to_most(tied_backbone):

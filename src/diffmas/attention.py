@@ -157,6 +157,11 @@ def packed_rows(rows: PackedRows):
     return scoped(_PACKED, rows)
 
 
+def current_packed_rows() -> PackedRows | None:
+    """The rows of the packed forward running now, or None (hooks that read per-row positions)."""
+    return _PACKED.get()
+
+
 def cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' `sdpa_attention_forward`, with `enable_gqa` for multi-position chunks and the
     compiled kernel for one-position steps; inside `packed_rows`, row by row."""

@@ -99,11 +99,11 @@ class Realigner:
 
     @staticmethod
     def _map(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        """x @ matrix; without autograd one row at a time, because a product's rounding may
-        depend on how many rows it has, and a latent step must give a row the bits it gets alone
-        (batch size is a runtime-only setting). The matrix is d x d: a few rows' extra calls cost
-        little beside the step's forward."""
-        if torch.is_grad_enabled() or x.shape[:-1].numel() <= 1:
+        """x @ matrix, one row at a time, because a product's rounding may depend on how many rows
+        it has, and a latent step must give a row the bits it gets alone (batch size is a
+        runtime-only setting); under autograd too, so training's latent steps are inference's.
+        The matrix is d x d: a few rows' extra calls cost little beside the step's forward."""
+        if x.shape[:-1].numel() <= 1:
             return x @ matrix
         rows = x.reshape(-1, x.shape[-1]).split(1)
         return torch.cat([row @ matrix for row in rows]).view(*x.shape[:-1], matrix.shape[1])

@@ -42,6 +42,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
+from diffmas.attention import current_packed_rows
 from diffmas.errors import DiffmasError
 from diffmas.trace import LatentTrace
 
@@ -189,8 +190,14 @@ class QueryProbe:
         def hook(mod, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             cos, sin = kwargs["position_embeddings"]
+            rows = current_packed_rows()
+            if rows is None:  # a batch (left-padded: every row's last token is the last column) or one row
+                hidden, cos, sin = hidden[:, -1:], cos[:, -1:], sin[:, -1:]
+            else:  # packed rows (one sequence): each row's last token
+                last = torch.tensor([end - 1 for _, end in rows.spans], device=hidden.device)
+                hidden, cos, sin = hidden[0, last, None], cos[0, last, None], sin[0, last, None]
             with torch.no_grad():
-                query = rotated_query(module, hidden[:, -1:].detach(), cos[:, -1:], sin[:, -1:])
+                query = rotated_query(module, hidden.detach(), cos, sin)
             self.queries.setdefault(index, []).append(query)
             self.modules[index] = module
 
@@ -202,12 +209,29 @@ class QueryProbe:
         total = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
         for index, (keys, _) in enumerate(trace.kv()):
             module = self.modules[index]
-            query = torch.cat(self.queries[index], dim=2).float()  # (B, Hq, Q, D)
+            query = torch.cat(_whole_batches(self.queries[index], visible.shape[0]), dim=2).float()  # (B, Hq, Q, D)
             keys = keys.detach().float().repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
             logits = query @ keys.transpose(2, 3) * getattr(module, "scaling", keys.shape[-1] ** -0.5)
             logits = logits.masked_fill(visible[:, None, None, :] == 0, float("-inf"))
             total += logits.softmax(dim=-1).mean(dim=(1, 2))
         return total / len(self.queries)
+
+
+def _whole_batches(queries: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """The recorded queries as (B, ...) tensors: a chunk run one row at a time (`LatentTrace`'s
+    row-by-row forwards) records one (1, ...) query a row, in row order; those are stacked back."""
+    out, rows = [], []
+    for q in queries:
+        if q.shape[0] == batch:
+            out.append(q)
+            continue
+        rows.append(q)
+        if sum(r.shape[0] for r in rows) == batch:
+            out.append(torch.cat(rows, dim=0))
+            rows = []
+    if rows:
+        raise RuntimeError("prompt-drop's probe recorded part of a batch's rows")
+    return out
 
 
 def rotated_query(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
