@@ -74,7 +74,7 @@ inline __m512 exp_nonpositive(__m512 x) {
 
 // Scores of G query heads over the n positions pos[0..n), in scores[g * n + i]; returns each head's max.
 template <typename T, int G, int DC>
-void chunk_scores(const __m512 (&qv)[G][DC], const T* k, int64_t pos_stride, const int64_t* pos, int64_t n,
+void chunk_scores(const __m512 (&qv)[G][DC], const T* k, int64_t pos_stride, const int32_t* pos, int64_t n,
                   const Mask& mask, float* scores, float* mx) {
   for (int g = 0; g < G; ++g) mx[g] = kNegInf;
   for (int64_t i = 0; i < n; ++i) {
@@ -110,7 +110,7 @@ inline float exponentiate(float* s, int64_t n, float mx) {
 // of values in acc[G][16 * DC].
 template <typename T, int G, int DC>
 void chunk_attention(const float* q, int64_t q_head_stride, const T* k, const T* v, int64_t pos_stride,
-                     const int64_t* pos, int64_t n, const Mask& mask, float scale, float* scores, float* acc,
+                     const int32_t* pos, int64_t n, const Mask& mask, float scale, float* scores, float* acc,
                      Softmax* part) {
   __m512 qv[G][DC];  // the query heads, pre-scaled, in registers for the whole chunk
   for (int g = 0; g < G; ++g)
@@ -137,7 +137,7 @@ void chunk_attention(const float* q, int64_t q_head_stride, const T* k, const T*
 #endif
 
 template <typename T>
-using ChunkFn = void (*)(const float*, int64_t, const T*, const T*, int64_t, const int64_t*, int64_t, const Mask&,
+using ChunkFn = void (*)(const float*, int64_t, const T*, const T*, int64_t, const int32_t*, int64_t, const Mask&,
                          float, float*, float*, Softmax*);
 
 template <typename T, int DC>
@@ -212,16 +212,20 @@ torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const
     else row_mask.bias = m.data_ptr<float>();
   }
   // Each row's visible positions, in order (one list for all rows when the mask is shared or absent).
+  TORCH_CHECK(L <= std::numeric_limits<int32_t>::max(), "decode_attention: a trace of more than 2^31 positions");
   const int64_t lists = mask_row_stride == 0 ? 1 : B;
-  std::vector<int64_t> pos, first(lists + 1, 0);
-  pos.reserve(lists * L);
+  std::vector<int32_t> pos(lists * L);  // int32: half the bytes each chunk reads back
+  std::vector<int64_t> first(lists + 1, 0);
   for (int64_t r = 0; r < lists; ++r) {
     Mask m = row_mask;
     if (m.keep) m.keep += r * mask_row_stride;
     if (m.bias) m.bias += r * mask_row_stride;
-    for (int64_t l = 0; l < L; ++l)
-      if (!m.masks(l)) pos.push_back(l);
-    first[r + 1] = static_cast<int64_t>(pos.size());
+    int64_t n = first[r];
+    for (int64_t l = 0; l < L; ++l) {
+      pos[n] = static_cast<int32_t>(l);
+      n += !m.masks(l);  // branch-free: the slot is kept only for a visible position
+    }
+    first[r + 1] = n;
   }
   int64_t nchunks = 1;  // per (row, KV head): the longest row's; a shorter row's last ones stay empty
   for (int64_t r = 0; r < lists; ++r) nchunks = std::max(nchunks, (first[r + 1] - first[r] + kChunk - 1) / kChunk);
