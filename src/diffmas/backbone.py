@@ -363,9 +363,9 @@ def check_device(dev: torch.device) -> None:
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """ "auto": bf16 on a GPU that supports it, fp32 on a CPU. bf16 on CPUs with bf16 instructions
-    (see `provenance.cpu_bf16_support`) was measured faster with accuracy inside fp32's CIs, but there a row's
-    answer depends on the batch it runs in, which the runner's resume contract forbids (batch size
-    is a runtime-only setting): it stays opt-in, `--dtype bfloat16` (docs/design.md, dtype)."""
+    (see `provenance.cpu_bf16_support`) was measured faster with accuracy inside fp32's CIs, and a
+    row's answer no longer depends on its batch there; it stays opt-in (`--dtype bfloat16`) until
+    the benchmarks and the study are re-run under it (docs/design.md, dtype)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
