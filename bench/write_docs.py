@@ -1320,12 +1320,7 @@ def section_packed_linear(r: dict) -> str:
 
 
 def _prefill_bits(r: dict) -> str:
-    """What the prompt-prefill run's bit checks found: packed rows against one forward a row
-    (records before 2026-12-07's fifth session), or each batch's rows against each row alone."""
-    if "packed_same_bits_as_rows" in r:
-        if r["packed_same_bits_as_rows"]:
-            return f"In all {r['checks']} checks packed rows gave one-forward-a-row's hidden states, keys and values bit for bit."
-        return f"**Packed rows did not give one-forward-a-row's bits in every one of the {r['checks']} checks.**"
+    """What the prompt-prefill run's bit checks found: each batch's rows against each row alone."""
     if r["packed_same_bits_as_alone"]:
         return (
             f"In all {r['checks']} checks (each batch once) every row got the hidden states and keys and values it "

@@ -18,12 +18,12 @@ to a quarter of the memory bandwidth. `--cpu-attention kernel` (the default) run
 SDPA's speed on the embedded model's shapes (`bench/decode_attention.py`); rounding differs from
 SDPA's by about 1e-6 relative (the kernel is closer to float64, tests/test_decode_attention.py),
 and its sums follow a row's visible positions, not their columns, so a row gets the same bits
-alone and in any batch. bf16 models' steps run it too: it reads their bf16 keys and values and computes in fp32, as SDPA
-does, with the output rounded to bf16. Steps the kernel does not cover keep transformers' path (it
-packs the query heads of a KV head into one query block): under autograd, in dtypes other than
-fp32 and bf16, for shapes without an AVX-512 kernel,
-per-head masks, dropout, softcaps and sinks, inside `torch.compile`, and where the kernel could
-not be built. Every device but the CPU keeps transformers' path too.
+alone and in any batch. bf16 models' steps run it too: it reads their bf16 keys and values and
+computes in fp32, as SDPA does, with the output rounded to bf16. Steps the kernel does not cover
+keep transformers' path (it packs the query heads of a KV head into one query block): under
+autograd, in dtypes other than fp32 and bf16, for shapes without an AVX-512 kernel, per-head
+masks, dropout, softcaps and sinks, inside `torch.compile`, and where the kernel could not be
+built. Every device but the CPU keeps transformers' path too.
 
 Packed rows (a CPU chunk of several positions, `diffmas.trace`): a batch's rows run as one
 sequence of their real tokens, so every linear layer is one product over all of them; inside
@@ -138,13 +138,13 @@ def _avx512() -> bool:
 @dataclass(frozen=True)
 class PackedRows:
     """Where a packed chunk's rows are: row b's tokens are positions `spans[b]` of the packed
-    sequence; they attend over columns `columns[b]` (an index tensor or a slice) of row b of the
-    keys and values attention is handed (the trace's buffers up to the chunk's end) through
+    sequence; they attend over columns `columns[b]` (an index tensor: the columns the row sees) of
+    row b of the keys and values attention is handed (the trace's buffers up to the chunk's end) through
     `masks[b]`, (1, 1, n_b, columns) bool, or causally where it is None (what transformers does for
     a row that sees all its keys)."""
 
     spans: tuple[tuple[int, int], ...]
-    columns: tuple[torch.Tensor | slice, ...]
+    columns: tuple[torch.Tensor, ...]
     masks: tuple[torch.Tensor | None, ...]
 
 

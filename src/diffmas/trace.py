@@ -315,14 +315,15 @@ def row_by_row(enabled: bool):
     return ROW_BY_ROW.using(bool(enabled))
 
 
-# Packed rows: row by row, with the rows' real tokens in one sequence through the linear layers
-# (`_forward_packed`), where the store and the model allow it. `packed_rows(False)` runs the rows
-# one forward each (benchmarks' before/after, equivalence tests).
+# Packed rows: every chunk of several positions, at any batch size, with the rows' real tokens in
+# one sequence through the linear layers (`_forward_packed`), where the store and the model allow
+# it (`_packed_layout`). `packed_rows(False)` leaves chunks to the row-by-row rules above, one
+# forward a row (benchmarks' before/after, equivalence tests); `row_by_row(False)` turns both off.
 PACKED_ROWS: Switch[bool] = Switch("packed_rows", True, (True, False))
 
 
 def packed_rows(enabled: bool):
-    """Within the block, row-by-row chunks run packed where they can (or never)."""
+    """Within the block, chunks run packed where they can (or never)."""
     return PACKED_ROWS.using(bool(enabled))
 
 
@@ -553,6 +554,9 @@ class LatentTrace:
         def run(embeds: torch.Tensor) -> torch.Tensor:
             if self.store == "static":
                 return self._static_forward(embeds, full_mask, position_ids)
+            firsts = self._packed_layout(chunk_mask)
+            if firsts is not None:
+                return self._forward_packed(embeds, chunk_mask, full_mask, position_ids, firsts)
             if self._row_by_row(chunk_mask):
                 return self._forward_rows(embeds, chunk_mask, full_mask, position_ids)
             return self.backbone.decoder()(
@@ -583,17 +587,9 @@ class LatentTrace:
         return hidden
 
     def _row_by_row(self, chunk_mask: torch.Tensor) -> bool:
-        """Run this chunk row by row on its real tokens (see ROW_BY_ROW_*)? A chunk of several
-        positions that can run packed always does, at any batch size: then a row's attention reads
-        its visible columns only, which is what gives it the same bits alone and in any batch."""
+        """Run this chunk row by row on its real tokens (see ROW_BY_ROW_*)?"""
         batch, width = chunk_mask.shape
-        if not ROW_BY_ROW.value or torch.is_grad_enabled():
-            return False
-        if self.backbone.device.type != "cpu" or self.inputs is not None:
-            return False  # a GPU gains from the batched shapes; recorded traces replay chunks as written
-        if width >= 2 and self._packs_rows(chunk_mask):
-            return True
-        if batch < 2 or width < ROW_BY_ROW_MIN_TOKENS:
+        if not ROW_BY_ROW.value or batch < 2 or width < ROW_BY_ROW_MIN_TOKENS or not self._rows_may_split():
             return False
         real = chunk_mask.sum(dim=1)
         padding = 1 - float(real.sum()) / (batch * width)
@@ -606,8 +602,6 @@ class LatentTrace:
         keys and values are laid into the chunk's columns (zeros in padding, which the mask hides)
         and appended through the cache as one batched forward would append them. Hidden states of
         padding columns are zeros."""
-        if self._packs_rows(chunk_mask):
-            return self._forward_packed(embeds, chunk_mask, full_mask, position_ids)
         if self._rows_write_in_place(chunk_mask):
             return self._forward_rows_in_place(embeds, chunk_mask, full_mask, position_ids)
         length, config = self.length, self.backbone.base_model().config
@@ -647,24 +641,41 @@ class LatentTrace:
     def _grow_layers(self) -> bool:
         return all(type(layer) is _TraceLayer and layer.grow for layer in self.cache.layers)
 
-    def _packs_rows(self, chunk_mask: torch.Tensor) -> bool:
-        """Can the rows run packed (`_forward_packed`)? A grow store, every row's real columns one
-        run (`_real_runs`), and a model whose attention is `diffmas.attention`'s, which splits the
-        rows (every layer attends over the whole trace: the backbone refuses sliding windows)."""
-        if not PACKED_ROWS.value or not self._grow_layers() or _real_runs(chunk_mask) is None:
-            return False
-        return self.backbone.base_model().config._attn_implementation == attention.NAME
+    def _rows_may_split(self) -> bool:
+        """May a chunk run other than as one padded batch? Inference on a CPU (a GPU gains from
+        the batched shapes), and not a recorded trace (it replays chunks as written)."""
+        return not torch.is_grad_enabled() and self.backbone.device.type == "cpu" and self.inputs is None
+
+    def _packed_layout(self, chunk_mask: torch.Tensor) -> list[int] | None:
+        """Each row's first real column if this chunk runs packed (`_forward_packed`), else None.
+        Every chunk of several positions does, at any batch size and padding, where the rows may
+        split (`_rows_may_split`, `row_by_row` and `packed_rows` on), every row's real columns are
+        one run (`_real_runs`), the store grows in place, and the model's attention is
+        `diffmas.attention`'s, which splits the rows (every layer attends over the whole trace:
+        the backbone refuses sliding windows). A row's attention then reads its visible columns
+        only, which is what gives it the same bits alone and in any batch."""
+        if not (ROW_BY_ROW.value and PACKED_ROWS.value) or chunk_mask.shape[1] < 2 or not self._rows_may_split():
+            return None
+        if not self._grow_layers() or self.backbone.base_model().config._attn_implementation != attention.NAME:
+            return None
+        return _real_runs(chunk_mask)
 
     def _forward_packed(
-        self, embeds: torch.Tensor, chunk_mask: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        chunk_mask: torch.Tensor,
+        full_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        firsts: list[int],
     ) -> torch.Tensor:
         """The rows' real tokens, one after another, run as one sequence, so each linear layer
         makes one product over all of them (a product's rows keep their bits at any row count,
         `diffmas.linear`); attention splits them back into rows (`attention.packed_rows`), each
         over its own visible columns of the buffers (`_row_reads`), and each row's entries go to
-        its real columns of the chunk (`_PackedLayer`). Padding columns are zeroed and masked."""
+        its real columns of the chunk (`_PackedLayer`), from column `firsts[b]` of the chunk on
+        (`_packed_layout`). Padding columns are zeroed and masked."""
         width, n_real = embeds.shape[1], chunk_mask.sum(dim=1).tolist()
-        firsts = [self.length + first for first in _real_runs(chunk_mask)]
+        firsts = [self.length + first for first in firsts]
         rows = self._row_reads(full_mask, n_real, firsts)
         layers = self.cache.layers
         if self.length == 0:
