@@ -420,7 +420,9 @@ def section_ratio_by_batch(r: dict) -> str:
     ax.set_xscale("log", base=2), ax.set_xticks(sizes, [str(x) for x in sizes])
     ax.set_xlabel("batch size"), ax.set_ylabel("latent_mas / single"), ax.legend()
     fig.tight_layout()
-    fig.savefig(IMG / "ratio_by_batch.png", dpi=110)
+    tag = r["machine"].get("bench_model", {}).get("tag")
+    image = f"ratio_by_batch_{tag}.png" if tag else "ratio_by_batch.png"  # a tagged run's plot beside the main one's
+    fig.savefig(IMG / image, dpi=110)
     met_floor = [str(x) for x, ratio in zip(sizes, at_floor) if ratio <= target]
     floors = (
         f"At their floors the ratio is {min(at_floor):.2f}x to {max(at_floor):.2f}x over these sizes, ≤ {target}x at "
@@ -449,7 +451,7 @@ def section_ratio_by_batch(r: dict) -> str:
             "batching cheapens one-position steps (a step reads every weight once for the whole batch), which are "
             "most of the single agent's work and only the latent steps of the upstream agents', whose prompts "
             "are compute-bound on a CPU and cost about the same per row at any batch size.",
-            "![latent_mas / single against the batch size](img/ratio_by_batch.png)",
+            f"![latent_mas / single against the batch size](img/{image})",
             machine_line(r),
         ]
     )
@@ -642,19 +644,7 @@ def section_summary(results: dict[str, dict | None]) -> str:
     rows = []
     store = results.get("trace_store")
     if store:
-        t = store["target"]
-        hit = next(
-            r for r in store["rows"] if (r["kind"], r["batch"], r["length"]) == (t["kind"], t["batch"], t["length"])
-        )
-        rows.append(
-            [
-                f"{t['kind']} step, {t['length']}-position trace, batch {t['batch']} (ms)",
-                f"{hit['concat_ms']:.1f}",
-                f"{hit['grow_ms']:.1f}",
-                f"after ≤ {t['ratio_max']}x before",
-                f"{verdict(t['ratio'] <= t['ratio_max'])} ({t['ratio']:.2f}x)",
-            ]
-        )
+        rows.append(_trace_store_row(store, ""))
     inf = results.get("inference_cost")
     if inf and {"concat", "grow"} <= set(inf.get("by_store", {})):
         before, after = inf["by_store"]["concat"]["ratios"], inf["by_store"]["grow"]["ratios"]
@@ -696,21 +686,7 @@ def section_summary(results: dict[str, dict | None]) -> str:
         )
     by_batch = results.get("ratio_by_batch")
     if by_batch:
-        target = by_batch["targets"]["latent_over_single_max"]
-        ratios = {size: run["ratios"]["latent_over_single"] for size, run in by_batch["batches"].items()}
-        met = [size for size, ratio in ratios.items() if ratio <= target]
-        rows.append(
-            [
-                "latent_mas / single by batch size (the defaults; see latent_mas / single against the batch size)",
-                "",
-                ", ".join(f"{size}: {ratio:.2f}x" for size, ratio in ratios.items()),
-                f"≤ {target}x",
-                f"≤ {target}x at batch {', '.join(met)} only" if met else "**missed** at every batch size",
-            ]
-        )
-    bf16 = load("inference_cost_cpu_bf16")
-    if bf16:
-        rows.append(_latent_over_single_row("latent_mas / single, bf16 (`--dtype bfloat16`, opt-in; grow store)", bf16))
+        rows.append(_by_batch_row(by_batch, "the defaults; see latent_mas / single against the batch size"))
     bat = results.get("batching")
     for before_name, label in (
         ("concat", "batch-16 throughput / batch 1"),
@@ -727,6 +703,7 @@ def section_summary(results: dict[str, dict | None]) -> str:
         _batching_row(f"batch-16 throughput / batch 1 (tag `{tag}`, grow store alone)", r)
         for tag, r in _same_cpu("batching", bat)
     ]
+    rows += _bf16_default_rows()
     train = results.get("training_step")
     if train and "ratio_diffmas_over_single" in train["by_batch"].get("8", {}):
         rows.append(_training_row(train))
@@ -768,6 +745,56 @@ def _other_cpus(name: str, here: dict | None) -> list[tuple[str, dict]]:
         for tag, r in _at_targets(name)
         if r["machine"]["device"].startswith("cpu") and r["machine"]["device"] != device
     ]
+
+
+def _trace_store_row(store: dict, note: str) -> list[str]:
+    """The decode-step target row of a trace_store result (concat vs grow in one run)."""
+    t = store["target"]
+    hit = next(r for r in store["rows"] if (r["kind"], r["batch"], r["length"]) == (t["kind"], t["batch"], t["length"]))
+    return [
+        f"{t['kind']} step, {t['length']}-position trace, batch {t['batch']} (ms){note}",
+        f"{hit['concat_ms']:.1f}",
+        f"{hit['grow_ms']:.1f}",
+        f"after ≤ {t['ratio_max']}x before",
+        f"{verdict(t['ratio'] <= t['ratio_max'])} ({t['ratio']:.2f}x)",
+    ]
+
+
+def _by_batch_row(by_batch: dict, note: str) -> list[str]:
+    """latent_mas / single at each batch size of a ratio_by_batch result."""
+    target = by_batch["targets"]["latent_over_single_max"]
+    ratios = {size: run["ratios"]["latent_over_single"] for size, run in by_batch["batches"].items()}
+    met = [size for size, ratio in ratios.items() if ratio <= target]
+    return [
+        f"latent_mas / single by batch size ({note})",
+        "",
+        ", ".join(f"{size}: {ratio:.2f}x" for size, ratio in ratios.items()),
+        f"≤ {target}x",
+        f"≤ {target}x at batch {', '.join(met)} only" if met else "**missed** at every batch size",
+    ]
+
+
+BF16_TAG = "cpu_bf16"
+
+
+def _bf16_default_rows() -> list[list[str]]:
+    """The inference targets re-measured in bf16 (tag `cpu_bf16`), the default dtype for inference
+    on this CPU since 2026-12-08; the untagged rows are fp32's (the benchmarks pin it)."""
+    note = f" (bf16, the CPU default for inference here; tag `{BF16_TAG}`)"
+    rows = []
+    store = load(f"trace_store_{BF16_TAG}")
+    if store:
+        rows.append(_trace_store_row(store, note))
+    inf = load(f"inference_cost_{BF16_TAG}")
+    if inf:
+        rows.append(_latent_over_single_row(f"latent_mas / single{note}", inf))
+    by_batch = load(f"ratio_by_batch_{BF16_TAG}")
+    if by_batch:
+        rows.append(_by_batch_row(by_batch, note.strip(" ()")))
+    bat = load(f"batching_{BF16_TAG}")
+    if bat:
+        rows.append(_batching_row(f"batch-16 throughput / batch 1{note}", bat))
+    return rows
 
 
 def _same_cpu(name: str, here: dict | None) -> list[tuple[str, dict]]:
@@ -1046,17 +1073,17 @@ def section_cpu_bf16(r: dict) -> str:
     faster = all(v["ratio_bf16_over_fp32"] < 1 for v in sp.values())
     within = bool(acc) and all(row["bf16_within_fp32_ci"] for row in acc.values())
     complete = len(acc) == 2
+    invariant = _bf16_batch_invariant(load("batch_invariance"))
     parts.append(
         f"bf16 faster on both measures: {'yes' if faster else 'no'}; accuracy inside fp32's CI on every task: "
         + ("yes" if within else "no" if complete else "not measured on every task")
+        + "; no answer depends on its batch in bf16 (section Answers alone and in a batch): "
+        + {True: "yes", False: "no", None: "not measured"}[invariant]
         + (
-            ". Both hold, and still the CPU default stays fp32: in bf16 a question's scores and answers "
-            "depend on the batch it runs in (section Answers alone and in a batch), which breaks the runner's "
-            "contract that batch size never changes results (tests/test_eval_runner.py::"
-            "test_rerun_resumes_without_recomputing fails under a bf16 default). `--dtype bfloat16` is the "
-            "opt-in for speed"
-            if faster and within
-            else ". The CPU default stays fp32 unless both hold"
+            ". All three hold: `--dtype auto` is bf16 for inference on CPUs like this one (since 2026-12-08; "
+            "training stays fp32)"
+            if faster and within and invariant
+            else ". The CPU default is fp32 unless all three hold"
         )
         + "; see docs/design.md (dtype). The accuracy runs' wall times are sequential, not interleaved: "
         "they are not a speed measure. GSM8K with a 135M model is near the floor, so its CI check is weak; "
@@ -1411,8 +1438,10 @@ def section_elsewhere() -> str:
     """Runs on other machines (bench/gpu.sh): the same tables, one per result file."""
     out = []
     for name, render in (
+        ("trace_store", section_trace_store),
         ("step_cost", section_steps),
         ("inference_cost", section_inference),
+        ("ratio_by_batch", section_ratio_by_batch),
         ("training_step", section_training),
         ("batching", section_batching),
         ("fast_path", section_fast_path),
@@ -1428,7 +1457,8 @@ def section_elsewhere() -> str:
         "`random:<shape>` models have the published config.json shape and random weights: their costs "
         "(time, memory, trace bytes) are those of the real model, their outputs are meaningless, so they "
         "decode fixed lengths and their accuracy columns mean nothing. Tag `cpu_bf16`: this CPU, the "
-        "embedded model in bf16 (`--dtype bfloat16`), the grow store. Tag `natural_lengths`: this CPU, the "
+        "embedded model in bf16 (`--dtype bfloat16`; what `--dtype auto` loads for inference here since "
+        "2026-12-08, see docs/design.md, dtype), the defaults otherwise. Tag `natural_lengths`: this CPU, the "
         "final agents stopping at end-of-sequence (`--natural-lengths`), so the methods' answers differ in length. "
         "A tag whose device line names another CPU is that machine at the default settings (the Before / after "
         "table above lists its targets)."
@@ -1436,16 +1466,26 @@ def section_elsewhere() -> str:
     return "\n\n".join([intro] + out)
 
 
+def _bf16_batch_invariant(r: dict | None) -> bool | None:
+    """Whether no bf16 answer differed alone and in a batch (None: not measured)."""
+    if not r:
+        return None
+    cases = [case["bfloat16"] for case in r["cases"].values() if case.get("bfloat16")]
+    if not cases:
+        return None
+    return all(not v.get("different_predictions", v.get("different_answers", 0)) for v in cases)
+
+
 def _contract_line(differing: dict) -> str:
     """What the batch-invariance counts say about the contract, per dtype measured."""
     broken = [d for d, n in differing.items() if n]
     if broken:
         return f"{' and '.join(broken)} broke the contract here (docs/design.md, dtype)."
-    return "No answer depended on the batch, in either dtype (docs/design.md, dtype, says how, and why bf16 is still opt-in)."
+    return "No answer depended on the batch, in either dtype (docs/design.md, dtype, says how)."
 
 
 def section_batch_invariance(r: dict) -> str:
-    """Answers alone vs in a batch, per dtype: the contract that kept bf16 opt-in on CPUs."""
+    """Answers alone vs in a batch, per dtype: the contract bf16 had to keep to become the CPU default."""
     dtypes = ("float32", "bfloat16")
     rows, differing, total = [], dict.fromkeys(dtypes, 0), dict.fromkeys(dtypes, 0)
     for case in r["cases"].values():

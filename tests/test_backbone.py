@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import types
 
 import pytest
 
@@ -54,14 +55,60 @@ def test_bad_dtype():
         load_backbone("smollm2-135m", dtype="fp8")
 
 
-def test_auto_dtype_on_cpu_stays_fp32_even_with_bf16_instructions(monkeypatch):
-    """bf16 is opt-in on CPUs: there a row's answer depends on its batch (docs/design.md, dtype)."""
+def _llama_config(width: int, heads: int, kv_heads: int, mlp: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=width, num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=mlp
+    )
+
+
+SMOLLM2_SHAPES = dict(width=576, heads=9, kv_heads=3, mlp=1536)  # the embedded model's
+
+
+def test_auto_dtype_on_cpu_is_bf16_where_the_bf16_paths_cover_the_model_and_fp32_for_training(monkeypatch):
+    """bf16 is the CPU default where its layers run oneDNN's packed bf16 product and the decode
+    kernel (measured faster, accuracy inside fp32's CIs, batch-invariant: docs/design.md, dtype);
+    training, models of other shapes and CPUs without the product stay fp32."""
+    import torch
+
+    from diffmas import attention, linear
+    from diffmas import backbone as bb_module
+
+    cpu, smollm2 = torch.device("cpu"), _llama_config(**SMOLLM2_SHAPES)
+    # a CPU with bf16 instructions, oneDNN and the decode kernel built, whatever runs this test
+    monkeypatch.setattr(bb_module, "packed_gemm", lambda kind, dtype: linear.BF16_ONEDNN)
+    monkeypatch.setattr(attention, "_avx512", lambda: True)
+    monkeypatch.setattr(attention, "decode_kernel", lambda: types.SimpleNamespace(supports=lambda groups, dim: True))
+    assert bb_module.resolve_dtype("auto", cpu, model_config=smollm2) == torch.bfloat16
+    assert bb_module.resolve_dtype("auto", cpu, model_config=smollm2, training=True) == torch.float32
+    assert bb_module.resolve_dtype("auto", cpu) == torch.float32  # model unknown
+    assert bb_module.resolve_dtype("fp32", cpu, model_config=smollm2) == torch.float32
+    not_covered = {
+        "tiny (weights under MIN_PACKED_WEIGHT)": _llama_config(64, 4, 2, 128),
+        "head dim 96": _llama_config(768, 8, 8, 2048),
+        "16 query heads per KV head": _llama_config(2048, 32, 2, 8192),
+    }
+    for name, config in not_covered.items():
+        assert bb_module.resolve_dtype("auto", cpu, model_config=config) == torch.float32, name
+    assert bb_module.resolve_dtype("auto", cpu, model_config=_llama_config(4096, 32, 8, 12288)) == torch.bfloat16
+    with attention.cpu_attention("sdpa"):  # one-position steps on PyTorch's SDPA: not the measured path
+        assert bb_module.resolve_dtype("auto", cpu, model_config=smollm2) == torch.float32
+    monkeypatch.setattr(bb_module, "packed_gemm", lambda kind, dtype: None)
+    assert bb_module.resolve_dtype("auto", cpu, model_config=smollm2) == torch.float32
+    assert bb_module.resolve_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_auto_dtype_follows_the_bf16_product_of_the_linear_kernel_setting():
+    """`--cpu-linear default` (PyTorch's kernels) leaves "auto" at fp32: bf16 was measured faster
+    only with the packed product."""
     import torch
 
     from diffmas import backbone as bb_module
-    from diffmas import provenance
+    from diffmas.linear import linear_kernel, packed_gemm
 
-    monkeypatch.setattr(provenance, "cpu_bf16_support", lambda: {"avx512_bf16": True, "amx_bf16": True})
-    cpu = torch.device("cpu")
-    assert bb_module.resolve_dtype("auto", cpu) == torch.float32
-    assert bb_module.resolve_dtype("bf16", cpu) == torch.bfloat16
+    cpu, smollm2 = torch.device("cpu"), _llama_config(**SMOLLM2_SHAPES)
+    with linear_kernel("default"):
+        assert bb_module.resolve_dtype("auto", cpu, model_config=smollm2) == torch.float32
+    expected = torch.bfloat16 if packed_gemm("packed", torch.bfloat16) is not None else torch.float32
+    assert bb_module.resolve_dtype("auto", cpu, model_config=smollm2) == expected

@@ -142,7 +142,14 @@ def test_roles_file(tiny_model_dir, tmp_path):
 def test_env_block():
     proc = cli("env")
     assert proc.returncode == 0
-    keys = ("torch:", "transformers:", "device:", "default dtype:", "CPU bf16: avx512_bf16", "CPU linear layers:")
+    keys = (
+        "torch:",
+        "transformers:",
+        "device:",
+        "default dtype (--dtype auto):",
+        "CPU bf16: avx512_bf16",
+        "CPU linear layers:",
+    )
     for key in keys + ("DIFFMAS_HOME:",):
         assert key in proc.stdout
 

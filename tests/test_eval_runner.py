@@ -258,6 +258,41 @@ def test_run_saved_before_a_setting_existed_still_resumes(reference, model_dir, 
         evaluate(changed, old, progress=False)
 
 
+def test_resume_keeps_the_dtype_its_records_were_computed_in(reference, model_dir, data, tmp_path):
+    """config.json records the dtype the model was loaded in ("auto" depends on the machine, the
+    model and the version). Adding records in another dtype is refused, naming the one to resume
+    with; a finished run needs no model and reports in any."""
+    config = choice_config(model_dir, data, limit=N_CHOICE - 2)
+    method = build_method(config)
+    now = str(method.backbone.dtype).removeprefix("torch.")
+    assert read_json(reference / "config.json")["dtype"] == now
+    other = "float32" if now == "bfloat16" else "bfloat16"
+    run = tmp_path / "other"
+    evaluate(replace(config, dtype=other), run, progress=False)
+    assert read_json(run / "config.json")["dtype"] == other
+    grown = replace(config, limit=N_CHOICE)
+    with pytest.raises(
+        RunConflictError, match=f"computed in {other} and this model is loaded in {now}; resume with --dtype {other}"
+    ):
+        evaluate(grown, run, method=method, progress=False)
+    assert (
+        evaluate(replace(config, dtype=other), run, progress=False)["n_records"] == N_CHOICE - 2
+    )  # finished: no model
+    # Saved before the dtype was recorded: "auto" meant fp32 on every CPU then.
+    legacy = tmp_path / "legacy"
+    evaluate(replace(config, dtype="float32"), legacy, progress=False)
+    saved = read_json(legacy / "config.json")
+    del saved["dtype"]
+    saved["eval"]["dtype"] = "auto"
+    (legacy / "config.json").write_text(json.dumps(saved))
+    fp32 = build_method(replace(config, dtype="float32"))
+    if now == "bfloat16":
+        with pytest.raises(RunConflictError, match="computed in float32 and this model is loaded in bfloat16"):
+            evaluate(grown, legacy, method=method, progress=False)
+    assert evaluate(grown, legacy, method=fp32, progress=False)["n_records"] == N_CHOICE
+    assert read_json(legacy / "config.json")["dtype"] == "float32"  # recorded from then on
+
+
 @pytest.mark.parametrize(
     "bad_line, problem",
     [

@@ -116,10 +116,18 @@ def _kernel_takes(query, key, value, attention_mask, dropout, kwargs) -> bool:
     ):
         return False
     groups, rest = divmod(query.shape[1], key.shape[1])
-    if rest or groups > KERNEL_MAX_GROUPS or query.shape[3] not in KERNEL_HEAD_DIMS or not _avx512():
+    return not rest and kernel_has(groups, query.shape[3])
+
+
+def kernel_has(groups: int, head_dim: int) -> bool:
+    """Whether the compiled kernel runs heads of this shape here (`groups` query heads per KV head;
+    building it on first use)."""
+    if CPU_ATTENTION.value != "kernel" or groups > KERNEL_MAX_GROUPS or head_dim not in KERNEL_HEAD_DIMS:
+        return False
+    if not _avx512():
         return False
     module = decode_kernel()
-    return module is not None and module.supports(groups, query.shape[3])
+    return module is not None and module.supports(groups, head_dim)
 
 
 def _needs_transformers(kwargs) -> bool:

@@ -22,9 +22,10 @@ from typing import Iterator
 
 import torch
 
-from diffmas.attention import use_cpu_sdpa
+from diffmas.attention import kernel_has, use_cpu_sdpa
 from diffmas.errors import DiffmasError
-from diffmas.linear import use_packed_linear
+from diffmas.linear import KERNEL as LINEAR_KERNEL
+from diffmas.linear import MIN_PACKED_WEIGHT, packed_gemm, use_packed_linear
 
 
 class BackboneError(DiffmasError):
@@ -361,20 +362,52 @@ def check_device(dev: torch.device) -> None:
         )
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto": bf16 on a GPU that supports it, fp32 on a CPU. bf16 on CPUs with bf16 instructions
-    (see `provenance.cpu_bf16_support`) was measured faster with accuracy inside fp32's CIs, and a
-    row's answer no longer depends on its batch there; it stays opt-in (`--dtype bfloat16`) until
-    the benchmarks and the study are re-run under it (docs/design.md, dtype)."""
+def resolve_dtype(
+    dtype: str | torch.dtype, device: torch.device, *, training: bool = False, model_config=None
+) -> torch.dtype:
+    """ "auto": bf16 on a GPU that supports it. On a CPU, bf16 for inference where the CPU's linear
+    layers run oneDNN's packed bf16 product (`cpu_bf16_default`) and the model's shapes take that
+    product and the decode kernel (`bf16_paths_cover`, from its `model_config`); fp32 otherwise.
+    There bf16 was measured faster, with accuracy inside fp32's CIs, and a row's answer does not
+    depend on its batch (docs/design.md, dtype). Training on a CPU stays fp32: under autograd bf16
+    layers run PyTorch's kernels, whose speed there was not measured."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
+        if device.type == "cpu" and not training and model_config is not None:
+            if cpu_bf16_default() and bf16_paths_cover(model_config):
+                return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
         raise BackboneError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
+
+
+def cpu_bf16_default() -> bool:
+    """Whether this CPU's linear layers would run a packed bf16 product (bf16 instructions and
+    oneDNN; `diffmas.linear.packed_gemm`) under the current `--cpu-linear`. Elsewhere bf16 takes
+    PyTorch's kernels, which re-pack every weight on every call, and was not measured faster."""
+    return packed_gemm(LINEAR_KERNEL.value, torch.bfloat16) is not None
+
+
+def bf16_paths_cover(model_config) -> bool:
+    """Whether a model's shapes run the bf16 CPU paths that were measured: every projection packed
+    (at least MIN_PACKED_WEIGHT weights) and attention heads the decode kernel has here (it is built
+    now if it was not: a CPU without a compiler takes PyTorch's SDPA). Where PyTorch's kernels run
+    instead (tiny models, other head sizes), a bf16 row's answer depends on its batch."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    try:
+        heads, width = text.num_attention_heads, text.hidden_size
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or width // heads
+        mlp = getattr(text, "intermediate_size", None) or 4 * width
+    except AttributeError:  # an architecture whose config names these otherwise: not measured
+        return False
+    if width * min(kv_heads * head_dim, mlp) < MIN_PACKED_WEIGHT or heads % kv_heads:
+        return False
+    return kernel_has(heads // kv_heads, head_dim)
 
 
 def load_backbone(
@@ -382,19 +415,26 @@ def load_backbone(
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
     attn_implementation: str | None = "sdpa",
+    *,
+    training: bool = False,
 ) -> Backbone:
     """Load a frozen causal LM and its tokenizer.
 
     name_or_path: an embedded name (see EMBEDDED_MODELS), a local directory with config.json,
         or a Hugging Face hub id (downloaded by `from_pretrained` where the hub is reachable).
+    training: resolve dtype "auto" for training (see `resolve_dtype`; on a CPU "auto" also reads
+        the model's config, to see whether the bf16 paths cover it).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)  # settings first: a typo fails before any download
+    torch_dtype = resolve_dtype(dtype, dev, training=training)  # settings first: a typo fails before any download
     source = _resolve_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        if dtype == "auto" and dev.type == "cpu":
+            model_config = AutoConfig.from_pretrained(source)
+            torch_dtype = resolve_dtype(dtype, dev, training=training, model_config=model_config)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -24,7 +24,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", help="Embedded name, local model directory or hub id.")
-DtypeOpt = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+DtypeOpt = typer.Option(
+    "auto",
+    help="auto (bf16 on a GPU, and on a CPU with bf16 instructions except for training; else fp32), "
+    "float32, bfloat16, float16.",
+)
 DeviceOpt = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ...")
 LatentStepsOpt = typer.Option(10, "--latent-steps", "-m", help="Latent steps per upstream agent.")
 TopologyOpt = typer.Option(

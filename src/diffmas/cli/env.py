@@ -11,7 +11,7 @@ def env() -> None:
     import torch
 
     from diffmas.attention import kernel_status
-    from diffmas.backbone import EMBEDDED_MODELS, diffmas_home, resolve_device, resolve_dtype
+    from diffmas.backbone import EMBEDDED_MODELS, diffmas_home, resolve_device
     from diffmas.linear import KERNEL
     from diffmas.provenance import cpu_bf16_support, device_description, git_commit, package_versions
     from diffmas.scoring.sandbox import isolation
@@ -22,7 +22,7 @@ def env() -> None:
     lines += [
         f"- git commit: {git_commit() or 'not a git checkout'}",
         f"- device: {device_description()}",
-        f"- default dtype: {str(resolve_dtype('auto', device)).replace('torch.', '')}",
+        f"- default dtype (--dtype auto): {_default_dtype(device)}",
         f"- torch threads: {torch.get_num_threads()}",
         "- CPU bf16: "
         + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in cpu_bf16_support().items())
@@ -54,4 +54,18 @@ def _linear_kernel(kind: str) -> str:
         f"{gemm.description} for {gemm.rows_text()} (--cpu-linear {kind}, "
         f"CPU vendor {cpu_vendor() or 'unknown'}; where the copies fit in "
         f"{MAX_PACKED_SHARE_OF_AVAILABLE:.0%} of the free memory){bf16_text}"
+    )
+
+
+def _default_dtype(device) -> str:
+    """What `--dtype auto` loads here: on a CPU it depends on the model and on training."""
+
+    from diffmas.backbone import cpu_bf16_default, resolve_dtype
+
+    name = str(resolve_dtype("auto", device)).removeprefix("torch.")
+    if device.type != "cpu" or not cpu_bf16_default():
+        return name
+    return (
+        "bfloat16 for inference of models whose shapes take the packed bf16 product and the decode "
+        "kernel (e.g. the embedded smollm2-135m), else float32; float32 for training"
     )

@@ -37,6 +37,9 @@ SUMMARY = "summary.json"
 RUNTIME_ONLY = ("batch_size",)
 # Settings a rerun may change: a larger scope grows the run, a smaller one reports on part of it.
 SCOPE = ("limit", "samples")
+# Compared by what the model was loaded in ("auto" depends on the machine, the model and, since bf16
+# became the default on CPUs with bf16 instructions, the version): see _check_dtype.
+RESOLVED = ("dtype",)
 
 
 class RunConflictError(DiffmasError):
@@ -115,7 +118,7 @@ def _run_scope(out: Path, config: EvalConfig, saved: dict | None) -> EvalConfig:
     """
     if saved is None:
         return config
-    ignored = RUNTIME_ONLY + SCOPE
+    ignored = RUNTIME_ONLY + SCOPE + RESOLVED
     old = {k: v for k, v in saved["eval"].items() if k not in ignored}
     new = {k: v for k, v in config.to_dict().items() if k not in ignored}
     diff = config_diff(old, new, dataclass_defaults(EvalConfig))
@@ -129,15 +132,56 @@ def _run_scope(out: Path, config: EvalConfig, saved: dict | None) -> EvalConfig:
     return replace(config, limit=limit, samples=max(old_samples, config.samples))
 
 
+def _check_dtype(out: Path, saved: dict | None, dtype: str | None) -> None:
+    """A run's records come from one dtype (`dtype`: the loaded model's, None when no record is
+    computed). Resuming in another (`--dtype auto` on another machine, or a CPU run from before
+    bf16 became the default there) is a RunConflictError naming the dtype to resume with."""
+    if saved is None or dtype is None:
+        return
+    was = _saved_dtype(saved)
+    if was is not None and was != dtype:
+        raise RunConflictError(
+            f"{out} holds answers computed in {was} and this model is loaded in {dtype}; "
+            f"resume with --dtype {was} (or choose another --out)"
+        )
+
+
+def _saved_dtype(saved: dict) -> str | None:
+    """The dtype a saved run's records were computed in. Recorded since 2026-12-08 (None: no
+    record computed yet); before, "auto" was bf16 on a GPU that supports it, fp32 elsewhere."""
+    if "dtype" in saved:
+        return saved["dtype"]
+    import torch
+
+    from diffmas.backbone import resolve_device, resolve_dtype
+
+    dtype = saved["eval"].get("dtype", "auto")
+    if dtype != "auto":
+        return str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+    device = resolve_device(saved["eval"].get("device", "auto"))  # the one it resumes on, as before
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def _method_dtype(method) -> str | None:
+    """The dtype of the model a method runs on (None: no method, so no record is computed)."""
+    backbone = getattr(method, "backbone", None) if method is not None else None
+    return str(backbone.dtype).removeprefix("torch.") if backbone is not None else None
+
+
 def _saved_scope(saved: dict) -> tuple:
     return saved["eval"].get("limit"), saved["eval"].get("samples", 1)
 
 
-def _write_config(out: Path, run: EvalConfig, saved: dict | None) -> None:
-    """config.json for a new run, or a grown one (its limit/samples updated, provenance kept)."""
-    if saved is not None and _saved_scope(saved) == _scope(run):
-        return
-    payload = saved if saved is not None else {"versions": package_versions(), "git_commit": git_commit()}
+def _write_config(out: Path, run: EvalConfig, saved: dict | None, dtype: str | None) -> None:
+    """config.json for a new run, or a grown one (its limit/samples updated, provenance kept), with
+    the dtype its records are computed in (`dtype`: the loaded model's; "auto" alone does not say;
+    None when this call computes no record, and then the saved one stays)."""
+    if saved is None:
+        payload = {"versions": package_versions(), "git_commit": git_commit(), "dtype": dtype}
+    else:
+        payload = {**saved, "dtype": dtype} if dtype is not None else saved
+        if payload == saved and _saved_scope(saved) == _scope(run):
+            return
     _write_json_atomic(out / CONFIG, {**payload, "eval": run.to_dict()})
 
 
@@ -225,10 +269,12 @@ def evaluate(
     todo = [ex for ex in examples[rank::world] if any((ex.id, k) not in done for k in range(config.samples))]
     if todo and method is None:
         method = build_method(config)  # model, roles, device, adapter: all fail here, before any write
+    dtype = _method_dtype(method) if todo else None
+    _check_dtype(out, saved, dtype)
     # From here on `out` is written.
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        _write_config(out, run, saved)
+        _write_config(out, run, saved, dtype)
         if sandbox:
             _record_sandbox(out / CONFIG, sandbox)
     shard = _shard_path(out, rank) if world > 1 else out / SAMPLES

@@ -177,7 +177,9 @@ def train(
         # finished with these settings and data: rerunning the command (a resumed study) changes nothing
         return json.loads((out / SUMMARY).read_text())
     torch.manual_seed(config.seed)  # LoRA initialisation
-    backbone = backbone or load_backbone(config.model, dtype=config.dtype, device=process_device(config.device))
+    backbone = backbone or load_backbone(
+        config.model, dtype=config.dtype, device=process_device(config.device), training=True
+    )
     _check_target_modules(backbone, config)
     backbone.gradient_checkpointing = config.gradient_checkpointing
     out.mkdir(parents=True, exist_ok=True)
