@@ -723,7 +723,11 @@ def section_summary(results: dict[str, dict | None]) -> str:
             md_table(["measure", "before", "after", "target", "verdict"], rows),
             "Rows without a tag were measured on "
             + " and ".join(sorted({r["machine"]["device"] for r in results.values() if r}))
-            + "; a tagged row names its machine (section Other machines and settings).",
+            + " in "
+            + " and ".join(sorted({results[n]["settings"]["dtype"] for n in TARGET_RECORDS if results.get(n)}))
+            + f"; a tagged row names its machine (section Other machines and settings). Rows tagged `{BF16_TAG}` "
+            "ran in bf16 on the same CPU: what `--dtype auto` loads for inference there since 2026-12-08 "
+            "(docs/design.md, dtype); training stays fp32.",
             "The training step's before / after is a kernel: "
             + (
                 f"{_training_before(train)['what']} (before) against {_training_before(train)['after']} (after)"
@@ -775,6 +779,8 @@ def _by_batch_row(by_batch: dict, note: str) -> list[str]:
 
 
 BF16_TAG = "cpu_bf16"
+# the records behind the untagged target rows
+TARGET_RECORDS = ("trace_store", "inference_cost", "ratio_by_batch", "batching", "training_step")
 
 
 def _bf16_default_rows() -> list[list[str]]:
