@@ -265,7 +265,7 @@ def test_resume_keeps_the_dtype_its_records_were_computed_in(reference, model_di
     config = choice_config(model_dir, data, limit=N_CHOICE - 2)
     method = build_method(config)
     now = str(method.backbone.dtype).removeprefix("torch.")
-    assert read_json(reference / "config.json")["dtype"] == now
+    assert read_json(reference / "config.json")["dtype"] == read_json(reference / "summary.json")["dtype"] == now
     other = "float32" if now == "bfloat16" else "bfloat16"
     run = tmp_path / "other"
     evaluate(replace(config, dtype=other), run, progress=False)

@@ -316,6 +316,7 @@ def summary_table(summary: dict, out) -> Table:
     latency = summary["latency_s"] or {}
     rows = [
         ("questions (records, skipped)", f"{summary['n_questions']} ({summary['n_records']}, {summary['n_skipped']})"),
+        ("dtype", summary.get("dtype") or "—"),
         ("accuracy [95% CI]", _pct(summary["accuracy"]) + _ci(summary["accuracy_ci"])),
     ]
     if summary.get("accuracy_strict") is not None:  # multiple choice: lm-eval's strict-match beside it
