@@ -1,9 +1,9 @@
 """Does a question's answer depend on the batch it runs in? fp32 vs bf16 on the CPU, embedded model.
 
 The runner's contract is that batch size is a runtime-only setting: a run resumed with another
-`--batch-size` reproduces its answers. It kept bf16 opt-in on CPUs (docs/design.md, dtype): bf16
-rounds about 65,000 times more coarsely than fp32, so any rounding difference between a row alone
-and the same row in a batch flips more answers. This script measures it on the real paths:
+`--batch-size` reproduces its answers. bf16 became the CPU default for inference only once it held
+there (docs/design.md, dtype): bf16 rounds about 65,000 times more coarsely than fp32, so any
+rounding difference between a row alone and the same row in a batch flips more answers. This script measures it on the real paths:
 each dtype runs the same questions at batch 1 and at `--batch-size`, through `run_examples` (the
 eval runner's loop), and counts the answers that differ:
 
