@@ -3,9 +3,9 @@
 The runner's contract is that batch size is a runtime-only setting: a run resumed with another
 `--batch-size` reproduces its answers. bf16 became the CPU default for inference only once it held
 there (docs/design.md, dtype): bf16 rounds about 65,000 times more coarsely than fp32, so any
-rounding difference between a row alone and the same row in a batch flips more answers. This script measures it on the real paths:
-each dtype runs the same questions at batch 1 and at `--batch-size`, through `run_examples` (the
-eval runner's loop), and counts the answers that differ:
+rounding difference between a row alone and the same row in a batch flips more answers. This
+script measures it on the real paths: each dtype runs the same questions at batch 1 and at
+`--batch-size`, through `run_examples` (the eval runner's loop), and counts the answers that differ:
 
 - ARC-Easy by option likelihood (the single agent): predicted option, and the largest difference
   of an option's log-likelihood;
