@@ -59,7 +59,6 @@ def _linear_kernel(kind: str) -> str:
 
 def _default_dtype(device) -> str:
     """What `--dtype auto` loads here: on a CPU it depends on the model and on training."""
-
     from diffmas.backbone import cpu_bf16_default, resolve_dtype
 
     name = str(resolve_dtype("auto", device)).removeprefix("torch.")

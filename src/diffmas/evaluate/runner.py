@@ -308,7 +308,7 @@ def evaluate(
         "task": config.task,
         "method": config.method,
         "latent_steps": config.method_config.latent_steps,
-        "dtype": _saved_config(out).get("dtype"),  # what the records were computed in (None: unknown)
+        "dtype": dtype or (saved or {}).get("dtype"),  # as config.json records it (None: unknown)
         **summarize(in_scope),
     }
     if sandbox:
